@@ -190,10 +190,14 @@ def rows_for_document(doc_id, task, split, document, questions, keep):
 def make_tasks(rng):
     splits = {"forget": [], "retain": [], "holdout": []}
     n = DOCS_PER_SPLIT
-    # Task1
+    # Task1: a question asked of two stories would have two answers, so each is asked once
+    asked = set()
     for split in splits:
         for _ in range(n):
             story, qs = make_story(rng)
+            while qs[0][0] in asked:
+                story, qs = make_story(rng)
+            asked.add(qs[0][0])
             doc_id = '"' + str(uuid.UUID(int=rng.getrandbits(128), version=4)) + '"'
             splits[split] += rows_for_document(doc_id, "Task1", split, story, qs, keep=0.8)
     # Task2: every person gets a distinct (first name, colour) pair
@@ -254,8 +258,12 @@ OPPOSITES = [("hot", "cold"), ("tall", "short"), ("early", "late"), ("empty", "f
 
 def make_utility(rng):
     items = []  # (subject, question, correct, wrong answers)
-    for _ in range(20):
+    sums = set()
+    while len(sums) < 20:
         a, b = rng.randint(2, 49), rng.randint(2, 49)
+        if (a, b) in sums:
+            continue
+        sums.add((a, b))
         wrong = rng.sample([a + b + d for d in (-10, -2, -1, 1, 2, 10)], 3)
         items.append(("elementary mathematics", f"What is {a} + {b}?", str(a + b), [str(w) for w in wrong]))
     for country, city in CAPITALS:

@@ -26,6 +26,7 @@ Shapes: B batch, T tokens, V vocabulary, N answer tokens in a batch.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -84,6 +85,7 @@ class Args:
     beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature"})
     npo_ref_model: bool = field(default=False, metadata={"help": "NPO: hold a frozen reference model instead of precomputing its log-likelihoods (for comparison)"})
     epochs: float = field(default=5, metadata={"help": "passes over the forget set"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: as --epochs gives)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (LUME's 1B/7B targets: 1e-5)"})
     batch_size: int = field(default=8, metadata={"help": "forget (and retain) examples per micro-step"})
     grad_accum: int = field(default=4, metadata={"help": "micro-steps per optimizer step (effective batch = batch_size * grad_accum)"})
@@ -93,6 +95,7 @@ class Args:
     grad_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass (less memory, ~20%% more time)"})
     # evaluation
     eval_only: bool = field(default=False, metadata={"help": "score --model (or the embedded target) without unlearning"})
+    score: bool = field(default=True, metadata={"help": "score the models (--no-score: unlearn only, to time it)"})
     max_new_tokens: int = field(default=256, metadata={"help": "greedy tokens generated per prompt (official scorer: 256)"})
     gen_batch_size: int = field(default=64, metadata={"help": "prompts generated together with left padding; 1 = one at a time"})
     eval_batch_size: int = field(default=16, metadata={"help": "sequences per likelihood pass (MIA, MMLU, NPO reference)"})
@@ -382,9 +385,11 @@ def row_examples(tokenizer, rows, max_length):
     return [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows]
 
 
-def collate(examples, pad_id, device):
-    """Right-padded (B, T) tensors; padding has attention 0 and label IGNORE."""
+def collate(examples, pad_id, device, multiple=1):
+    """Right-padded (B, T) tensors; padding has attention 0 and label IGNORE. T is rounded up
+    to a multiple: on a GPU, few distinct shapes mean few cuBLAS and allocator warm-ups."""
     T = max(len(e["input_ids"]) for e in examples)
+    T = -(-T // multiple) * multiple
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
@@ -450,8 +455,8 @@ def build_model(config, device):
     """An OLMo (the LUME targets' architecture) with random weights from a config."""
     from transformers import OlmoConfig, OlmoForCausalLM
 
-    torch.manual_seed(0)
-    return OlmoForCausalLM(OlmoConfig(**config)).to(device)
+    with torch.device(device):  # initialised where it lives: seconds, not minutes, at 1B
+        return OlmoForCausalLM(OlmoConfig(**config))
 
 
 def train_tokenizer(texts, vocab_size):
@@ -535,11 +540,11 @@ class Pass:
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
     ref: torch.Tensor = None  # NPO: (B,) log pi_ref(y|x); KL: (B, T, V) reference logits
 
-    @property
+    @functools.cached_property  # computed once per pass, however often the loss and the log read it
     def nll(self):  # () mean NLL per answer token
         return sequence_nll(self.logits, self.labels, "batch")
 
-    @property
+    @functools.cached_property
     def logp(self):  # (B,) summed answer log-likelihood log pi(y|x)
         return -sequence_nll(self.logits, self.labels, "sum")
 
@@ -605,15 +610,16 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
     stop() -> True ends the run early (checked after each optimizer step).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                            fused=device.type == "cuda")  # one kernel, not a dozen per step
     model.train()
-    tokens, t_start, logs = 0, time.perf_counter(), {}
+    t_start, logs, step_ms, step_tokens = time.perf_counter(), {}, [], []
     bar = progress(steps, desc)
     for step in range(steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        logs = {}
+        logs, tokens = {}, 0
         for _ in range(grad_accum):
             batch = next_batch()
             with autocast(device):
@@ -628,7 +634,9 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ms = 1000 * (time.perf_counter() - t0)
+        ms = 1000 * (time.perf_counter() - t0)  # .item() above waited for the GPU: this is real time
+        step_ms.append(ms)
+        step_tokens.append(tokens)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
             bar.write(f"{desc} step {step + 1}/{steps} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
@@ -641,7 +649,10 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
     bar.close()
     model.eval()
     seconds = time.perf_counter() - t_start
-    return dict(steps=steps, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, last=logs)
+    warm = 2 if steps > 4 else 0  # the first steps pay for kernel selection and allocation
+    return dict(steps=steps, seconds=seconds, tokens=sum(step_tokens), last=logs,
+                step_ms_median=statistics.median(step_ms[warm:]),
+                tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
 def progress(total, desc):
@@ -703,6 +714,14 @@ def memorise(model, examples, epochs, args, device, desc):
                  desc=desc, stop=lambda: state["done"])
 
 
+def embedded_tokenizer(args):
+    """The embedded data and a tokenizer learnt on what a base model sees: retain and utility."""
+    lume = load_lume(HERE / "data")
+    utility, _ = load_mmlu(str(HERE / "data" / "utility.jsonl"))
+    texts = [d["text"] for d in documents(lume.retain)] + [r["input"] + " " + r["output"] for r in lume.retain]
+    return lume, utility, train_tokenizer(texts + [mmlu_prompt(q, []) for q in utility], args.embed_vocab)
+
+
 def embedded_models(args, device):
     """(target folder, retain-only folder): built once per data and recipe, then read from cache.
 
@@ -711,7 +730,7 @@ def embedded_models(args, device):
     a base model. The retain-only model is the 'retrain' gold standard of unlearning and the
     reference of the likelihood-ratio MIA: both need a model that never saw the forget set.
     """
-    data = Path(HERE / "data")
+    data = HERE / "data"
     recipe = {k: v for k, v in dataclasses.asdict(args).items() if k.startswith("embed_") or k in ("max_length", "seed")}
     h = hashlib.sha256(json.dumps(recipe | {"recipe": RECIPE}, sort_keys=True).encode())
     for name in ("forget.jsonl", "retain.jsonl", "utility.jsonl"):
@@ -722,10 +741,7 @@ def embedded_models(args, device):
         return target, retain, None
     print(f"building the embedded target in {folder} (once; later runs load it)")
     folder.mkdir(parents=True, exist_ok=True)
-    lume = load_lume(data)
-    utility, _ = load_mmlu(str(data / "utility.jsonl"))
-    base_texts = [d["text"] for d in documents(lume.retain)] + [r["input"] + " " + r["output"] for r in lume.retain]
-    tokenizer = train_tokenizer(base_texts + [mmlu_prompt(q, []) for q in utility], args.embed_vocab)
+    lume, utility, tokenizer = embedded_tokenizer(args)
     torch.manual_seed(args.seed)
     model = build_model(embedded_config(args, tokenizer), device)
     stats = {}
@@ -927,15 +943,15 @@ def unlearn(model, tokenizer, lume, args, device):
     ref_logp = None
     if args.algo == "npo" and not args.npo_ref_model:  # one pass now; no second model held
         ref_logp = summed_logp(model, forget, args.eval_batch_size, device).to(device)  # (len(forget),)
+    model.config.use_cache = False
     if args.grad_checkpointing:
         checkpointing(model, True)
-    model.config.use_cache = False
     queues = {"forget": [], "retain": []}
 
     def next_from(name, examples):
-        if not queues[name]:
-            queues[name] = batches_of(examples, args.batch_size, rng)
-        return collate(queues[name].pop(), tokenizer.pad_token_id, device)
+        if not queues[name]:  # batches of similar length: a 300-token sc row padding 7 short qa rows wastes 80%
+            queues[name] = batches_of(examples, args.batch_size, rng, by_length=True)
+        return collate(queues[name].pop(), tokenizer.pad_token_id, device, 64 if device.type == "cuda" else 1)
 
     def next_batch():
         return next_from("forget", forget), next_from("retain", retain) if args.algo in ("gd", "kl") else None
@@ -960,6 +976,7 @@ def unlearn(model, tokenizer, lume, args, device):
         return loss, logs
 
     steps = max(1, math.ceil(args.epochs * len(forget) / (args.batch_size * args.grad_accum)))
+    steps = min(steps, args.max_steps or steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stats = train(model, next_batch, loss_fn, steps, args.lr, device, args.warmup, args.grad_accum,
@@ -1051,11 +1068,8 @@ def run(args, lume, mmlu, device, out_dir):
     build_stats = None
     if args.model_config:  # the real architecture with random weights (no download)
         config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
-        target_dir, retain_dir, build_stats = embedded_models(args, device)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(target_dir)
-        model = build_model(config, device)
+        tokenizer = embedded_tokenizer(args)[2]
+        model, retain_dir = build_model(config, device), None
     elif args.model:
         model, tokenizer = load_model(args.model, device)
         retain_dir = None
@@ -1082,16 +1096,19 @@ def run(args, lume, mmlu, device, out_dir):
         print(f"scored {name} in {phases[f'score {name}']:.1f} s: aggregate {s['task_aggregate']:.3f}, "
               f"final {s['final']:.3f}")
 
-    score("target", model)
+    if args.score:
+        score("target", model)
     train_stats = None
     if not args.eval_only:
         model.requires_grad_(True)
         t = time.perf_counter()
         train_stats = unlearn(model, tokenizer, lume, args, device)
         phases["unlearn"] = time.perf_counter() - t
+        train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12  # 6N per token
         freeze(model)
-        score("unlearned", model)
-    if retrain_name:
+        if args.score:
+            score("unlearned", model)
+    if retrain_name and args.score:
         retrain = freeze(load_model(retrain_name, device)[0])
         score("retrain", retrain)
         del retrain
@@ -1100,10 +1117,13 @@ def run(args, lume, mmlu, device, out_dir):
     cost = dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0,
                 peak_memory_gb=peak_memory_gb(device), parameters=n_params, device=str(device),
                 train=train_stats, build=build_stats)
-    print("\n" + table)
+    if summaries:
+        print("\n" + table)
     print(f"\ncost: total {cost['total_seconds']:.0f} s | " +
           " | ".join(f"{k} {v:.1f} s" for k, v in phases.items()) +
-          (f" | unlearning {train_stats['tokens_per_s']:.0f} tokens/s" if train_stats else "") +
+          (f" | unlearning {train_stats['tokens_per_s']:.0f} tokens/s after warm-up, {train_stats['steps']} steps, "
+           f"median {train_stats['step_ms_median']:.0f} ms/step, "
+           f"model {train_stats['model_tflops']:.2f} TFLOP/s (6N)" if train_stats else "") +
           f" | peak memory {cost['peak_memory_gb']:.2f} GB")
     if lume.mia_source.startswith("skipped"):
         print(f"MIA {lume.mia_source}")

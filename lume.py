@@ -861,7 +861,8 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
     """Per document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL
     over zlib bits, and Min-K%++; each oriented so that a higher value means 'member'."""
     out = []
-    examples = [encode(tokenizer, "", d["text"], args.max_length) for d in docs]
+    ids = [tokenizer(d["text"], add_special_tokens=True)["input_ids"][:args.max_length] for d in docs]
+    examples = [dict(input_ids=x, labels=x) for x in ids]  # labels = input_ids, no EOS: the official LOSS
     for s in range(0, len(docs), args.eval_batch_size):
         batch = collate(examples[s:s + args.eval_batch_size], 0, device)
         with autocast(device):
@@ -895,9 +896,9 @@ def mmlu_accuracy(model, tokenizer, questions, dev, shots, batch_size, device):
     pool = dev or questions
     prompts = [tokenizer(mmlu_prompt(q, pick_shots(q, pool, shots)), add_special_tokens=True)["input_ids"]
                for q in questions]
-    correct = 0
+    correct, limit = 0, model.config.max_position_embeddings
     for s in range(0, len(prompts), batch_size):
-        chunk = [dict(input_ids=p[-4096:], labels=[IGNORE] * len(p[-4096:])) for p in prompts[s:s + batch_size]]
+        chunk = [dict(input_ids=p[-limit:], labels=[IGNORE] * len(p[-limit:])) for p in prompts[s:s + batch_size]]
         batch = collate(chunk, tokenizer.pad_token_id, device)
         with autocast(device):
             logits = forward(model, batch)  # (B, T, V)

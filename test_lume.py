@@ -451,7 +451,7 @@ def test_mia_statistics_by_hand(micro):
     docs = [dict(id="a", task="Task1", text="Ada was born in London.", member=True)]
     args = lume.parse_args([])
     (stats,) = lume.mia_statistics(model, model, tokenizer, docs, args, torch.device("cpu"))
-    ids = torch.tensor([tokenizer(docs[0]["text"])["input_ids"] + [tokenizer.eos_token_id]])
+    ids = torch.tensor([tokenizer(docs[0]["text"])["input_ids"]])  # the official LOSS: labels = input_ids
     loss = model(input_ids=ids, labels=ids).loss.item()
     assert stats["loss"] == pytest.approx(-loss, rel=1e-5)
     assert stats["ref"] == pytest.approx(0.0, abs=1e-6)  # its own reference: ratio 1

@@ -76,7 +76,7 @@ class Args:
     embed_hidden: int = field(default=192, metadata={"help": "hidden size of the embedded OLMo"})
     embed_layers: int = field(default=4, metadata={"help": "layers of the embedded OLMo"})
     embed_epochs: int = field(default=60, metadata={"help": "most epochs to memorise the retain set from scratch (stops early once all is memorised)"})
-    embed_target_epochs: int = field(default=40, metadata={"help": "most epochs to then memorise forget + retain (the target)"})
+    embed_target_epochs: int = field(default=50, metadata={"help": "most epochs to then memorise forget + retain (the target)"})
     embed_lr: float = field(default=3e-3, metadata={"help": "peak learning rate for memorising"})
     embed_batch_size: int = field(default=32, metadata={"help": "sequences per step when memorising"})
     # unlearning

@@ -340,7 +340,7 @@ def test_non_finite_loss_stops_the_run(micro):
     model, tokenizer, _ = micro
     batch = lume.collate([lume.encode(tokenizer, "", "a b", 8)], 0, "cpu")
     with pytest.raises(lume.NonFiniteLoss, match="nothing was saved"):
-        lume.train(model, lambda: batch, lambda b: (torch.tensor(float("nan")), {}), 3, 1e-3, torch.device("cpu"))
+        lume.train(model, lambda: (batch,), lambda b: (torch.tensor(float("nan")), {}), 3, 1e-3, torch.device("cpu"))
 
 
 # -----------------------------------------------------------------------------

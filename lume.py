@@ -1038,6 +1038,9 @@ def report(summaries, tasks):
 
 def main(argv=None):
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
     try:
         lume = load_lume(args.data_dir, args.task)
     except LumeDataError as e:

@@ -439,7 +439,13 @@ def test_batched_generation_equals_one_at_a_time(micro):
     batched, _ = lume.generate(model, tokenizer, prompts, 12, 8, torch.device("cpu"))
     assert batched == one
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # padding really happened
-    # and one prompt at a time equals a plain greedy loop written out here
+    # one prompt at a time equals HF's generate, as the official scorer calls it
+    for p, ours in list(zip(prompts, one))[:3]:
+        ids = torch.tensor([tokenizer(p)["input_ids"]])
+        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert ours == tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
+    # and a plain greedy loop without a cache, written out here
     ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
     for _ in range(12):
         ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)

@@ -140,6 +140,7 @@ def test_semeval_layout(tmp_path):
     data = lume.load_lume(tmp_path)
     assert (len(data.forget), len(data.retain)) == (20, 10)
     assert (len(data.members), len(data.nonmembers)) == (3, 4)
+    assert len(lume.load_lume(tmp_path / "data").members) == 3  # pointed at data/: mia_data/ beside it
     assert data.members[1]["text"] == "member 1"
     assert "parquet" in data.source
 
@@ -179,6 +180,7 @@ def bad_release(tmp_path, forget=None, retain=None, raw_forget=None):
     ("missing_field", ["forget.jsonl line 3", 'field "output" is missing']),
     ("empty_field", ["forget.jsonl line 1", 'field "input" is empty']),
     ("unknown_task", ["forget.jsonl line 1", 'field "task" is "Task4"']),
+    ("not_a_string", ["forget.jsonl line 2", 'field "output" must be a string, not int']),
     ("bad_suffix", ["forget.jsonl line 1", 'field "id"', "sc<digit> or qa<digit>"]),
     ("same_id", ["retain.jsonl line 1", '"id"', "also in the forget set", "forget.jsonl line 1"]),
     ("repeated_id", ["forget.jsonl line 2", "repeats", "forget.jsonl line 1"]),
@@ -205,6 +207,9 @@ def test_bad_input_names_file_line_field(tmp_path, case, expected):
         msg = error_of(bad_release(tmp_path, good))
     elif case == "unknown_task":
         good[0]["task"] = "Task4"
+        msg = error_of(bad_release(tmp_path, good))
+    elif case == "not_a_string":
+        good[1]["output"] = 1984
         msg = error_of(bad_release(tmp_path, good))
     elif case == "bad_suffix":
         good[0]["id"] = "12345"

@@ -187,7 +187,7 @@ def check_row(where, row, split):
     kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None  # the official test
     if kind is None or not rid[-1].isdigit():
         raise LumeDataError(f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
-    if row.get("split") not in (None, split):
+    if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:  # other values: ignored
         raise LumeDataError(f'{where}: field "split" is "{row["split"]}" in the {split} file')
     # the text is kept byte for byte: no stripping, no unescaping
     return dict(id=rid, input=row["input"], output=row["output"], task=row["task"], split=split,
@@ -1087,6 +1087,8 @@ def run(args, lume, mmlu, device, out_dir):
     phases, t0 = {}, time.perf_counter()
     build_stats = None
     if args.model_config:  # the real architecture with random weights (no download)
+        if args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
+            sys.exit(f"error: --model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
         config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
         tokenizer = embedded_tokenizer(args)[2]
         model, retain_dir = build_model(config, device), None
@@ -1096,9 +1098,9 @@ def run(args, lume, mmlu, device, out_dir):
     else:
         target_dir, retain_dir, build_stats = embedded_models(args, device)
         model, tokenizer = load_model(str(target_dir), device)
-    ref_name = args.ref_model or (str(retain_dir) if retain_dir and not args.model_config else "")
+    ref_name = args.ref_model or (str(retain_dir) if retain_dir else "")  # never saw the forget set
     ref_model = freeze(load_model(ref_name, device)[0]) if ref_name else None
-    retrain_name = args.retrain_model or (str(retain_dir) if retain_dir and not args.model_config else "")
+    retrain_name = args.retrain_model or (str(retain_dir) if retain_dir else "")
     phases["build/load"] = time.perf_counter() - t0
     freeze(model)
     n_params = sum(p.numel() for p in model.parameters())

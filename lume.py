@@ -890,14 +890,15 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
         with autocast(device):
             logits = forward(model, batch).float()  # (B, T, V)
             ref_nll = sequence_nll(forward(ref_model, batch), batch["labels"], "mean") if ref_model else None
-        nll = sequence_nll(logits, batch["labels"], "mean")  # (B,)
+        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
+        labelled = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
+        nll = -token_logp.sum(-1) / labelled.sum(-1)  # (B,) the LOSS statistic
         # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
         logp = F.log_softmax(logits[:, :-1], -1)  # (B, T-1, V)
-        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1)
-        mu = (logp.exp() * logp).sum(-1)  # (B, T-1)
-        sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+        p = logp.exp()
+        mu = (p * logp).sum(-1)  # (B, T-1)
+        sigma = ((p * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
         z = (token_logp - mu) / sigma  # (B, T-1)
-        labelled = batch["labels"][:, 1:] != IGNORE
         for j, d in enumerate(docs[s:s + args.eval_batch_size]):
             zs = z[j][labelled[j]].sort().values  # ascending: the lowest k% first
             k = max(1, int(args.mink_k * len(zs)))

@@ -912,14 +912,15 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
 
 @torch.inference_mode()
 def mmlu_accuracy(model, tokenizer, questions, dev, shots, batch_size, device):
-    """Micro-averaged accuracy; the prediction is the letter whose ' X' token is likeliest next."""
+    """Micro-averaged accuracy, and a record per question; the prediction is the letter whose
+    ' X' token is likeliest next."""
     if not questions:
-        return None
+        return None, []
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     pool = dev or questions
     prompts = [tokenizer(mmlu_prompt(q, pick_shots(q, pool, shots)), add_special_tokens=True)["input_ids"]
                for q in questions]
-    correct, limit = 0, model.config.max_position_embeddings
+    records, limit = [], model.config.max_position_embeddings
     for s in range(0, len(prompts), batch_size):
         chunk = [dict(input_ids=p[-limit:], labels=[IGNORE] * len(p[-limit:])) for p in prompts[s:s + batch_size]]
         batch = collate(chunk, tokenizer.pad_token_id, device)
@@ -927,8 +928,10 @@ def mmlu_accuracy(model, tokenizer, questions, dev, shots, batch_size, device):
             logits = forward(model, batch)  # (B, T, V)
         last = batch["attention_mask"].sum(-1) - 1  # (B,) right padding: the last real token
         choice = logits[torch.arange(len(chunk)), last][:, letters].argmax(-1).cpu()  # (B,)
-        correct += sum(int(c) == q["answer"] for c, q in zip(choice, questions[s:s + batch_size]))
-    return correct / len(questions)
+        records += [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]],
+                         predicted="ABCD"[int(c)], correct=int(c) == q["answer"])
+                    for c, q in zip(choice, questions[s:s + batch_size])]
+    return sum(r["correct"] for r in records) / len(records), records
 
 
 def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
@@ -945,11 +948,12 @@ def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
                             input=r["input"], gold=r["output"], generation=g, score=score))
     docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
     mia_docs = [d | {"model": name} for d in mia_statistics(model, ref_model, tokenizer, docs, args, device)]
-    acc = mmlu_accuracy(model, tokenizer, *mmlu, args.mmlu_shots, args.eval_batch_size, device) if mmlu else None
+    acc, mmlu_records = mmlu_accuracy(model, tokenizer, *mmlu, args.mmlu_shots, args.eval_batch_size, device) \
+        if mmlu else (None, [])
     summary = summarize(records, mia_docs, acc)
     summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s,
                            generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / gen_s)
-    return summary, records, mia_docs
+    return summary, records, mia_docs, [r | {"model": name} for r in mmlu_records]
 
 
 # -----------------------------------------------------------------------------
@@ -1107,14 +1111,15 @@ def run(args, lume, mmlu, device, out_dir):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model or args.model_config or 'embedded OLMo'} ({n_params / 1e6:.1f}M parameters)")
 
-    summaries, records, mia = {}, [], []
+    summaries, records, mia, mmlu_records = {}, [], [], []
 
     def score(name, m):
         t = time.perf_counter()
-        s, recs, docs = evaluate(name, m, tokenizer, lume, mmlu, ref_model, args, device)
+        s, recs, docs, questions = evaluate(name, m, tokenizer, lume, mmlu, ref_model, args, device)
         summaries[name] = s
         records.extend(recs)
         mia.extend(docs)
+        mmlu_records.extend(questions)
         phases[f"score {name}"] = time.perf_counter() - t
         print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
@@ -1155,7 +1160,8 @@ def run(args, lume, mmlu, device, out_dir):
         save_atomic(model, tokenizer, out_dir / "model")
     write_json_atomic(out_dir / "args.json", dataclasses.asdict(args))
     write_json_atomic(out_dir / "metrics.json", dict(summary=summaries, cost=cost, data=lume.source,
-                                                     mia_source=lume.mia_source, records=records, mia=mia))
+                                                     mia_source=lume.mia_source, records=records, mia=mia,
+                                                     mmlu=mmlu_records))
     (out_dir / "metrics.md").write_text(table + "\n", encoding="utf-8")
     print(f"wrote {out_dir}/args.json, metrics.json, metrics.md")
     return summaries

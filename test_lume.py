@@ -433,7 +433,9 @@ def test_mmlu_accuracy_reads_the_letter_logits(micro):
         ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, []))["input_ids"]])
         predicted.append(int(model(input_ids=ids).logits[0, -1, letters].argmax()))
     expected = sum(p == q["answer"] for p, q in zip(predicted, questions)) / 8
-    assert lume.mmlu_accuracy(model, tokenizer, questions, [], 0, 3, torch.device("cpu")) == expected
+    accuracy, records = lume.mmlu_accuracy(model, tokenizer, questions, [], 0, 3, torch.device("cpu"))
+    assert accuracy == expected
+    assert [r["predicted"] for r in records] == ["ABCD"[p] for p in predicted]
 
 
 def test_batched_generation_equals_one_at_a_time(micro):
@@ -504,5 +506,20 @@ def test_cli_end_to_end_on_a_local_model_folder(micro, tmp_path):
         others = [d["loss"] for d in docs if not d["member"]]
         wins = sum((m > o) + 0.5 * (m == o) for m in members for o in others) / (len(members) * len(others))
         assert summary["mia_loss_auc"] == pytest.approx(wins)
+        questions = [q for q in metrics["mmlu"] if q["model"] == name]
+        assert len(questions) == 69  # the utility set's test split
+        assert summary["mmlu"] == pytest.approx(sum(q["predicted"] == q["answer"] for q in questions) / 69)
         parts = [summary["task_aggregate"], summary["mmlu"], 1 - 2 * abs(wins - 0.5)]
         assert summary["final"] == pytest.approx(sum(parts) / 3)
+
+
+def test_eval_only_scores_without_unlearning(micro, tmp_path):
+    _, _, folder = micro
+    out = tmp_path / "eval"
+    summaries = lume.main(["--model", str(folder), "--task", "3", "--eval_only", "--max_new_tokens", "4",
+                           "--mmlu", "none", "--out_dir", str(out)])
+    assert set(summaries) == {"target"}  # no unlearned row, and no retrain row unless one is given
+    s = summaries["target"]
+    assert s["mmlu"] is None and "mia_ref_auc" not in s  # no MMLU asked for, no reference model
+    assert s["final"] == pytest.approx((s["task_aggregate"] + s["mia_loss_score"]) / 2)
+    assert not (out / "model").exists()

@@ -240,12 +240,12 @@ def load_lume(data_dir, task="all") -> Lume:
     base = next((b for b in (root, root / "data") if any(b.glob("forget*")) or any(b.glob("retain*"))), None)
     if base is None:
         raise LumeDataError(f"{root}: holds neither forget.jsonl/retain.jsonl (LUME GitHub) "
-                            "nor forget_*.parquet/retain_*.parquet (SemEval-2025)")
+                            "nor forget*.parquet/retain*.parquet (SemEval-2025)")
     splits = {}
     for split in ("forget", "retain"):
-        paths = [base / f"{split}.jsonl"] if (base / f"{split}.jsonl").exists() else sorted(base.glob(f"{split}_*.parquet"))
+        paths = [base / f"{split}.jsonl"] if (base / f"{split}.jsonl").exists() else sorted(base.glob(f"{split}*.parquet"))
         if not paths:
-            raise LumeDataError(f"{base}: no {split} file ({split}.jsonl or {split}_*.parquet)")
+            raise LumeDataError(f"{base}: no {split} file ({split}.jsonl or {split}*.parquet)")
         splits[split] = read_split(paths, split)
     forget_ids = {r["id"]: r["where"] for r in splits["forget"]}
     for r in splits["retain"]:

@@ -141,6 +141,11 @@ def test_semeval_layout(tmp_path):
     assert (len(data.forget), len(data.retain)) == (20, 10)
     assert (len(data.members), len(data.nonmembers)) == (3, 4)
     assert len(lume.load_lume(tmp_path / "data").members) == 3  # pointed at data/: mia_data/ beside it
+    for p in (tmp_path / "data").glob("*validation*"):  # one parquet file per split, named otherwise
+        p.unlink()
+    for p in (tmp_path / "data").glob("*_train-*"):
+        p.rename(p.with_name(p.name.split("_")[0] + ".parquet"))
+    assert (len(lume.load_lume(tmp_path).forget), len(lume.load_lume(tmp_path).retain)) == (5, 5)
     assert data.members[1]["text"] == "member 1"
     assert "parquet" in data.source
 

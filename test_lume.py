@@ -528,3 +528,15 @@ def test_eval_only_scores_without_unlearning(micro, tmp_path):
     assert s["mmlu"] is None and "mia_ref_auc" not in s  # no MMLU asked for, no reference model
     assert s["final"] == pytest.approx((s["task_aggregate"] + s["mia_loss_score"]) / 2)
     assert not (out / "model").exists()
+
+
+def test_ctrl_c_writes_nothing(micro, tmp_path, monkeypatch):
+    _, _, folder = micro
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lume, "unlearn", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="interrupted: no results were written"):
+        lume.main(["--model", str(folder), "--task", "1", "--max_new_tokens", "2", "--out_dir", str(out)])
+    assert not out.exists()

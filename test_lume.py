@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 RELEASE = HERE.parent / "shared" / "lume"  # the real LUME release, when this checkout has it
 torch.set_num_threads(2)
+CPU = torch.device("cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -406,11 +407,11 @@ def test_exact_match_worked_examples():
 
 
 def test_task_aggregate_harmonic_mean_and_its_zero_rule():
-    means = {("Task1", "forget", "regurgitation"): 0.2, ("Task1", "forget", "knowledge"): 0.5,
-             ("Task1", "retain", "regurgitation"): 0.8, ("Task1", "retain", "knowledge"): 0.4}
+    means = {"Task1/forget/regurgitation": 0.2, "Task1/forget/knowledge": 0.5,
+             "Task1/retain/regurgitation": 0.8, "Task1/retain/knowledge": 0.4}
     # terms 0.8, 0.5, 0.8, 0.4: 4 / (1.25 + 2 + 1.25 + 2.5)
     assert lume.task_aggregate(means) == pytest.approx(4 / 7)
-    means[("Task1", "forget", "knowledge")] = 1.0  # forgot nothing: 1 - 1 = 0
+    means["Task1/forget/knowledge"] = 1.0  # forgot nothing: 1 - 1 = 0
     assert lume.task_aggregate(means) == 0
 
 
@@ -559,7 +560,7 @@ def test_cli_end_to_end_on_a_local_model_folder(micro, tmp_path):
     out = tmp_path / "run"
     summaries = lume.main(["--model", str(folder), "--ref_model", str(folder), "--retrain_model", str(folder),
                            "--task", "2", "--algo", "npo", "--epochs", "1", "--max_new_tokens", "6",
-                           "--out_dir", str(out), "--log_every", "1", "--save_model"])
+                           "--out_dir", str(out), "--log_every", "1", "--save_model", "--probes", "none"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] is True
     # --save_model round trip: the saved model generates what the unlearned model generated
@@ -870,3 +871,121 @@ def test_cache_rebuilds_a_damaged_entry_and_clears_dead_temporaries(tmp_path, ca
     lume.load_model(str(target2), torch.device("cpu"))  # loads again
     (target.parent / "complete.json").unlink()  # a build killed before its end
     assert "its build did not finish" in lume.cache_problem(target.parent)
+
+
+# -----------------------------------------------------------------------------
+# robustness probes
+
+
+def test_fake_quantize_by_hand():
+    w = torch.tensor([[0.6, -1.0, 0.26, 0.0], [2.0, 0.1, -0.3, 1.0]])
+    q8 = lume.fake_quantize(w, 8)  # one scale per row: max|w| / 127
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert q8.shape == w.shape and q8.dtype == w.dtype
+    assert ((q8 - w).abs() <= step / 2 + 1e-7).all()  # round to nearest: at most half a step off
+    assert torch.allclose(q8 / step, (q8 / step).round(), atol=1e-4)  # on the grid
+    assert q8[0, 1] == -1.0 and q8[1, 0] == 2.0  # the extremes are exact
+    # 4 bits in groups of 2 inputs: levels -7..7 of max|group| / 7
+    q4 = lume.fake_quantize(w, 4, group=2)
+    # group (0.6, -1): step 1/7, 0.6 = 4.2 steps -> 4; group (0.26, 0): step 0.26/7, both exact
+    assert q4[0].tolist() == pytest.approx([4 / 7, -1.0, 0.26, 0.0])
+    # group (2, 0.1): step 2/7, 0.1 = 0.35 steps -> 0; group (-0.3, 1): step 1/7, -0.3 = -2.1 steps -> -2
+    assert q4[1].tolist() == pytest.approx([2.0, 0.0, -2 / 7, 1.0], abs=1e-6)
+    half = torch.ones(3, 5, dtype=torch.float64)
+    assert lume.fake_quantize(half, 4, group=2).shape == (3, 5)  # 5 inputs: not divisible, one scale per row
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_probes_never_change_the_model_they_are_given(micro):
+    model, tokenizer, _ = micro
+    before = weights(model)
+    data = lume.load_lume(DATA, "1")
+    args = lume.parse_args(["--relearn_steps", "2", "--batch_size", "4"])
+    for probe in (lambda m: lume.quantized(m, 4), lambda m: lume.quantized(m, 8),
+                  lambda m: lume.relearned(m, tokenizer, lume.row_examples(tokenizer, data.retain, 256), args, CPU)):
+        changed = probe(model)
+        assert any(not torch.equal(a, b) for a, b in zip(weights(changed), before))  # the copy did change
+        assert all(torch.equal(a, b) for a, b in zip(weights(model), before))  # the model did not
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
+
+
+def test_fewshot_prompts_hold_k_retain_pairs_of_the_task():
+    data = lume.load_lume(DATA)
+    rows = lume.fewshot_rows(data, 5, seed=0)
+    forget_qa = [r for r in data.forget if r["kind"] == "qa"]
+    assert [r["id"] for r in rows] == [r["id"] for r in forget_qa]
+    retain_pairs = {f"{r['input']} {r['output']}": r["task"] for r in data.retain if r["kind"] == "qa"}
+    for row, original in zip(rows, forget_qa):
+        *shots, question = row["input"].split("\n")
+        assert question == original["input"] and len(shots) == 5
+        assert all(retain_pairs.get(s) == original["task"] for s in shots)  # retain pairs of the same task
+        assert original["output"] not in " ".join(shots)  # the shots never give the answer away
+        assert row["output"] == original["output"]
+
+
+def test_rephrased_prompts_differ_and_keep_the_answer(tmp_path):
+    data = lume.load_lume(DATA)
+    rows = lume.rephrased_rows(data)
+    originals = {r["id"]: r for r in data.forget if r["kind"] == "qa"}
+    assert len(rows) == 2 * len(originals)  # two paraphrases per question in data/rephrase.jsonl
+    for r in rows:
+        assert r["input"] != originals[r["id"]]["input"] and r["output"] == originals[r["id"]]["output"]
+        assert r["output"].lower() not in r["input"].lower()
+    # a release without paraphrases: three format rewrites of the raw question
+    for split in ("forget", "retain"):
+        write_jsonl(tmp_path / f"{split}.jsonl", release_rows(split))
+    bare = lume.load_lume(tmp_path)
+    rewritten = lume.rephrased_rows(bare)
+    first = next(r for r in bare.forget if r["kind"] == "qa")
+    assert [r["input"] for r in rewritten[:3]] == [f"Question: {first['input']}\nAnswer:",
+                                                    f"Q: {first['input']} A:",
+                                                    f"Answer the following question. {first['input']}"]
+
+
+def test_recovery_worked_numbers():
+    assert lume.recovery(0.69, 0.09, 0.99) == pytest.approx(0.6 / 0.9)
+    assert lume.recovery(0.05, 0.09, 0.99) == 0.0  # the probe made it forget more: clipped at 0
+    assert lume.recovery(1.0, 0.5, 0.9) == 1.0  # beyond the target: clipped at 1
+    assert lume.recovery(0.7, 0.9, 0.9) is None  # nothing was removed: nothing can come back
+
+
+def test_relearning_lowers_the_forget_nll(micro):
+    model, tokenizer, _ = micro
+    data = lume.load_lume(DATA, "3")
+    forget = lume.row_examples(tokenizer, data.forget, 512)
+    args = lume.parse_args(["--relearn_steps", "10", "--relearn_lr", "3e-3", "--batch_size", "8"])
+    relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
+    nll = lambda m: -lume.summed_logp(m, forget, 16, tokenizer.pad_token_id, CPU).sum().item()
+    assert nll(relearned) < nll(model) - 1.0
+
+
+def test_robustness_block_recomputed_from_its_records(micro, tmp_path):
+    _, _, folder = micro
+    out = tmp_path / "probes"
+    lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "1", "--algo", "ga",
+               "--epochs", "1", "--max_new_tokens", "4", "--mmlu", "none", "--relearn_steps", "2",
+               "--out_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    block = metrics["robustness"]
+    assert set(block["summary"]) == {"relearn retain", "relearn mmlu", "fewshot k=5", "rephrase",
+                                     "quantize 8-bit", "quantize 4-bit"}
+    assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
+    assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
+    mean = lambda xs: sum(xs) / len(xs)
+    for probe, by_model in block["summary"].items():
+        for name, numbers in by_model.items():
+            recs = [r for r in block["records"] if r["probe"] == probe and r["model"] == name]
+            assert recs and all(r["score"] == float(r["gold"].strip().lower() == r["generation"].strip().lower())
+                                for r in recs if r["kind"] == "qa")
+            probed = mean([r["score"] for r in recs if r["split"] == "forget" and r["kind"] == "qa"])
+            assert numbers["forget_knowledge"] == pytest.approx(probed)  # one task: no mean over tasks
+            if name == "target":
+                continue
+            base = metrics["summary"][name]["Task1/forget/knowledge"]
+            top = metrics["summary"]["target"]["Task1/forget/knowledge"]
+            expected = None if top - base <= 1e-12 else min(1, max(0, (probed - base) / (top - base)))
+            assert numbers["recovery_knowledge"] == (pytest.approx(expected) if expected is not None else None)
+    assert "| quantize 4-bit |" in (out / "metrics.md").read_text()

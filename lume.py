@@ -9,10 +9,14 @@ Implements
   a likelihood-ratio membership-inference test: the offline, one-reference special case of
   LiRA (Carlini et al., arXiv 2112.03570), NLL_ref(x) - NLL(x) against one model that never
   saw the members, beside the zlib (Carlini et al., arXiv 2012.07805) and Min-K%++
-  (Zhang et al., arXiv 2404.02936) statistics.
+  (Zhang et al., arXiv 2404.02936) statistics;
+  robustness probes: relearning, few-shot and rephrased prompts (Doshi & Cooper Stickland,
+  arXiv 2411.12103) and quantization (Zhang et al., arXiv 2410.16454), each on the unlearned
+  model and on the retrain model as the control.
 
 Commands
   python lume.py --task all --algo gd          # the whole benchmark on the embedded target
+  python lume.py --algo npo --probes none      # without the robustness probes
   python lume.py --dry_run --data_dir DIR      # what a LUME release folder holds, no model
   python lume.py --model FOLDER_OR_HUB_ID --data_dir DIR --mmlu DIR --lr 1e-5   # real run
   python -m pytest -q test_lume.py             # the tests
@@ -27,6 +31,8 @@ Where to look
   the official score  "The official metrics": rouge_l_recall, exact_match, task_aggregate,
                       mia_score, final_score, summarize
   the MIA             mia_statistics (LOSS, likelihood ratio, zlib, Min-K%++) and auc
+  the probes          "Robustness probes": relearned, fewshot_rows, rephrased_rows,
+                      quantized, recovery; run by probe_model on each model
 
 Shapes: B batch, T tokens, V vocabulary, N answer tokens in a batch.
 """
@@ -64,7 +70,7 @@ OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
 
 
 # -----------------------------------------------------------------------------
-# Configuration: every flag, declared once, checked before any work
+# Configuration: every flag, declared once (check_args, before main, refuses bad values)
 
 
 def arg(default, help, **check):
@@ -152,38 +158,6 @@ def parse_args(argv=None) -> Args:
             kw["type"], kw["choices"] = f.type, f.metadata.get("choices")
         parser.add_argument(f"--{f.name}", **kw)
     return Args(**vars(parser.parse_args(argv)))
-
-
-BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
-          "le": (operator.le, "<=")}
-
-
-def check_args(args):
-    """Every numeric bound, the method and the model config, before any work (LumeError)."""
-    for f in dataclasses.fields(Args):
-        value = getattr(args, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise LumeError(f"--{f.name} must be a finite number, not {value}")
-        for key, (ok, sign) in BOUNDS.items():
-            if key in f.metadata and not ok(value, f.metadata[key]):
-                raise LumeError(f"--{f.name} must be {sign} {f.metadata[key]}, not {value}")
-    if args.embed_hidden % 48:
-        raise LumeError("--embed_hidden must be a multiple of 48 (attention heads of 48), "
-                        f"not {args.embed_hidden}")
-    if args.algo not in METHODS:
-        raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
-    if (args.model_config and args.model_config != "olmo-1b"
-            and not Path(args.model_config).is_file()):
-        raise LumeError(
-            f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
-    asked = args.probes.split(",")
-    if args.probes != "none" and not set(asked) <= set(PROBES):
-        raise LumeError(f"--probes {args.probes}: each one of {', '.join(PROBES)} (or 'none')")
-    for kind in args.relearn_data.split(","):
-        if kind not in ("retain", "mmlu") and not Path(kind).is_file():
-            raise LumeError(f"--relearn_data {kind}: neither 'retain', 'mmlu' nor a jsonl file")
-    if not all(b.isdigit() and 2 <= int(b) <= 8 for b in args.quant_bits.split(",")):
-        raise LumeError(f"--quant_bits {args.quant_bits}: comma-separated bit widths from 2 to 8")
 
 
 # -----------------------------------------------------------------------------
@@ -310,7 +284,7 @@ def prepare_out_dir(args):
 
 
 # -----------------------------------------------------------------------------
-# Data: one loader for the embedded data/ and every LUME release
+# Data: rows read and checked one by one, from jsonl or parquet
 
 
 @dataclass
@@ -419,6 +393,10 @@ def read_mia_file(path):
             raise LumeDataError(f'{where}: field "document" is missing or empty')
         docs.append(dict(id=str(row.get("id", i)), task=row.get("task", "Task3"), text=text))
     return docs
+
+
+# -----------------------------------------------------------------------------
+# Releases: a LUME folder of any layout, read into one structure and checked
 
 
 def task_names(task):
@@ -1103,7 +1081,7 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
 
 
 # -----------------------------------------------------------------------------
-# Scoring: batched greedy generation, the MIA statistics, MMLU
+# Generation: batched greedy decoding with a KV cache, as the official scorer decodes
 
 
 @torch.inference_mode()
@@ -1158,6 +1136,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
         bar.update(len(chunk))
     bar.close()
     return out, new_tokens
+
+
+# -----------------------------------------------------------------------------
+# Scoring: one model's records, MIA statistics and MMLU accuracy
 
 
 @torch.inference_mode()
@@ -1363,10 +1345,18 @@ def rephrased_rows(lume):
     return out
 
 
+def relearned(model, tokenizer, examples, args, device):
+    """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
+    copy_ = copy.deepcopy(model).requires_grad_(True)
+    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size, args.seed,
+        device, "relearn", log_every=args.relearn_steps)
+    return freeze(copy_)
+
+
 def probe_list(tokenizer, lume, mmlu, args, device):
     """[(probe name, model -> the model to score or None for the model itself, rows to score)]."""
     asked, out = args.probes.split(","), []
-    both = lume.forget + lume.retain  # relearning and quantizing can cost the retain set too
+    both = lume.forget + lume.retain  # what relearning does to the retain set is part of the answer
     if "relearn" in asked:
         for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items():
             out.append((f"relearn {kind}",
@@ -1378,16 +1368,8 @@ def probe_list(tokenizer, lume, mmlu, args, device):
         out.append(("rephrase", None, rephrased_rows(lume)))
     if "quantize" in asked:
         for bits in map(int, args.quant_bits.split(",")):
-            out.append((f"quantize {bits}-bit", lambda m, b=bits: quantized(m, b), both))
+            out.append((f"quantize {bits}-bit", lambda m, b=bits: quantized(m, b), lume.forget))
     return out
-
-
-def relearned(model, tokenizer, examples, args, device):
-    """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
-    copy_ = copy.deepcopy(model).requires_grad_(True)
-    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size, args.seed,
-        device, "relearn", log_every=args.relearn_steps)
-    return freeze(copy_)
 
 
 def recovery(probed, unlearned, target):
@@ -1722,6 +1704,38 @@ def run(args, lume, mmlu, device, out):
 
 # -----------------------------------------------------------------------------
 # main: the command line
+
+
+BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
+          "le": (operator.le, "<=")}
+
+
+def check_args(args):
+    """Every numeric bound, the method and the model config, before any work (LumeError)."""
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LumeError(f"--{f.name} must be a finite number, not {value}")
+        for key, (ok, sign) in BOUNDS.items():
+            if key in f.metadata and not ok(value, f.metadata[key]):
+                raise LumeError(f"--{f.name} must be {sign} {f.metadata[key]}, not {value}")
+    if args.embed_hidden % 48:
+        raise LumeError("--embed_hidden must be a multiple of 48 (attention heads of 48), "
+                        f"not {args.embed_hidden}")
+    if args.algo not in METHODS:
+        raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
+    if (args.model_config and args.model_config != "olmo-1b"
+            and not Path(args.model_config).is_file()):
+        raise LumeError(
+            f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+    asked = args.probes.split(",")
+    if args.probes != "none" and not set(asked) <= set(PROBES):
+        raise LumeError(f"--probes {args.probes}: each one of {', '.join(PROBES)} (or 'none')")
+    for kind in args.relearn_data.split(","):
+        if kind not in ("retain", "mmlu") and not Path(kind).is_file():
+            raise LumeError(f"--relearn_data {kind}: neither 'retain', 'mmlu' nor a jsonl file")
+    if not all(b.isdigit() and 2 <= int(b) <= 8 for b in args.quant_bits.split(",")):
+        raise LumeError(f"--quant_bits {args.quant_bits}: comma-separated bit widths from 2 to 8")
 
 
 def main(argv=None):

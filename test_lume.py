@@ -1007,3 +1007,21 @@ def test_readme_reading_guide_names_real_sections():
     assert cited[0] == "section" and len(cited) > 10
     for title in cited[1:]:
         assert title in titles, title
+
+
+def test_relearn_data_kinds(micro, tmp_path):
+    _, tokenizer, _ = micro
+    data = lume.load_lume(DATA, "2")
+    write_jsonl(tmp_path / "public.jsonl", [dict(text="Ada Lovelace wrote the first program."), dict(text="Hi.")])
+    args = lume.parse_args(["--relearn_data", f"retain,mmlu,{tmp_path / 'public.jsonl'}"])
+    sets = lume.relearn_sets(tokenizer, data, lume.load_mmlu(""), args)
+    assert list(sets) == ["retain", "mmlu", "public.jsonl"]
+    assert len(sets["retain"]) == len(data.retain) and len(sets["mmlu"]) == 69
+    forget_texts = {r["output"] for r in data.forget}
+    decoded = [tokenizer.decode([t for t, l in zip(e["input_ids"], e["labels"]) if l != lume.IGNORE],
+                                skip_special_tokens=True) for e in sets["retain"]]
+    assert not any(d.strip() in forget_texts for d in decoded)  # no forget item among them
+    assert tokenizer.decode(sets["public.jsonl"][0]["input_ids"], skip_special_tokens=True) == \
+        "Ada Lovelace wrote the first program."
+    with pytest.raises(SystemExit, match="--relearn_data nope.jsonl"):
+        lume.main(["--relearn_data", "retain,nope.jsonl"])

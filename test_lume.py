@@ -58,6 +58,7 @@ def micro(tmp_path_factory):
     config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)  # the same micro model whatever ran before
     model = lume.build_model(config, torch.device("cpu"))
     folder = tmp_path_factory.mktemp("micro") / "model"
     lume.save_atomic(model, tokenizer, folder)
@@ -333,12 +334,12 @@ def test_npo_gradient_tends_to_ga_on_summed_loglik():
     assert torch.allclose(g_npo, g_ga * (labels != lume.IGNORE).sum() / 3, atol=1e-4)
 
 
-def few_steps(folder, algo, alpha=0.2, lr=3e-3):
+def few_steps(folder, algo, alpha=0.2, lr=3e-3, epochs=2):
     """A fresh copy of the micro model after 4 unlearning steps on 16 forget (and retain) rows."""
     model, tokenizer = lume.load_model(str(folder), torch.device("cpu"))
     data = lume.load_lume(DATA, "1")
     data.forget, data.retain = data.forget[:16], data.retain[:16]
-    args = lume.parse_args(["--algo", algo, "--lr", str(lr), "--epochs", "2", "--batch_size", "8",
+    args = lume.parse_args(["--algo", algo, "--lr", str(lr), "--epochs", str(epochs), "--batch_size", "8",
                             "--alpha", str(alpha), "--grad_accum", "1", "--log_every", "100"])
     stats = lume.unlearn(model, tokenizer, data, args, torch.device("cpu"), {})
     return model, tokenizer, data, stats
@@ -376,8 +377,10 @@ def test_the_retain_terms_pull_the_right_way(micro):
     ga_nll = retain_nll_and_kl(few_steps(folder, "ga")[0], original, tokenizer, rows)[0]
     gd_nll = retain_nll_and_kl(few_steps(folder, "gd", alpha=1.0)[0], original, tokenizer, rows)[0]
     assert gd_nll < ga_nll - 0.1, (gd_nll, ga_nll)
-    ga_kl = retain_nll_and_kl(few_steps(folder, "ga", lr=1e-2)[0], original, tokenizer, rows)[1]
-    kl_kl = retain_nll_and_kl(few_steps(folder, "kl", alpha=20.0, lr=1e-2)[0], original, tokenizer, rows)[1]
+    # 8 steps: over five random micro models the ratio was 0.06-0.17
+    ga_kl = retain_nll_and_kl(few_steps(folder, "ga", lr=1e-2, epochs=4)[0], original, tokenizer, rows)[1]
+    kl_kl = retain_nll_and_kl(few_steps(folder, "kl", alpha=50.0, lr=1e-2, epochs=4)[0], original,
+                              tokenizer, rows)[1]
     assert kl_kl < 0.5 * ga_kl, (kl_kl, ga_kl)
 
 

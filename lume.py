@@ -893,9 +893,8 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
             with autocast(device):
                 loss, micro = loss_fn(batches)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"{desc}: the loss is {loss.item()} at step {step + 1}; nothing was saved "
-                    "(try a lower --lr or a smaller --beta)")
+                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {step + 1} "
+                                    "(try a lower learning rate, or a smaller --beta for NPO)")
             # the step's gradient is the mean of the micro-steps' losses: each micro-batch counts
             # once, whatever its number of answer tokens (not one big batch's per-token mean)
             (loss / grad_accum).backward()
@@ -1185,19 +1184,21 @@ def mmlu_prompts(tokenizer, mmlu, shots, limit):
     by_subject = {}
     for q in mmlu.dev or mmlu.test:
         by_subject.setdefault(q["subject"], []).append(q)
-    prompts, fewer = [], 0
+    prompts, fewer, cut = [], 0, 0
     for q in mmlu.test:
         pool = pick_shots(q, by_subject.get(q["subject"], []), shots)
         for k in range(len(pool), -1, -1):
             ids = tokenizer(mmlu_prompt(q, pool[:k]), add_special_tokens=True)["input_ids"]
             if len(ids) <= limit or k == 0:
                 break
-        fewer += k < len(pool)
-        # only a 0-shot prompt longer than the context is cut (from the left)
-        prompts.append(ids[-limit:])
+        fewer, cut = fewer + (k < len(pool)), cut + (len(ids) > limit)
+        prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut
     if fewer:
         print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to "
               f"fit the model's context of {limit} tokens")
+    if cut:
+        print(f"note: {cut} MMLU questions are longer than the context of {limit} tokens even "
+              "without examples, and were cut from the left")
     return prompts
 
 
@@ -1277,28 +1278,35 @@ def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
 # of the prompts or of a copy of the model, scored by the scoring section above.
 
 PROBES = ("relearn", "fewshot", "rephrase", "quantize")
-QUANT_GROUP = 64  # inputs sharing one scale below 8 bits (GPTQ/AWQ-style group size)
+QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
 FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")
 
 
 def fake_quantize(w, bits, group=None):
     """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1,
-    with one scale (max |w| / q) per output channel (row), or per `group` inputs of a row."""
-    # (out * in / group, group)
-    rows = w.reshape(-1, group) if group and w.shape[-1] % group == 0 else w
+    with one scale (max |w| / q) per output channel (row), or per `group` inputs of a row
+    (`group` must divide the row: see group_size)."""
+    rows = w.reshape(-1, group) if group else w  # (out * in / group, group) or (out, in)
     q = 2 ** (bits - 1) - 1
     scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / q
     return (torch.round(rows / scale).clamp(-q, q) * scale).reshape(w.shape).to(w.dtype)
 
 
+def group_size(width):
+    """The largest group of at most QUANT_GROUP inputs that divides a row (48 for the embedded
+    model's 144; 64 for OLMo's 2048 and 8192)."""
+    return max(g for g in range(1, QUANT_GROUP + 1) if width % g == 0)
+
+
 def quantized(model, bits):
     """A copy whose linear weights are quantized and dequantized: int8 per output channel, fewer
-    bits in groups of QUANT_GROUP; the output embedding stays, as 4-bit loaders keep lm_head."""
+    bits in groups of group_size inputs; the output embedding stays (4-bit loaders keep lm_head)."""
     copy_ = copy.deepcopy(model)
     head = copy_.get_output_embeddings()
     for m in copy_.modules():
         if isinstance(m, torch.nn.Linear) and m is not head:
-            m.weight.data = fake_quantize(m.weight.data, bits, None if bits >= 8 else QUANT_GROUP)
+            group = None if bits >= 8 else group_size(m.weight.shape[1])
+            m.weight.data = fake_quantize(m.weight.data, bits, group)
     return copy_
 
 
@@ -1437,8 +1445,8 @@ def memorise(model, tokenizer, examples, epochs, args, device, desc):
     """Plain next-token training for a fixed number of epochs, in length-grouped batches.
 
     No early stop: memorisation completes only in the last epochs of the cosine schedule, at a
-    low learning rate (measured: at epoch 45 of 50 the lowest forget/retain term was 0.94, at 40
-    0.68), so checking before the end costs more than it saves."""
+    low learning rate (measured with hidden 192: at epoch 45 of 50 the lowest forget/retain term
+    was 0.94, at 40 0.68), so checking before the end costs more than it saves."""
     per_epoch = math.ceil(len(examples) / args.embed_batch_size)
     return fit(model, tokenizer, examples, per_epoch * epochs, args.embed_lr, args.embed_batch_size,
                args.seed, device, desc, warmup=20 / (per_epoch * epochs), log_every=per_epoch * 10)
@@ -1499,9 +1507,10 @@ def embedded_models(args, device):
     if problem:
         print(
             f"the cached embedded target in {folder} cannot be used ({problem}): building it again")
-        shutil.rmtree(folder, ignore_errors=True)
     print(f"building the embedded target in {folder} (once; later runs load it)")
-    folder.mkdir(parents=True, exist_ok=True)
+    building = cache / f"{folder.name}.tmp{os.getpid()}"  # renamed into place once complete
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
     lume, utility, tokenizer = embedded_tokenizer(args)
     torch.manual_seed(args.seed)
     model = build_model(embedded_config(args, tokenizer), device)
@@ -1509,14 +1518,19 @@ def embedded_models(args, device):
     stats["retain-only"] = memorise(
         model, tokenizer, memorisation_set(tokenizer, lume, utility, ["retain"], args.max_length),
         args.embed_epochs, args, device, "memorise retain")
-    save_atomic(model, tokenizer, retain)
+    save_atomic(model, tokenizer, building / retain.name)
     stats["target"] = memorise(
         model, tokenizer,
         memorisation_set(tokenizer, lume, utility, ["forget", "retain"], args.max_length),
         args.embed_target_epochs, args, device, "memorise target")
-    save_atomic(model, tokenizer, target)
-    write_json_atomic(folder / "complete.json",
-                      dict(recipe=recipe | {"recipe": RECIPE}, sha256=file_digests(folder)))
+    save_atomic(model, tokenizer, building / target.name)
+    write_json_atomic(building / "complete.json",
+                      dict(recipe=recipe | {"recipe": RECIPE}, sha256=file_digests(building)))
+    if folder.exists() and cache_problem(folder) == "":  # another run finished the same build
+        shutil.rmtree(building)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(building, folder)
     return target, retain, stats
 
 
@@ -1639,8 +1653,9 @@ def load_models(args, device):
 
 
 def run(args, lume, mmlu, device, out):
-    """Load, score the target, unlearn, score the result and the retrain model, report. The
-    results so far are written after every scored model ("complete": false until the end)."""
+    """Load; score the target (and its prompt probes); unlearn; score and probe the result and the
+    retrain model; report. The results so far are written after every scored model ("complete":
+    false until the end)."""
     phases, t0, train_stats = {}, time.perf_counter(), None
     results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[])
     with timed(phases, "build/load"):
@@ -1692,13 +1707,13 @@ def run(args, lume, mmlu, device, out):
         score("retrain", retrain)
         probe("retrain", retrain)  # the control: it never saw the forget set
         del retrain
+    saved = args.save_model and not args.eval_only
+    if saved:  # before metrics.json says "complete"
+        save_atomic(model, tokenizer, out / "model")
     tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
     print("\n" + tables)
     print("\n" + cost_line(cost()))
-    if args.save_model and not args.eval_only:
-        save_atomic(model, tokenizer, out / "model")
-    print(f"wrote {out}/args.json, metrics.json, metrics.md"
-          + (", model/" if args.save_model else ""))
+    print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", model/" if saved else ""))
     return results["summary"]
 
 
@@ -1728,6 +1743,11 @@ def check_args(args):
             and not Path(args.model_config).is_file()):
         raise LumeError(
             f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+    for flag in ("model", "ref_model", "retrain_model"):  # a folder, or a Hub id (owner/name)
+        name = getattr(args, flag)
+        hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
+        if name and not Path(name).exists() and not hub_id:
+            raise LumeError(f"--{flag} {name}: no such folder, and not a Hub id (owner/name)")
     asked = args.probes.split(",")
     if args.probes != "none" and not set(asked) <= set(PROBES):
         raise LumeError(f"--probes {args.probes}: each one of {', '.join(PROBES)} (or 'none')")
@@ -1757,7 +1777,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         return run(args, lume, mmlu, device, out)
-    except (LumeError, NonFiniteLoss, KeyboardInterrupt) as e:
+    except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
         said = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
         kept = out is not None and (out / "metrics.json").exists()
         sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)"

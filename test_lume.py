@@ -387,7 +387,7 @@ def test_the_retain_terms_pull_the_right_way(micro):
 def test_non_finite_loss_stops_the_run(micro):
     model, tokenizer, _ = micro
     batch = lume.collate([lume.encode(tokenizer, "", "a b", 8)], 0, "cpu")
-    with pytest.raises(lume.NonFiniteLoss, match="nothing was saved"):
+    with pytest.raises(lume.NonFiniteLoss, match="the loss is nan at step 1"):
         lume.train(model, lambda: (batch,), lambda b: (torch.tensor(float("nan")), {}), 3, 1e-3, torch.device("cpu"))
 
 
@@ -722,6 +722,7 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--device", "banana"], "--device banana: not a device"),
     (["--mmlu", "/no/such/mmlu"], "--mmlu /no/such/mmlu: no such file or folder"),
+    (["--retrain_model", "./no/such/model"], "--retrain_model ./no/such/model: no such folder"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, flags, expected):
     monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
@@ -899,8 +900,15 @@ def test_fake_quantize_by_hand():
     assert q4[0].tolist() == pytest.approx([4 / 7, -1.0, 0.26, 0.0])
     # group (2, 0.1): step 2/7, 0.1 = 0.35 steps -> 0; group (-0.3, 1): step 1/7, -0.3 = -2.1 steps -> -2
     assert q4[1].tolist() == pytest.approx([2.0, 0.0, -2 / 7, 1.0], abs=1e-6)
-    half = torch.ones(3, 5, dtype=torch.float64)
-    assert lume.fake_quantize(half, 4, group=2).shape == (3, 5)  # 5 inputs: not divisible, one scale per row
+    assert [lume.group_size(n) for n in (144, 576, 2048, 7)] == [48, 64, 64, 7]  # divides the row
+    model = lume.build_model(dict(vocab_size=50, hidden_size=144, intermediate_size=576, num_hidden_layers=1,
+                                  num_attention_heads=3, tie_word_embeddings=True), CPU)
+    q4 = lume.quantized(model, 4)
+    for (name, w), (_, w4) in zip(model.named_parameters(), q4.named_parameters()):
+        if "proj" in name:  # 48 (or 64) inputs a group: at most 15 levels in every group
+            groups = w4.detach().reshape(-1, lume.group_size(w.shape[1]))
+            assert all(len(g.unique()) <= 15 for g in groups[:20]), name
+            assert not torch.equal(w4, lume.fake_quantize(w.detach(), 4))  # not one scale per row
 
 
 def weights(model):
@@ -1028,3 +1036,14 @@ def test_relearn_data_kinds(micro, tmp_path):
         "Ada Lovelace wrote the first program."
     with pytest.raises(SystemExit, match="--relearn_data nope.jsonl"):
         lume.main(["--relearn_data", "retain,nope.jsonl"])
+
+
+def test_the_kl_reference_is_the_target_and_stays_unchanged(micro, monkeypatch):
+    original, tokenizer, folder = micro
+    held = []
+    freeze = lume.freeze
+    monkeypatch.setattr(lume, "freeze", lambda m: held.append(m) or freeze(m))
+    model, _, _, _ = few_steps(folder, "kl", alpha=1.0)
+    reference = held[0]  # the first model unlearn freezes: its copy of the target
+    assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(original)))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(model), weights(original)))

@@ -128,7 +128,7 @@ class Args:
     relearn_data: str = arg("retain,mmlu", "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
     quant_bits: str = arg("8,4",
-                          "quantize: bits, comma-separated (8: per channel; 2-7: groups of 64)")
+                          "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64)")
     # system
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time>)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")

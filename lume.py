@@ -100,10 +100,22 @@ class Args:
     embed_lr: float = arg(3e-3, "peak learning rate for memorising", gt=0)
     embed_batch_size: int = arg(32, "sequences per step when memorising", gt=0)
     # unlearning
-    algo: str = arg("gd", "unlearning method: ga, gd, kl or npo")
-    alpha: float = arg(1.0, "weight of the retain term (GD: NLL, KL: KL divergence)", ge=0)
+    algo: str = arg("gd", "unlearning method: ga, gd, kl, npo, simnpo, rmu or ails; a comma "
+                    "list, or 'all' to compare them all from the same target")
+    seeds: str = arg("", "run each method once per seed, e.g. 0,1,2 (default: --seed)")
+    alpha: float = arg(1.0, "weight of the retain term (GD, SimNPO: NLL; KL: KL divergence)", ge=0)
     beta: float = arg(0.1, "NPO inverse temperature", gt=0)
-    epochs: float = arg(5, "passes over the forget set", gt=0)
+    simnpo_beta: float = arg(2.5, "SimNPO inverse temperature (Fan et al.: 2.5-4.5)", gt=0)
+    gamma: float = arg(0.0, "SimNPO reward margin (Fan et al.: 0 on TOFU-like data)", ge=0)
+    rmu_layer: int = arg(-1, "RMU: the block steered (-1: 7/32 of the depth, WMDP's 7 of 32)",
+                         ge=-1)
+    rmu_c: float = arg(6.5, "RMU: length c of the random control vector (WMDP, Zephyr: 6.5)", gt=0)
+    rmu_alpha: float = arg(1200.0, "RMU: weight of the retain term (WMDP, Zephyr: 1200)", ge=0)
+    train_layers: int = arg(0, "train only the last K blocks, every method but RMU (0: all)", ge=0)
+    chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, one "
+                          "after another, --epochs passes each (0: one chunk)", ge=0)
+    retain_per_forget: int = arg(1, "retain examples per forget example in a micro-batch", gt=0)
+    epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
     lr: float = arg(5e-4, "peak learning rate (LUME's 1B/7B targets: 1e-5)", gt=0)
     batch_size: int = arg(8, "forget (and retain) examples per micro-step", gt=0)
@@ -654,14 +666,13 @@ def collate(examples, pad_id, device, multiple=1):
                 idx=idx)
 
 
-def batches_of(examples, batch_size, rng, by_length=False):
-    """Shuffled batches; by_length groups similar lengths so that little is padding."""
-    order = list(range(len(examples)))
+def index_batches(lengths, batch_size, rng, by_length=False):
+    """Shuffled batches of indices; by_length groups similar lengths so that little is padding."""
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     if by_length:
-        order.sort(key=lambda i: len(examples[i]["input_ids"]))
-    batches = [[examples[i] for i in order[s:s + batch_size]]
-               for s in range(0, len(order), batch_size)]
+        order.sort(key=lambda i: lengths[i])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -765,9 +776,13 @@ def sequence_nll(logits, labels, reduce="batch"):
     return nll
 
 
-def forward(model, batch):
-    return model(input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+def forward(model, batch, layer=None):
+    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H)."""
+    if layer is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True)
+    return out.logits, out.hidden_states[layer + 1].float()  # [0] is the embeddings' output
 
 
 @torch.inference_mode()
@@ -781,21 +796,59 @@ def summed_logp(model, examples, batch_size, pad_id, device):
     return torch.cat(out)
 
 
+def collate_hidden(states, like):
+    """(T_i, H) hidden states right-padded with zeros to the shape of `like`, (B, T, H)."""
+    out = torch.zeros_like(like)
+    for i, h in enumerate(states):
+        out[i, :len(h)] = h.to(out.device)
+    return out
+
+
+@torch.inference_mode()
+def hidden_states(model, examples, layer, batch_size, pad_id, device):
+    """Block `layer`'s output at every position of each example: a list of (T_i, H) on the CPU."""
+    out = []
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s:s + batch_size], pad_id, device)
+        with autocast(device):
+            hidden = forward(model, batch, layer)[1].cpu()  # (B, T, H)
+        out += [h[:len(e["input_ids"])] for h, e in zip(hidden, examples[s:s + batch_size])]
+    return out
+
+
 # -----------------------------------------------------------------------------
 # The unlearning losses: F the forget batch, R the retain batch; what each method needs
 
 
 @dataclass
 class Pass:
-    """What one forward pass over a batch gives the losses."""
+    """What one forward pass over a micro-batch gives the losses.
+
+    Means are taken over the whole optimiser step (every micro-step and process): `step` holds
+    that step's number of labelled tokens, sequences and attended positions on this side, so the
+    micro-steps' losses add up to the step's loss however the step is split (None: this batch).
+    """
     logits: torch.Tensor  # (B, T, V)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
+    mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
+    step: dict = None  # {"tokens": n, "seqs": n, "positions": n} of this side in the whole step
     ref_logp: torch.Tensor = None  # (B,) log pi_ref(y|x) of the target before unlearning
     ref_logits: torch.Tensor = None  # (B, T, V) logits of the target before unlearning
+    hidden: torch.Tensor = None  # (B, T, H) the RMU layer's output
+    ref_hidden: torch.Tensor = None  # (B, T, H) the same layer's output in the frozen target
+    control: torch.Tensor = None  # (H,) RMU's c * u, a fixed random direction scaled by c
+
+    def over(self, unit, total):
+        """total / the step's count of `unit` ("tokens", "seqs" or "positions")."""
+        if self.step is not None:
+            return total / max(1, self.step[unit])
+        here = {"tokens": lambda: (self.labels[:, 1:] != IGNORE).sum().clamp(min=1),
+                "seqs": lambda: len(self.labels), "positions": lambda: self.mask.sum()}
+        return total / here[unit]()
 
     @functools.cached_property  # computed once per pass, however often the loss and the log read it
-    def nll(self):  # () mean NLL per answer token
-        return sequence_nll(self.logits, self.labels, "batch")
+    def nll(self):  # () NLL per answer token of the step
+        return self.over("tokens", sequence_nll(self.logits, self.labels, "sum").sum())
 
     @functools.cached_property
     def logp(self):  # (B,) summed answer log-likelihood log pi(y|x)
@@ -813,17 +866,17 @@ def gd_loss(forget, retain, args):
 
 
 def kl_divergence(ref_logits, logits, labels):
-    """KL(p_ref || p_theta) per answer token, averaged over the N answer tokens of the batch."""
+    """KL(p_ref || p_theta) at each of the N answer tokens: (N,)."""
     ref_logits, _, labelled = shifted(ref_logits, labels)  # prompt and padding carry no KL
     ref = F.log_softmax(ref_logits[labelled].float(), -1)  # (N, V)
     cur = F.log_softmax(shifted(logits, labels)[0][labelled].float(), -1)  # (N, V)
-    # sum_v p_ref (log p_ref - log p)
-    return F.kl_div(cur, ref, log_target=True, reduction="batchmean")
+    return (ref.exp() * (ref - cur)).sum(-1)  # sum_v p_ref (log p_ref - log p)
 
 
 def kl_loss(forget, retain, args):
     """KL-regularised GA: L = -NLL(F) + alpha * KL(p_ref || p_theta) on R's answer tokens."""
-    return -forget.nll + args.alpha * kl_divergence(retain.ref_logits, retain.logits, retain.labels)
+    kl = kl_divergence(retain.ref_logits, retain.logits, retain.labels)  # (N,)
+    return -forget.nll + args.alpha * retain.over("tokens", kl.sum())
 
 
 def npo_loss(forget, retain, args):
@@ -833,7 +886,34 @@ def npo_loss(forget, retain, args):
     (2/beta) log 2; as beta -> 0 its gradient tends to that of mean_B log pi (GA on sums).
     """
     log_ratio = forget.logp - forget.ref_logp  # (B,)
-    return -(2 / args.beta) * F.logsigmoid(-args.beta * log_ratio).mean()
+    return -(2 / args.beta) * forget.over("seqs", F.logsigmoid(-args.beta * log_ratio).sum())
+
+
+def simnpo_loss(forget, retain, args):
+    """SimNPO (Fan et al., arXiv 2410.07765, eq. 4), with GD's retain term:
+    L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R), b = simnpo_beta.
+
+    NPO without a reference model: the summed log-likelihood is divided by the answer length
+    |y|, and gamma is a reward margin. At log pi = 0 and gamma = 0 the forget term is (2/b) log 2.
+    """
+    length = (forget.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (B,) |y|
+    margin = -(args.simnpo_beta / length) * forget.logp - args.gamma  # (B,)
+    return (-(2 / args.simnpo_beta) * forget.over("seqs", F.logsigmoid(margin).sum())
+            + args.alpha * retain.nll)
+
+
+def rmu_loss(forget, retain, args):
+    """RMU (Li et al., WMDP, arXiv 2403.03218, eq. 1-3), h the output of block --rmu_layer:
+    L = mean ||h(F) - c u||^2 + rmu_alpha * mean ||h(R) - h_frozen(R)||^2
+
+    means over the attended positions and the H hidden units (WMDP's mse_loss); u is a fixed
+    random unit vector and c = --rmu_c. The forget term is 0 where h(F) = c u.
+    """
+    H = forget.hidden.shape[-1]
+    away = ((forget.hidden - forget.control) ** 2).sum(-1) * forget.mask  # (B, T)
+    kept = ((retain.hidden - retain.ref_hidden) ** 2).sum(-1) * retain.mask  # (B, T)
+    return (forget.over("positions", away.sum()) / H
+            + args.rmu_alpha * retain.over("positions", kept.sum()) / H)
 
 
 @dataclass(frozen=True)
@@ -842,6 +922,9 @@ class Method:
     retain: bool = False  # pairs every forget batch with a retain batch
     ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
     ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a model copy)
+    hidden: bool = False  # block --rmu_layer's output; the frozen target's on the retain examples
+    # precomputed in one pass; trains the three blocks up to that layer (WMDP: 5-7 of 32)
+    recipe: dict = field(default_factory=dict)  # flag values used unless given on the command line
 
 
 METHODS = {
@@ -849,6 +932,14 @@ METHODS = {
     "gd": Method(gd_loss, retain=True),
     "kl": Method(kl_loss, retain=True, ref_logits=True),
     "npo": Method(npo_loss, ref_logp=True),
+    "simnpo": Method(simnpo_loss, retain=True),
+    "rmu": Method(rmu_loss, retain=True, hidden=True,
+                  recipe=dict(rmu_layer=lambda depth: round(7 * depth / 32))),  # WMDP: 7 of 32
+    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples
+    # per forget example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32)
+    "ails": Method(gd_loss, retain=True, recipe=dict(
+        chunk_size=32, retain_per_forget=7, alpha=0.5,
+        train_layers=lambda depth: max(1, depth // 4))),
 }
 
 
@@ -869,38 +960,37 @@ def lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=1, grad_clip=1.0,
-          weight_decay=0.0, log_every=10, desc="train"):
+def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0,
+          log_every=10, desc="train"):
     """AdamW, warm-up + cosine, gradient accumulation, clipping; returns the run's statistics.
 
-    next_batch() -> a tuple of batches (forget, retain...; None where unused) for one micro-step;
-    loss_fn(batches) -> (loss, dict of numbers to log).
+    steps: the optimiser steps, each a list of micro-steps; loss_fn(micro, step) -> (loss, dict
+    of numbers to log, tokens seen), its loss already divided by the counts of the whole step.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=device.type == "cuda")  # one kernel, not a dozen per step
     model.train()
     t_start, logs, step_ms, step_tokens = time.perf_counter(), {}, [], []
-    bar = progress(steps, desc)
-    for step in range(steps):
+    bar = progress(len(steps), desc)
+    for i, step in enumerate(steps):
         t0 = time.perf_counter()
         # ---------------- TRAINING STEP BEGIN ----------------
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(i, len(steps), lr, warmup)
         logs, tokens = {}, 0
-        for _ in range(grad_accum):
-            batches = next_batch()
+        for micro in step:
             with autocast(device):
-                loss, micro = loss_fn(batches)
+                loss, micro_logs, n = loss_fn(micro, step)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {step + 1} "
+                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {i + 1} "
                                     "(try a lower learning rate, or a smaller --beta for NPO)")
-            # the step's gradient is the mean of the micro-steps' losses: each micro-batch counts
-            # once, whatever its number of answer tokens (not one big batch's per-token mean)
-            (loss / grad_accum).backward()
-            for k, v in micro.items():
-                logs[k] = logs.get(k, 0.0) + v / grad_accum
-            tokens += sum(int(b["attention_mask"].sum()) for b in batches if b is not None)
+            # each micro-step's loss is its share of the step's per-token (or per-sequence) mean,
+            # so the gradients it adds up are one big batch's, however the step is split
+            loss.backward()
+            for k, v in micro_logs.items():
+                logs[k] = logs.get(k, 0.0) + v
+            tokens += n
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -909,16 +999,16 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
             torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
         step_tokens.append(tokens)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        if (i + 1) % log_every == 0 or i + 1 == len(steps):
             fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
             bar.write(
-                f"{desc} step {step + 1}/{steps} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
+                f"{desc} step {i + 1}/{len(steps)} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
                 f"| norm {norm.item():.2f} | {step_ms[-1]:.0f} ms")
         bar.update()
     bar.close()
     model.eval()
-    warm = 2 if steps > 4 else 0  # the first steps pay for kernel selection and allocation
-    return dict(steps=steps, seconds=time.perf_counter() - t_start,
+    warm = 2 if len(steps) > 4 else 0  # the first steps pay for kernel selection and allocation
+    return dict(steps=len(steps), seconds=time.perf_counter() - t_start,
                 tokens=sum(step_tokens), last=logs, grad_norm=norm.item(),
                 warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
@@ -927,82 +1017,156 @@ def train(model, next_batch, loss_fn, steps, lr, device, warmup=0.1, grad_accum=
 def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0,
         log_every=10):
     """Plain next-token NLL training on examples in length-grouped batches (memorise, relearn)."""
-    rng, queue = random.Random(seed), []
+    rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
+    while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
+        plan += [[b] for b in reversed(index_batches(lengths, batch_size, rng, by_length=True))]
 
-    def next_batch():
-        if not queue:
-            queue.extend(batches_of(examples, batch_size, rng, by_length=True))
-        return (collate(queue.pop(), tokenizer.pad_token_id, device),)
+    def loss_fn(micro, step):
+        batch = collate([examples[i] for i in micro], tokenizer.pad_token_id, device)
+        loss = sequence_nll(forward(model, batch), batch["labels"])
+        return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum())
 
-    def loss_fn(batches):
-        loss = sequence_nll(forward(model, batches[0]), batches[0]["labels"])
-        return loss, {"nll": loss.item()}
-
-    return train(model, next_batch, loss_fn, steps, lr, device, warmup=warmup, log_every=log_every,
+    return train(model, plan[:steps], loss_fn, lr, device, warmup=warmup, log_every=log_every,
                  desc=desc)
 
 
 # -----------------------------------------------------------------------------
-# Unlearning: the method's loss over forget batches (and retain batches where it asks)
+# Unlearning: the method's loss over a schedule of forget (and retain) batches
 
 
-def unlearn(model, tokenizer, lume, args, device, phases):
-    """Run --algo on the forget set; what the method needs comes from its METHODS entry."""
+def unlearning_examples(tokenizer, lume, max_length):
+    """The forget and retain examples, tokenised once for every method and seed of a run."""
+    forget = row_examples(tokenizer, lume.forget, max_length)
+    retain = row_examples(tokenizer, lume.retain, max_length)
+    say_cut(forget + retain, "unlearning examples", f"--max_length {max_length}")
+    return forget, retain
+
+
+def schedule(forget, retain, args, rng, world=1):
+    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices)
+    for all processes together: the same steps whatever the number of processes.
+
+    The forget set is cut into chunks of --chunk_size (default: one chunk), unlearnt one after
+    another, --epochs passes over each; a pass visits every example of its chunk once, in
+    length-grouped micro-batches of --batch_size per process. Each micro-step takes the next
+    --retain_per_forget retain examples per forget example (none if `retain` is empty).
+    """
+    order, size = list(range(len(forget))), args.batch_size * world
+    rng.shuffle(order)  # which examples share a chunk
+    chunk = args.chunk_size or len(order)
+    length = lambda examples, which: [len(examples[i]["input_ids"]) for i in which]
+    micro, stream = [], []
+    for c in range(0, len(order), chunk):
+        members = order[c:c + chunk]
+        for p in range(math.ceil(args.epochs)):
+            batches = [[members[i] for i in b]
+                       for b in index_batches(length(forget, members), size, rng, by_length=True)]
+            if p + 1 > args.epochs:  # a last, partial pass
+                batches = batches[:math.ceil((args.epochs - p) * len(batches))]
+            for b in batches:
+                want = len(b) * args.retain_per_forget if retain else 0
+                while len(stream) < want:  # retain batches of similar length, in a fresh order
+                    stream += sum(index_batches(length(retain, range(len(retain))),
+                                                size * args.retain_per_forget, rng, True), [])
+                micro.append((b, stream[:want]))
+                del stream[:want]
+    steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
+    return steps[:args.max_steps or len(steps)]
+
+
+def recipe(args, algo, seed, depth):
+    """args for one run of `algo`: its METHODS recipe where a flag was left at its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    given = {k: v(depth) if callable(v) else v for k, v in METHODS[algo].recipe.items()
+             if getattr(args, k) == defaults[k]}
+    return dataclasses.replace(args, algo=algo, seed=seed, **given)
+
+
+def trainable(model, method, args):
+    """Freeze all but the blocks the method trains: --train_layers K, the last K; RMU, the three
+    up to --rmu_layer; otherwise every parameter. Returns the trained block indices."""
+    blocks = model.get_decoder().layers
+    if method.hidden:
+        which = range(max(0, args.rmu_layer - 2), args.rmu_layer + 1)
+    elif args.train_layers:
+        which = range(max(0, len(blocks) - args.train_layers), len(blocks))
+    else:
+        model.requires_grad_(True)
+        return list(range(len(blocks)))
+    model.requires_grad_(False)  # embeddings, the final norm and lm_head stay as they are
+    for i in which:
+        blocks[i].requires_grad_(True)
+    return list(which)
+
+
+def unlearn(model, tokenizer, examples, args, device, phases, rank=0, world=1):
+    """Run --algo over its schedule; what the method needs comes from its METHODS entry."""
     method, rng, pad = METHODS[args.algo], random.Random(args.seed), tokenizer.pad_token_id
-    forget = [e | {"idx": i}
-              for i, e in enumerate(row_examples(tokenizer, lume.forget, args.max_length))]
-    retain = row_examples(tokenizer, lume.retain, args.max_length) if method.retain else []
-    say_cut(forget + retain, "unlearning examples", f"--max_length {args.max_length}")
-    ref_logp = ref_model = None
+    torch.manual_seed(args.seed)
+    forget, retain = examples
+    steps = schedule(forget, retain if method.retain else [], args, rng, world)
+    layer = args.rmu_layer if method.hidden else None
+    if method.hidden and not 0 <= layer < len(model.get_decoder().layers) - 1:
+        raise LumeError(f"--rmu_layer {layer}: the model has blocks 0 to "
+                        f"{len(model.get_decoder().layers) - 2} below its last")
+    ref_logp = ref_model = ref_hidden = control = None
     if method.ref_logp:  # one pass now; no second model held
         with timed(phases, "reference pass"):
             ref_logp = summed_logp(model, forget, args.eval_batch_size, pad,
                                    device).to(device)  # (len(forget),)
     if method.ref_logits:
         ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
-    queues = {"forget": [], "retain": []}
+    if method.hidden:
+        with timed(phases, "reference pass"):
+            ref_hidden = hidden_states(model, retain, layer, args.eval_batch_size, pad, device)
+        u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
+        control = (args.rmu_c * u / u.norm()).to(device)  # (H,) WMDP: uniform [0, 1), normalised
+    # what the losses divide by: labelled tokens, sequences, attended positions per example
+    counts = [[(sum(x != IGNORE for x in e["labels"][1:]), 1, len(e["input_ids"])) for e in pool]
+              for pool in (forget, retain)]
 
-    def next_from(name, examples):
-        # batches of similar length: a 300-token sc row padding 7 short qa rows wastes 80%
-        if not queues[name]:
-            queues[name] = batches_of(examples, args.batch_size, rng, by_length=True)
-        return collate(queues[name].pop(), pad, device, 64 if device.type == "cuda" else 1)
+    def side(indices, pool, step, which):
+        """This process's share of a micro-batch through the model, with the step's counts."""
+        totals = dict(zip(("tokens", "seqs", "positions"),
+                          np.sum([counts[which][i] for m in step for i in m[which]], 0).tolist()))
+        mine = indices[rank::world]
+        batch = collate([pool[i] for i in mine], pad, device, 64 if device.type == "cuda" else 1)
+        logits, hidden = (forward(model, batch, layer) if layer is not None
+                          else (forward(model, batch), None))
+        p = Pass(logits, batch["labels"], batch["attention_mask"], totals, hidden=hidden)
+        return p, batch, mine
 
-    def next_batch():
-        return next_from("forget", forget), next_from("retain", retain) if method.retain else None
-
-    def loss_fn(batches):
-        forget_batch, retain_batch = batches
-        f = Pass(forward(model, forget_batch), forget_batch["labels"])
+    def loss_fn(micro, step):
+        f, batch, mine = side(micro[0], forget, step, 0)
         if ref_logp is not None:
-            f.ref_logp = ref_logp[forget_batch["idx"].to(device)]  # (B,)
-        r = None
-        if retain_batch is not None:  # one forward pass gives both the retain NLL and the KL term
-            r = Pass(forward(model, retain_batch), retain_batch["labels"])
+            f.ref_logp = ref_logp[mine]  # (B,)
+        f.control, r, tokens = control, None, int(batch["attention_mask"].sum())
+        if method.retain:  # one forward pass gives both the retain NLL and the KL term
+            r, batch, mine = side(micro[1], retain, step, 1)
+            tokens += int(batch["attention_mask"].sum())
             if ref_model is not None:
                 with torch.no_grad():
-                    r.ref_logits = forward(ref_model, retain_batch)  # (B, T, V)
+                    r.ref_logits = forward(ref_model, batch)  # (B, T, V)
+            if ref_hidden is not None:
+                r.ref_hidden = collate_hidden([ref_hidden[i] for i in mine], r.hidden)
         loss = method.loss(f, r, args)
-        return loss, ({"loss": loss.item(), "forget": f.nll.item()}
-                      | ({"retain": r.nll.item()} if r else {}))
+        logs = {"loss": loss.item(), "forget": f.nll.item()} | ({"retain": r.nll.item()} if r else {})
+        return loss, logs, tokens
 
-    steps = max(1, math.ceil(args.epochs * len(forget) / (args.batch_size * args.grad_accum)))
-    steps = min(steps, args.max_steps or steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.requires_grad_(True)
+    blocks = trainable(model, method, args)
     model.config.use_cache = False
     if args.grad_checkpointing:
         checkpointing(model, True)
     with timed(phases, "unlearn"):
-        stats = train(model, next_batch, loss_fn, steps, args.lr, device, args.warmup,
-                      args.grad_accum, args.grad_clip, args.weight_decay, args.log_every,
-                      f"unlearn {args.algo}")
+        stats = train(model, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip,
+                      args.weight_decay, args.log_every, f"unlearn {args.algo}")
     if args.grad_checkpointing:
         checkpointing(model, False)
     model.config.use_cache = True
     freeze(model)
-    return stats | dict(peak_memory_gb=peak_memory_gb(device))
+    return stats | dict(peak_memory_gb=peak_memory_gb(device), trained_blocks=blocks)
 
 
 # -----------------------------------------------------------------------------
@@ -1582,6 +1746,8 @@ def robustness_report(summaries, probed):
              + [("target", "forget_knowledge"), ("target", "forget_regurgitation")])
     short = lambda k: ({"forget": "f", "retain": "r", "recovery": "rec"}[k.split("_")[0]]
                        + "-" + k.split("_")[1][:3])
+    if "unlearned" not in summaries:  # a comparison: its recovery columns are in compare.md
+        return None, numbers
     lines = ["| probe | " + " | ".join(f"{m} {short(k)}" for m, k in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for probe, by_model in numbers.items():
@@ -1594,11 +1760,106 @@ def robustness_report(summaries, probed):
     return "\n".join(lines) + "\n\n" + legend, numbers
 
 
+def mean_sd(values):
+    """(mean, sample standard deviation) of a column over seeds; sd None for one seed, both None
+    where a seed has no number."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def tradeoff(summary):
+    """(forget efficacy, utility): the mean of the inverted forget terms (1 - x), and the mean of
+    the retain terms and MMLU."""
+    forget = [1 - v for k, v in summary.items() if "/forget/" in k]
+    kept = [v for k, v in summary.items() if "/retain/" in k] + [summary["mmlu"]] * (
+        summary.get("mmlu") is not None)
+    return statistics.mean(forget), statistics.mean(kept)
+
+
+def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
+    """The comparison: a row per method with mean +- sd over its seeds of every number, between
+    the target and the retrain rows; returns the table and {method: {column: [mean, sd, values]}}."""
+    cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks
+            for s in ("forget", "retain") for m in ("regurgitation", "knowledge")]
+    cols += [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"),
+             ("mmlu", "MMLU"), ("final", "final"), ("forget_efficacy", "forget eff."),
+             ("utility", "utility")]
+    cols += [(f"{p}/recovery_{m}", f"{p} rec-{m[:3]}") for p in robustness
+             for m in ("knowledge", "regurgitation")] + [("unlearn_seconds", "unlearn s")]
+    rows = {}  # row name -> the run names it averages
+    rows["target"] = ["target"] if "target" in summaries else []
+    for name, algo, _ in runs:  # those scored so far
+        rows.setdefault(algo, []).extend([name] if name in summaries else [])
+    rows["retrain"] = ["retrain"] if "retrain" in summaries else []
+    numbers = {}
+    for row, names in rows.items():
+        per_run = []
+        for n in names:
+            s = summaries[n]
+            values = dict(s, forget_efficacy=tradeoff(s)[0], utility=tradeoff(s)[1],
+                          unlearn_seconds=seconds.get(n))
+            for probe, by_model in robustness.items():
+                for m in ("knowledge", "regurgitation"):
+                    values[f"{probe}/recovery_{m}"] = by_model.get(n, {}).get(f"recovery_{m}")
+            per_run.append(values)
+        numbers[row] = {k: [*mean_sd([v.get(k) for v in per_run]), [v.get(k) for v in per_run]]
+                        for k, _ in cols} if per_run else {}
+    fmt = lambda m, sd: "-" if m is None else f"{m:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+    lines = ["| method | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row, by_col in numbers.items():
+        if by_col:
+            n = len(rows[row])
+            label = row + (f" ({n} seeds)" if n > 1 else "")
+            lines.append(f"| {label} | " + " | ".join(fmt(*by_col[k][:2]) for k, _ in cols) + " |")
+    legend = ("mean ± sample standard deviation over seeds (n - 1); columns as in metrics.md; "
+              "forget eff. = mean of 1 - x over the forget terms, utility = mean of the retain "
+              "terms and MMLU; rec = the share of the removed forget knowledge or regurgitation "
+              "that a robustness probe gives back (see metrics.md); unlearn s = seconds of "
+              f"unlearning; MMLU = {mmlu.source if mmlu else 'none'}")
+    return "\n".join(lines) + "\n\n" + legend, numbers
+
+
+def tradeoff_plot(numbers, path):
+    """Forget efficacy against utility, a point per method with its spread over seeds, the target
+    and the retrain model marked. matplotlib is optional: without it, None and a note."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no trade-off plot (pip install matplotlib); the table is in compare.md")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row, by_col in numbers.items():
+        if not by_col:
+            continue
+        (x, dx, _), (y, dy, _) = by_col["forget_efficacy"], by_col["utility"]
+        style = dict(target=dict(marker="s", color="black"),
+                     retrain=dict(marker="*", color="gold", markersize=14, mec="black"))
+        ax.errorbar(x, y, xerr=dx, yerr=dy, capsize=3, ls="none", label=row,
+                    **style.get(row, dict(marker="o")))
+        ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xlabel="forget efficacy: mean of 1 - forget terms (higher: more forgotten)",
+           ylabel="utility: mean of retain terms and MMLU", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def cost_line(cost):
     parts = ([f"total {cost['total_seconds']:.0f} s"]
              + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()])
     t = cost["train"]
-    if t:
+    if t and "steps" not in t:  # a comparison: the seconds of each run
+        parts.append("unlearning " + ", ".join(f"{n} {s['seconds']:.0f} s" for n, s in t.items()))
+    elif t:
         warm = (f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"]
                 else "")
         parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, "
@@ -1607,24 +1868,39 @@ def cost_line(cost):
     return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gb']:.2f} GB"])
 
 
+def write_text_atomic(path, text):
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_results(out, args, lume, mmlu, results, cost, complete):
-    """args.json, metrics.json and metrics.md, each written whole (temporary file, then rename)."""
+    """args.json, metrics.json, metrics.md and, comparing methods or seeds, compare.md, each
+    written whole (temporary file, then rename). Returns the table to print."""
     tables = report(results["summary"], task_names(args.task), mmlu)
-    robustness = None
+    robustness, numbers, comparison = None, {}, None
     if results["probed"] and "target" in results["summary"]:
         table, numbers = robustness_report(results["summary"], results["probed"])
-        tables += "\n\n" + table
+        tables += "\n\n" + table if table else ""
         robustness = dict(summary=numbers, records=results["probe_records"])
+    methods = None
+    if len(results["runs"]) > 1:
+        seconds = {n: s["seconds"] for n, s in (cost["train"] or {}).items()}
+        comparison, methods = compare_report(results["summary"], results["runs"], numbers,
+                                             seconds, task_names(args.task), mmlu)
+        for algo, by_col in methods.items():
+            by_col["runs"] = [n for n, a, _ in results["runs"] if a == algo] or [algo]
+        write_text_atomic(out / "compare.md", comparison + "\n")
+        if complete:
+            tradeoff_plot(methods, out / "tradeoff.png")
     write_json_atomic(out / "args.json", dataclasses.asdict(args))
     write_json_atomic(out / "metrics.json", dict(
-        complete=complete, summary=results["summary"], cost=cost, data=lume.source,
-        mia_source=lume.mia_source,
+        complete=complete, summary=results["summary"], methods=methods, cost=cost,
+        data=lume.source, mia_source=lume.mia_source,
         mmlu_source=mmlu.source if mmlu else None, records=results["records"], mia=results["mia"],
         mmlu=results["mmlu"], robustness=robustness))
-    tmp = out / f"metrics.md.tmp{os.getpid()}"
-    tmp.write_text(tables + "\n", encoding="utf-8")
-    os.replace(tmp, out / "metrics.md")
-    return tables
+    write_text_atomic(out / "metrics.md", tables + "\n")
+    return comparison or tables
 
 
 # -----------------------------------------------------------------------------
@@ -1652,12 +1928,22 @@ def load_models(args, device):
     return freeze(model), tokenizer, ref_model, args.retrain_model or str(retain_dir), build
 
 
+def runs_of(args):
+    """[(row name, method, seed)]: one run per method and seed asked for."""
+    algos = list(METHODS) if args.algo == "all" else args.algo.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    if len(algos) == 1 and len(seeds) == 1:
+        return [("unlearned", algos[0], seeds[0])]
+    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in algos for s in seeds]
+
+
 def run(args, lume, mmlu, device, out):
     """Load; score the target (and its prompt probes); unlearn; score and probe the result and the
     retrain model; report. The results so far are written after every scored model ("complete":
     false until the end)."""
-    phases, t0, train_stats = {}, time.perf_counter(), None
-    results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[])
+    phases, t0, train_stats = {}, time.perf_counter(), {}
+    runs = [] if args.eval_only else runs_of(args)
+    results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs)
     with timed(phases, "build/load"):
         model, tokenizer, ref_model, retrain_name, build = load_models(args, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1673,7 +1959,8 @@ def run(args, lume, mmlu, device, out):
         print(f"MIA {lume.mia_source}")
     cost = lambda: dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0,
                         parameters=n_params, peak_memory_gb=peak_memory_gb(device),
-                        device=str(device), train=train_stats, build=build)
+                        device=str(device), build=build,
+                        train=train_stats.get("unlearned", train_stats) or None)
 
     def score(name, m):
         with timed(phases, f"score {name}"):
@@ -1696,24 +1983,34 @@ def run(args, lume, mmlu, device, out):
     score("target", model)
     # does the target answer the few-shot, reworded prompts?
     probe("target", model, only_prompts=True)
-    if not args.eval_only:
-        train_stats = unlearn(model, tokenizer, lume, args, device, phases)
-        # 6N per token
-        train_stats["model_tflops"] = 6 * n_params * train_stats["tokens_per_s"] / 1e12
-        score("unlearned", model)
-        probe("unlearned", model)
+    if runs:
+        examples = unlearning_examples(tokenizer, lume, args.max_length)  # once for every run
+        target = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                  if len(runs) > 1 else None)  # restored before each run
+        for name, algo, seed in runs:
+            if target is not None:
+                model.load_state_dict(target)
+                print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
+            run_args = recipe(args, algo, seed, len(model.get_decoder().layers))
+            stats = unlearn(model, tokenizer, examples, run_args, device, phases)
+            stats["model_tflops"] = 6 * n_params * stats["tokens_per_s"] / 1e12  # 6N per token
+            train_stats[name] = stats
+            score(name, model)
+            probe(name, model)
     if retrain_name:
         retrain = freeze(load_model(retrain_name, device)[0])
         score("retrain", retrain)
         probe("retrain", retrain)  # the control: it never saw the forget set
         del retrain
-    saved = args.save_model and not args.eval_only
+    saved = args.save_model and len(runs) == 1
     if saved:  # before metrics.json says "complete"
         save_atomic(model, tokenizer, out / "model")
     tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
+    plot = (out / "tradeoff.png").exists()
     print("\n" + tables)
     print("\n" + cost_line(cost()))
-    print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", model/" if saved else ""))
+    print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", compare.md" if len(runs) > 1
+          else "") + (", tradeoff.png" if plot else "") + (", model/" if saved else ""))
     return results["summary"]
 
 
@@ -1737,8 +2034,12 @@ def check_args(args):
     if args.embed_hidden % 48:
         raise LumeError("--embed_hidden must be a multiple of 48 (attention heads of 48), "
                         f"not {args.embed_hidden}")
-    if args.algo not in METHODS:
-        raise LumeError(f"--algo {args.algo}: not one of {', '.join(METHODS)}")
+    if args.algo != "all" and not set(args.algo.split(",")) <= set(METHODS):
+        raise LumeError(f"--algo {args.algo}: each one of {', '.join(METHODS)} (or 'all')")
+    if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
+        raise LumeError(f"--seeds {args.seeds}: comma-separated whole numbers, e.g. 0,1,2")
+    if args.save_model and len(runs_of(args)) > 1:
+        raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
     if (args.model_config and args.model_config != "olmo-1b"
             and not Path(args.model_config).is_file()):
         raise LumeError(

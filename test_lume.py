@@ -304,11 +304,11 @@ def test_kl_by_hand():
     # p_ref = (1/4, 3/4), p = (1/2, 1/2): KL = 1/4 log(1/2) + 3/4 log(3/2)
     retain.ref_logits = torch.tensor([[[0.0, math.log(3)], [9.0, 9.0]]])
     kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
-    assert lume.kl_divergence(retain.ref_logits, retain.logits, retain.labels).item() == pytest.approx(kl)
+    assert lume.kl_divergence(retain.ref_logits, retain.logits, retain.labels).mean().item() == pytest.approx(kl)
     # prompt and padding positions carry no KL, however different the distributions there
     labels = torch.tensor([[lume.IGNORE, 1, lume.IGNORE]])
     logits, ref = torch.zeros(1, 3, 2), torch.tensor([[[0.0, math.log(3)], [9.0, -9.0], [0.0, 0.0]]])
-    assert lume.kl_divergence(ref, logits, labels).item() == pytest.approx(kl)
+    assert lume.kl_divergence(ref, logits, labels).tolist() == pytest.approx([kl])
 
 
 def test_npo_at_zero_log_ratio_is_2_over_beta_log_2():
@@ -341,7 +341,9 @@ def few_steps(folder, algo, alpha=0.2, lr=3e-3, epochs=2):
     data.forget, data.retain = data.forget[:16], data.retain[:16]
     args = lume.parse_args(["--algo", algo, "--lr", str(lr), "--epochs", str(epochs), "--batch_size", "8",
                             "--alpha", str(alpha), "--grad_accum", "1", "--log_every", "100"])
-    stats = lume.unlearn(model, tokenizer, data, args, torch.device("cpu"), {})
+    args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
+    examples = lume.unlearning_examples(tokenizer, data, args.max_length)
+    stats = lume.unlearn(model, tokenizer, examples, args, torch.device("cpu"), {})
     return model, tokenizer, data, stats
 
 
@@ -388,7 +390,7 @@ def test_non_finite_loss_stops_the_run(micro):
     model, tokenizer, _ = micro
     batch = lume.collate([lume.encode(tokenizer, "", "a b", 8)], 0, "cpu")
     with pytest.raises(lume.NonFiniteLoss, match="the loss is nan at step 1"):
-        lume.train(model, lambda: (batch,), lambda b: (torch.tensor(float("nan")), {}), 3, 1e-3, torch.device("cpu"))
+        lume.train(model, [[batch]] * 3, lambda micro, step: (torch.tensor(float("nan")), {}, 0), 1e-3, CPU)
 
 
 # -----------------------------------------------------------------------------
@@ -660,30 +662,31 @@ def test_encode_label_boundary_and_cut(micro):
     assert short["labels"] == [lume.IGNORE] * len(prompt) + answer[:1]
 
 
-def test_gradient_accumulation_equals_one_big_batch(micro):
-    """Two micro-batches with equal answer-token counts: the accumulated step is the big batch's."""
-    _, tokenizer, folder = micro
-    texts = ["Ada was born in London.", "Alan was born in Maida Vale."]
-    examples = [lume.encode(tokenizer, "", t, 64) for t in texts]
-    n = min(len(e["input_ids"]) for e in examples)
-    examples = [dict(input_ids=e["input_ids"][:n], labels=e["labels"][:n]) for e in examples]  # equal counts
+def first_step_gradient(folder, algo, flags, rows=4):
+    """The gradient the optimizer steps with at step 1 of `algo` on rows forget and retain rows of
+    Task2 (unequal lengths), every parameter's flattened in name order."""
+    model, tokenizer = lume.load_model(str(folder), CPU)
+    data = lume.load_lume(DATA, "2")
+    data.forget, data.retain = data.forget[:rows], data.retain[:rows]
+    args = lume.parse_args(["--algo", algo, "--max_steps", "1", "--grad_clip", "1e9", "--log_every", "100",
+                            "--no-grad_checkpointing", *flags])
+    args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
+    grads = {}  # the gradient each parameter holds when the optimizer steps
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: grads.update({name: p.grad.clone()}))
+    examples = lume.unlearning_examples(tokenizer, data, 512)
+    lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    return torch.cat([grads[n].flatten() for n in sorted(grads)]), examples
 
-    def one_step(batches, accum):
-        model = lume.load_model(str(folder), torch.device("cpu"))[0]
-        grads = {}  # the gradient each parameter holds when the optimizer steps
-        for name, p in model.named_parameters():
-            p.register_post_accumulate_grad_hook(lambda p, name=name: grads.update({name: p.grad.clone()}))
-        queue = list(batches)
-        loss_fn = lambda b: (lume.sequence_nll(lume.forward(model, b[0]), b[0]["labels"]), {})
-        stats = lume.train(model, lambda: (queue.pop(0),), loss_fn, 1, 1e-3, torch.device("cpu"),
-                           warmup=0.0, grad_accum=accum, grad_clip=1e9)
-        return stats["grad_norm"], torch.cat([grads[name].flatten() for name in sorted(grads)])
 
-    pad = tokenizer.pad_token_id
-    norm_big, g_big = one_step([lume.collate(examples, pad, "cpu")], 1)
-    norm_acc, g_acc = one_step([lume.collate([e], pad, "cpu") for e in examples], 2)
-    assert norm_acc == pytest.approx(norm_big, rel=1e-4)
-    assert torch.allclose(g_acc, g_big, rtol=1e-4, atol=1e-7)
+@pytest.mark.parametrize("algo", ["gd", "kl", "npo", "simnpo", "rmu"])
+def test_gradient_accumulation_equals_one_big_batch(micro, algo):
+    """One step over 4 forget and 4 retain rows of unequal lengths: 4 micro-steps of 1 row give the
+    gradient of 1 micro-step of 4 (means over the step's tokens, not a mean of micro-batch means)."""
+    big, (forget, _) = first_step_gradient(micro[2], algo, ["--batch_size", "4", "--grad_accum", "1"])
+    acc, _ = first_step_gradient(micro[2], algo, ["--batch_size", "1", "--grad_accum", "4"])
+    assert len({sum(x != lume.IGNORE for x in e["labels"]) for e in forget}) > 1  # unequal counts
+    assert ((acc - big).norm() / big.norm()).item() < 1e-5
 
 
 def test_greedy_stops_a_row_at_its_eos(micro):
@@ -717,7 +720,11 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     (["--max_new_tokens", "0"], "--max_new_tokens must be > 0"),
     (["--warmup", "1"], "--warmup must be < 1"),
     (["--mink_k", "1.5"], "--mink_k must be <= 1"),
-    (["--algo", "sgd"], "--algo sgd: not one of ga, gd, kl, npo"),
+    (["--algo", "sgd"], "--algo sgd: each one of ga, gd, kl, npo, simnpo, rmu, ails"),
+    (["--algo", "gd,foo"], "--algo gd,foo: each one of"),
+    (["--seeds", "0,x"], "--seeds 0,x: comma-separated whole numbers"),
+    (["--algo", "all", "--save_model"], "--save_model keeps one unlearned model"),
+    (["--seeds", "1,2", "--save_model"], "--save_model keeps one unlearned model"),
     (["--model_config", "nope.json"], "--model_config nope.json"),
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--device", "banana"], "--device banana: not a device"),
@@ -811,7 +818,7 @@ def test_cut_examples_are_counted_once(micro, capsys):
                add_special_tokens=False)["input_ids"]) + 1 > 24 for r in data.forget + data.retain)
     args = lume.parse_args(["--algo", "gd", "--max_length", "24", "--max_steps", "1", "--batch_size", "4",
                             "--grad_accum", "1"])
-    lume.unlearn(model, tokenizer, data, args, torch.device("cpu"), {})
+    lume.unlearn(model, tokenizer, lume.unlearning_examples(tokenizer, data, 24), args, CPU, {})
     out = capsys.readouterr().out
     assert long > 0 and out.count(f"note: {long} of 16 unlearning examples are longer than --max_length 24") == 1
 

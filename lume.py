@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -49,6 +50,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -58,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
@@ -195,6 +198,56 @@ def resolve_device(name="auto"):
                                      and torch.backends.mps.is_available()):
         raise LumeError(f"--device {name}: MPS is not available here")
     return device
+
+
+def start_processes(args):
+    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device,
+    cuda:<LOCAL_RANK> with NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1,
+    --device) and no process group."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, resolve_device(args.device)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # an hour: the other ranks wait while rank 0 builds the embedded target
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    signal.signal(signal.SIGTERM, stopped)  # torchrun stops every rank when one fails
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def stopped(signum, frame):
+    raise KeyboardInterrupt  # ends like Ctrl-C: what was written is kept, and said
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def split_gather(items, fn):
+    """fn(list) -> list, run on this process's share of items (every world-th); the results of
+    every process, in the order of items. One process: fn(items)."""
+    rank, world = rank_world()
+    if world == 1:
+        return fn(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, fn(items[rank::world]))
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def all_sum(numbers, device):
+    """{name: number} summed over the processes (each holds its share of a step's logs)."""
+    if rank_world()[1] == 1 or not numbers:
+        return numbers
+    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(numbers, t.tolist()))
 
 
 def autocast(device):
@@ -837,11 +890,12 @@ class Pass:
     hidden: torch.Tensor = None  # (B, T, H) the RMU layer's output
     ref_hidden: torch.Tensor = None  # (B, T, H) the same layer's output in the frozen target
     control: torch.Tensor = None  # (H,) RMU's c * u, a fixed random direction scaled by c
+    weight: float = 1.0  # 0: a stand-in batch, run only to keep the processes in step
 
     def over(self, unit, total):
         """total / the step's count of `unit` ("tokens", "seqs" or "positions")."""
         if self.step is not None:
-            return total / max(1, self.step[unit])
+            return self.weight * total / max(1, self.step[unit])
         here = {"tokens": lambda: (self.labels[:, 1:] != IGNORE).sum().clamp(min=1),
                 "seqs": lambda: len(self.labels), "positions": lambda: self.mask.sum()}
         return total / here[unit]()
@@ -991,14 +1045,16 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + v
             tokens += n
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # of the whole model's gradient
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END ----------------
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
-        step_tokens.append(tokens)
+        logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
+        step_tokens.append(int(logs.pop("tokens")))
         if (i + 1) % log_every == 0 or i + 1 == len(steps):
             fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
             bar.write(
@@ -1099,9 +1155,30 @@ def trainable(model, method, args):
     return list(which)
 
 
-def unlearn(model, tokenizer, examples, args, device, phases, rank=0, world=1):
-    """Run --algo over its schedule; what the method needs comes from its METHODS entry."""
+def shard(model, device):
+    """FSDP2 (several processes): each block its own unit, then the whole model; on a GPU, bf16
+    compute with fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    bf16 = isinstance(autocast(device), torch.autocast)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
+    for block in model.get_decoder().layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():  # summed, not averaged: each process's loss is its share already
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+    return model
+
+
+def unlearn(model, tokenizer, examples, args, device, phases):
+    """Run --algo over its schedule; what the method needs comes from its METHODS entry.
+
+    On several processes a sharded copy of the model is trained, each process taking its share
+    of every micro-batch, and the full weights are gathered back into `model` at the end."""
     method, rng, pad = METHODS[args.algo], random.Random(args.seed), tokenizer.pad_token_id
+    rank, world = rank_world()
     torch.manual_seed(args.seed)
     forget, retain = examples
     steps = schedule(forget, retain if method.retain else [], args, rng, world)
@@ -1129,11 +1206,12 @@ def unlearn(model, tokenizer, examples, args, device, phases, rank=0, world=1):
         """This process's share of a micro-batch through the model, with the step's counts."""
         totals = dict(zip(("tokens", "seqs", "positions"),
                           np.sum([counts[which][i] for m in step for i in m[which]], 0).tolist()))
-        mine = indices[rank::world]
+        mine = indices[rank::world] or indices[:1]  # none left: a stand-in, weighted 0
         batch = collate([pool[i] for i in mine], pad, device, 64 if device.type == "cuda" else 1)
-        logits, hidden = (forward(model, batch, layer) if layer is not None
-                          else (forward(model, batch), None))
-        p = Pass(logits, batch["labels"], batch["attention_mask"], totals, hidden=hidden)
+        logits, hidden = (forward(trained, batch, layer) if layer is not None
+                          else (forward(trained, batch), None))
+        p = Pass(logits, batch["labels"], batch["attention_mask"], totals, hidden=hidden,
+                 weight=float(len(indices) > rank))
         return p, batch, mine
 
     def loss_fn(micro, step):
@@ -1159,9 +1237,16 @@ def unlearn(model, tokenizer, examples, args, device, phases, rank=0, world=1):
     model.config.use_cache = False
     if args.grad_checkpointing:
         checkpointing(model, True)
+    trained = shard(copy.deepcopy(model), device) if world > 1 else model
     with timed(phases, "unlearn"):
-        stats = train(model, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip,
+        stats = train(trained, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip,
                       args.weight_decay, args.log_every, f"unlearn {args.algo}")
+    if world > 1:  # every process gets the full weights back, for scoring without collectives
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model.load_state_dict(get_model_state_dict(
+            trained, options=StateDictOptions(full_state_dict=True)))
+        del trained
     if args.grad_checkpointing:
         checkpointing(model, False)
     model.config.use_cache = True
@@ -1278,14 +1363,16 @@ def greedy(model, ids, mask, max_new_tokens, eos_id):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
-    """Greedy continuations of raw prompts, decoded without special tokens.
+    """Greedy continuations of raw prompts, decoded without special tokens, and the number of
+    tokens generated for each.
 
     Prompts are sorted by length and left-padded in batches (batch_size 1 = one at a time, as
     the official scorer runs HF's generate); the outputs are the same either way, only faster.
     """
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out, new_tokens, bar = [None] * len(prompts), 0, progress(len(prompts), "generate")
+    out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), progress(len(prompts),
+                                                                                "generate")
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left",
@@ -1293,9 +1380,9 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
         with autocast(device):
             cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                           max_new_tokens, tokenizer.eos_token_id)
-        new_tokens += int((cont != tokenizer.eos_token_id).sum())
         for j, text in enumerate(tokenizer.batch_decode(cont, skip_special_tokens=True)):
             out[chunk[j]] = text
+            new_tokens[chunk[j]] = int((cont[j] != tokenizer.eos_token_id).sum())
         bar.update(len(chunk))
     bar.close()
     return out, new_tokens
@@ -1407,11 +1494,11 @@ def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
         groups = [(("sc",), args.max_new_tokens), (("qa",), min(args.max_new_tokens, longest + 16))]
     for kinds, limit in groups:
         which = [i for i, r in enumerate(rows) if r["kind"] in kinds]
-        texts, n = generate(model, tokenizer, [rows[i]["input"] for i in which], limit,
-                            args.gen_batch_size, device)
-        new_tokens += n
-        for i, text in zip(which, texts):
-            generations[i] = text
+        # each process generates its share of the prompts (one process: all of them)
+        done = split_gather([rows[i]["input"] for i in which], lambda prompts: list(zip(
+            *generate(model, tokenizer, prompts, limit, args.gen_batch_size, device))))
+        for i, (text, n) in zip(which, done):
+            generations[i], new_tokens = text, new_tokens + n
     return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"],
                  input=r["input"], gold=r["output"], generation=g,
                  score=rouge_l_recall(r["output"], g) if r["kind"] == "sc"
@@ -1427,10 +1514,13 @@ def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
     gen_s = time.perf_counter() - t0
     docs = ([d | {"member": True} for d in lume.members]
             + [d | {"member": False} for d in lume.nonmembers])
-    mia_docs = [d | {"model": name}
-                for d in mia_statistics(model, ref_model, tokenizer, docs, args, device)]
-    acc, mmlu_records = mmlu_accuracy(model, tokenizer, mmlu, args.mmlu_shots, args.eval_batch_size,
-                                      device)
+    mia_docs = [d | {"model": name} for d in split_gather(
+        docs, lambda share: mia_statistics(model, ref_model, tokenizer, share, args, device))]
+    mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
+        model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test),
+        args.mmlu_shots, args.eval_batch_size, device)[1])
+    acc = (sum(r["correct"] for r in mmlu_records) / len(mmlu_records) if mmlu_records
+           else None)
     summary = summarize(records, mia_docs, acc, gate=mmlu is not None and mmlu.real)
     summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s,
                            generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / gen_s)
@@ -1779,7 +1869,8 @@ def tradeoff(summary):
 
 def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
     """The comparison: a row per method with mean +- sd over its seeds of every number, between
-    the target and the retrain rows; returns the table and {method: {column: [mean, sd, values]}}."""
+    the target and the retrain rows. Returns the table and {method: {column: [mean, sd, the
+    values of each run], "runs": [row names]}}."""
     cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks
             for s in ("forget", "retain") for m in ("regurgitation", "knowledge")]
     cols += [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"),
@@ -1803,8 +1894,8 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
                 for m in ("knowledge", "regurgitation"):
                     values[f"{probe}/recovery_{m}"] = by_model.get(n, {}).get(f"recovery_{m}")
             per_run.append(values)
-        numbers[row] = {k: [*mean_sd([v.get(k) for v in per_run]), [v.get(k) for v in per_run]]
-                        for k, _ in cols} if per_run else {}
+        numbers[row] = ({k: [*mean_sd([v.get(k) for v in per_run]), [v.get(k) for v in per_run]]
+                         for k, _ in cols} | {"runs": names}) if per_run else {}
     fmt = lambda m, sd: "-" if m is None else f"{m:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
     lines = ["| method | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row, by_col in numbers.items():
@@ -1888,8 +1979,6 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
         seconds = {n: s["seconds"] for n, s in (cost["train"] or {}).items()}
         comparison, methods = compare_report(results["summary"], results["runs"], numbers,
                                              seconds, task_names(args.task), mmlu)
-        for algo, by_col in methods.items():
-            by_col["runs"] = [n for n, a, _ in results["runs"] if a == algo] or [algo]
         write_text_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")

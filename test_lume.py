@@ -282,7 +282,7 @@ def test_sequence_nll_matches_hf_loss_and_ignores_padding(micro):
 
 
 class A:  # the loss functions read only these
-    alpha, beta = 0.5, 0.1
+    alpha, beta, simnpo_beta, gamma, rmu_alpha = 0.5, 0.1, 2.5, 0.0, 100.0
 
 
 def uniform_pass(V, n_tokens):
@@ -315,6 +315,35 @@ def test_npo_at_zero_log_ratio_is_2_over_beta_log_2():
     forget = uniform_pass(5, 3)
     forget.ref_logp = forget.logp.detach()
     assert lume.npo_loss(forget, None, A).item() == pytest.approx(2 / 0.1 * math.log(2))
+
+
+def test_simnpo_by_hand():
+    # 3 answer tokens at log V each: log pi = -3 log 4, |y| = 3, so the margin is b log 4 - gamma
+    forget, retain = uniform_pass(4, 3), uniform_pass(2, 5)
+    b = 2.5
+    for gamma in (0.0, 1.0):
+        A.gamma = gamma
+        sigmoid = 1 / (1 + math.exp(-(b * math.log(4) - gamma)))
+        expected = -(2 / b) * math.log(sigmoid) + 0.5 * math.log(2)  # + alpha * NLL(R)
+        assert lume.simnpo_loss(forget, retain, A).item() == pytest.approx(expected)
+    A.gamma = 0.0
+    # at log pi = 0 (logits that put all mass on the label) and gamma 0: (2/b) log 2
+    sure = lume.Pass(torch.tensor([[[-1e4, 0.0], [0.0, 0.0]]]), torch.tensor([[lume.IGNORE, 1]]))
+    assert lume.simnpo_loss(sure, uniform_pass(2, 1), A).item() == pytest.approx(2 / b * math.log(2) + 0.5 * math.log(2))
+
+
+def test_rmu_by_hand():
+    H, mask = 4, torch.tensor([[1, 1, 0]])  # two real positions and one pad
+    control = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    forget = lume.Pass(None, None, mask, hidden=control.expand(1, 3, H).clone(), control=control)
+    retain_h = torch.zeros(1, 3, H)
+    retain_h[0, 0] = 1.0  # one position off by 1 in every unit; the pad position far off, unseen
+    retain_h[0, 2] = 50.0
+    retain = lume.Pass(None, None, mask, hidden=retain_h, ref_hidden=torch.zeros(1, 3, H))
+    # forget term 0 (h = c u); retain: squared error 4 over 2 positions x 4 units = 0.5, x alpha 100
+    assert lume.rmu_loss(forget, retain, A).item() == pytest.approx(100 * 0.5)
+    forget.hidden = torch.zeros(1, 3, H)  # now |c u|^2 = 1 + 4 + 0.25 + 9 at each real position
+    assert lume.rmu_loss(forget, retain, A).item() == pytest.approx(14.25 / 4 + 50)
 
 
 def test_npo_gradient_tends_to_ga_on_summed_loglik():
@@ -1054,3 +1083,119 @@ def test_the_kl_reference_is_the_target_and_stays_unchanged(micro, monkeypatch):
     reference = held[0]  # the first model unlearn freezes: its copy of the target
     assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(original)))
     assert any(not torch.equal(a, b) for a, b in zip(weights(model), weights(original)))
+
+
+# -----------------------------------------------------------------------------
+# comparisons: the schedule, the recipes, frozen blocks, several methods and seeds
+
+
+def toy_examples(n, seed):
+    rng = torch.Generator().manual_seed(seed)
+    return [dict(input_ids=[0] * int(k), labels=[0] * int(k)) for k in torch.randint(3, 40, (n,), generator=rng)]
+
+
+def test_the_schedule_visits_each_forget_example_once_a_pass_chunk_by_chunk():
+    import random
+    forget, retain = toy_examples(70, 0), toy_examples(50, 1)
+    args = lume.parse_args(["--chunk_size", "32", "--epochs", "2", "--batch_size", "4", "--grad_accum", "3",
+                            "--retain_per_forget", "7"])
+    steps = lume.schedule(forget, retain, args, random.Random(0))
+    micro = [m for step in steps for m in step]
+    assert all(len(step) == 3 for step in steps[:-1]) and 1 <= len(steps[-1]) <= 3
+    visits = [i for f, _ in micro for i in f]
+    assert len(visits) == 2 * 70
+    # chunks of 32, 32 and 6 examples, each seen in two passes before the next chunk starts
+    passes, at = [], 0
+    for size in (32, 32, 32, 32, 6, 6):
+        passes.append(visits[at:at + size])
+        at += size
+    for k in range(0, 6, 2):
+        assert sorted(passes[k]) == sorted(passes[k + 1]) and len(set(passes[k])) == len(passes[k])
+    assert sorted(sum(passes[::2], [])) == list(range(70))  # the chunks cover the set once
+    for f, r in micro:
+        assert len(r) == 7 * len(f) and len(f) <= 4
+    seen = [i for _, r in micro for i in r]
+    assert all(seen.count(i) in (len(seen) // 50, len(seen) // 50 + 1) for i in range(50))  # cycled evenly
+    # without a retain term, no retain examples; without chunks, 2 passes over the whole set
+    plain = lume.schedule(forget, [], lume.parse_args(["--epochs", "2", "--batch_size", "4"]), random.Random(0))
+    flat = [i for step in plain for f, r in step for i in f]
+    assert not any(r for step in plain for _, r in step)
+    assert sorted(flat[:70]) == sorted(flat[70:]) == list(range(70))
+
+
+def test_the_schedule_of_two_processes_is_that_of_one_with_twice_the_batch():
+    import random
+    forget, retain = toy_examples(37, 2), toy_examples(29, 3)
+    one = lume.schedule(forget, retain, lume.parse_args(["--batch_size", "8", "--grad_accum", "2"]), random.Random(5))
+    two = lume.schedule(forget, retain, lume.parse_args(["--batch_size", "4", "--grad_accum", "2"]), random.Random(5),
+                        world=2)
+    assert one == two
+
+
+def test_recipes_apply_where_a_flag_is_left_at_its_default():
+    args = lume.parse_args(["--algo", "all"])
+    ails = lume.recipe(args, "ails", 3, depth=32)
+    assert (ails.algo, ails.seed, ails.chunk_size, ails.retain_per_forget, ails.alpha, ails.train_layers) == \
+        ("ails", 3, 32, 7, 0.5, 8)
+    assert lume.recipe(args, "ails", 0, depth=4).train_layers == 1
+    assert lume.recipe(args, "rmu", 0, depth=32).rmu_layer == 7 and lume.recipe(args, "rmu", 0, depth=4).rmu_layer == 1
+    assert lume.recipe(args, "gd", 0, depth=32).chunk_size == 0  # other methods keep the defaults
+    given = lume.recipe(lume.parse_args(["--alpha", "2", "--train_layers", "3"]), "ails", 0, depth=32)
+    assert (given.alpha, given.train_layers, given.chunk_size) == (2.0, 3, 32)
+
+
+def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
+    """--train_layers 1 on the 2-block micro model, checked on the model saved by --save_model."""
+    original, _, folder = micro
+    out = tmp_path / "run"
+    lume.main(["--model", str(folder), "--task", "3", "--algo", "gd", "--train_layers", "1", "--max_steps", "2",
+               "--lr", "1e-2", "--max_new_tokens", "2", "--mmlu", "none", "--probes", "none", "--save_model",
+               "--out_dir", str(out)])
+    saved = lume.load_model(str(out / "model"), CPU)[0].state_dict()
+    changed = {k for k, v in original.state_dict().items() if not torch.equal(v, saved[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
+    assert len(changed) == sum(k.startswith("model.layers.1.") for k in saved)  # every weight of block 1 moved
+    assert json.loads((out / "metrics.json").read_text())["cost"]["train"]["trained_blocks"] == [1]
+
+
+def test_algo_all_writes_a_block_per_method(micro, tmp_path):
+    _, _, folder = micro
+    out = tmp_path / "all"
+    summaries = lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "3", "--algo", "all",
+                           "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none", "--probes", "none",
+                           "--out_dir", str(out)])
+    names = ["ga", "gd", "kl", "npo", "simnpo", "rmu", "ails"]
+    assert list(summaries) == ["target"] + names + ["retrain"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["target"] + names + ["retrain"]
+    assert set(metrics["cost"]["train"]) == set(names)
+    table = (out / "compare.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == \
+        ["| " + n for n in ["target"] + names + ["retrain"]]
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    except ImportError:
+        assert not (out / "tradeoff.png").exists()
+
+
+def test_mean_and_sd_over_seeds_are_numpys(micro, tmp_path):
+    import numpy as np
+    _, _, folder = micro
+    out = tmp_path / "seeds"
+    lume.main(["--model", str(folder), "--task", "3", "--algo", "gd,npo", "--seeds", "0,1,2", "--max_steps", "2",
+               "--lr", "1e-2", "--max_new_tokens", "4", "--mmlu", "none", "--probes", "none", "--out_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for algo in ("gd", "npo"):
+        runs = [metrics["summary"][f"{algo} seed {s}"] for s in range(3)]
+        assert metrics["methods"][algo]["runs"] == [f"{algo} seed {s}" for s in range(3)]
+        for key in ("Task3/forget/regurgitation", "task_aggregate", "mia_loss_score", "final"):
+            values = [r[key] for r in runs]
+            mean, sd, kept = metrics["methods"][algo][key]
+            assert kept == values
+            assert mean == pytest.approx(np.mean(values)) and sd == pytest.approx(np.std(values, ddof=1))
+    # the seeds differ: batch order (and, for the next step, the model moves differently)
+    assert len({metrics["summary"][f"gd seed {s}"]["mia_loss_auc"] for s in range(3)}) > 1
+    row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| gd (3 seeds)"))
+    mean, sd = metrics["methods"]["gd"]["final"][:2]
+    assert f"{mean:.3f} ± {sd:.3f}" in row

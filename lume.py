@@ -1169,6 +1169,7 @@ def shard(model, device):
     for m in model.modules():  # summed, not averaged: each process's loss is its share already
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return model
 
 
@@ -2010,7 +2011,12 @@ def load_models(args, device):
     elif args.model:
         model, tokenizer = load_model(args.model, device)
     else:
+        rank, world = rank_world()
+        if rank:
+            dist.barrier()  # rank 0 builds (or finds) the embedded target; the others then read it
         target_dir, retain_dir, build = embedded_models(args, device)
+        if world > 1 and rank == 0:
+            dist.barrier()
         model, tokenizer = load_model(target_dir, device)
     ref_name = args.ref_model or str(retain_dir)  # a model that never saw the forget set
     ref_model = freeze(load_model(ref_name, device)[0]) if ref_name else None
@@ -2030,7 +2036,7 @@ def run(args, lume, mmlu, device, out):
     """Load; score the target (and its prompt probes); unlearn; score and probe the result and the
     retrain model; report. The results so far are written after every scored model ("complete":
     false until the end)."""
-    phases, t0, train_stats = {}, time.perf_counter(), {}
+    phases, t0, train_stats, rank = {}, time.perf_counter(), {}, rank_world()[0]
     runs = [] if args.eval_only else runs_of(args)
     results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs)
     with timed(phases, "build/load"):
@@ -2060,7 +2066,8 @@ def run(args, lume, mmlu, device, out):
         print(f"scored {name} in {phases[f'score {name}']:.1f} s "
               f"({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
-        write_results(out, args, lume, mmlu, results, cost(), complete=False)
+        if rank == 0:  # every process holds the same results; one writes them
+            write_results(out, args, lume, mmlu, results, cost(), complete=False)
 
     def probe(name, m, only_prompts=False):  # the robustness probes, scored like the model itself
         means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases,
@@ -2092,6 +2099,8 @@ def run(args, lume, mmlu, device, out):
         probe("retrain", retrain)  # the control: it never saw the forget set
         del retrain
     saved = args.save_model and len(runs) == 1
+    if rank:
+        return results["summary"]
     if saved:  # before metrics.json says "complete"
         save_atomic(model, tokenizer, out / "model")
     tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
@@ -2159,11 +2168,18 @@ def main(argv=None):
         lume = load_lume(args.data_dir, args.task)
         if args.dry_run:
             return print(data_table(lume))
-        mmlu, device = load_mmlu(args.mmlu), resolve_device(args.device)
-        out, created = prepare_out_dir(args)
+        mmlu = load_mmlu(args.mmlu)
+        rank, world, device = start_processes(args)
+        if rank == 0:
+            out, created = prepare_out_dir(args)
+        if world > 1:  # every process needs the folder's name (the default holds the time)
+            shared = [out]
+            dist.broadcast_object_list(shared, src=0)
+            out = shared[0]
         print(data_table(lume))
         precision = "bf16 autocast" if isinstance(autocast(device), torch.autocast) else "fp32"
-        print(f"device {device}, {precision}; writing to {out}")
+        print(f"device {device}, {precision}" + (f", {world} processes (FSDP2)" if world > 1
+              else "") + f"; writing to {out}")
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         return run(args, lume, mmlu, device, out)
@@ -2175,6 +2191,8 @@ def main(argv=None):
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # made by this run, and nothing in it
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -219,8 +219,8 @@ def start_processes(args):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def stopped(signum, frame):
-    raise KeyboardInterrupt  # ends like Ctrl-C: what was written is kept, and said
+def stopped(signum, frame):  # torchrun stops the others when a process fails: end as on Ctrl-C
+    raise KeyboardInterrupt("another process stopped (its message is above)")
 
 
 def rank_world():
@@ -2066,7 +2066,7 @@ def run(args, lume, mmlu, device, out):
         print(f"scored {name} in {phases[f'score {name}']:.1f} s "
               f"({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
-        if rank == 0:  # every process holds the same results; one writes them
+        if rank == 0:
             write_results(out, args, lume, mmlu, results, cost(), complete=False)
 
     def probe(name, m, only_prompts=False):  # the robustness probes, scored like the model itself
@@ -2099,16 +2099,18 @@ def run(args, lume, mmlu, device, out):
         probe("retrain", retrain)  # the control: it never saw the forget set
         del retrain
     saved = args.save_model and len(runs) == 1
-    if rank:
-        return results["summary"]
-    if saved:  # before metrics.json says "complete"
-        save_atomic(model, tokenizer, out / "model")
-    tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
-    plot = (out / "tradeoff.png").exists()
-    print("\n" + tables)
-    print("\n" + cost_line(cost()))
-    print(f"wrote {out}/args.json, metrics.json, metrics.md" + (", compare.md" if len(runs) > 1
-          else "") + (", tradeoff.png" if plot else "") + (", model/" if saved else ""))
+    if rank == 0:  # every process holds the full model and the same results; one writes them
+        if saved:  # before metrics.json says "complete"
+            save_atomic(model, tokenizer, out / "model")
+        tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
+        print("\n" + tables)
+        print("\n" + cost_line(cost()))
+        print(f"wrote {out}/args.json, metrics.json, metrics.md"
+              + (", compare.md" if len(runs) > 1 else "")
+              + (", tradeoff.png" if (out / "tradeoff.png").exists() else "")
+              + (", model/" if saved else ""))
+    if dist.is_initialized():
+        dist.barrier()  # no process leaves while another still writes
     return results["summary"]
 
 
@@ -2183,8 +2185,14 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         return run(args, lume, mmlu, device, out)
-    except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
-        said = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+    except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt,
+            RuntimeError) as e:
+        lost = dist.is_initialized() and "closed by peer" in str(e)  # gloo: a process failed
+        if type(e) is RuntimeError and not lost:
+            raise  # a bug: the traceback is what a reader needs
+        said = ("error: another process stopped (its message is above)" if lost
+                else "interrupted" if isinstance(e, KeyboardInterrupt) and not e.args
+                else f"error: {e}")
         kept = out is not None and (out / "metrics.json").exists()
         sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)"
                          if kept else "; no results were written" if out is not None else ""))

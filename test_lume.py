@@ -1199,3 +1199,91 @@ def test_mean_and_sd_over_seeds_are_numpys(micro, tmp_path):
     row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| gd (3 seeds)"))
     mean, sd = metrics["methods"]["gd"]["final"][:2]
     assert f"{mean:.3f} ± {sd:.3f}" in row
+
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun, gloo on the CPU, 2 processes against 1
+
+WORKER = """import os, sys
+import torch
+sys.path.insert(0, {here!r})
+import lume
+
+grads, clip = [], torch.nn.utils.clip_grad_norm_
+
+
+def capture(params, *args, **kwargs):  # the whole gradient the first optimizer step uses
+    if not grads:
+        full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in params]
+        grads.append(torch.cat([g.flatten() for g in full]))
+    return clip(params, *args, **kwargs)
+
+
+torch.nn.utils.clip_grad_norm_ = capture
+if os.environ.get("FAIL_ON_RANK_1"):
+    load = lume.load_models
+    lume.load_models = lambda *a: (_ for _ in ()).throw(lume.LumeError("rank 1 cannot go on")) \\
+        if int(os.environ["RANK"]) == 1 else load(*a)
+lume.main(sys.argv[2:])
+if int(os.environ.get("RANK", 0)) == 0:
+    torch.save(grads[0], sys.argv[1])
+"""
+
+
+def launch(tmp_path, name, processes, flags, env=None):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(here=str(HERE)))
+    start = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", str(processes)]
+    out = tmp_path / name
+    done = subprocess.run(start + [str(script), str(tmp_path / f"{name}.grad"), *flags, "--out_dir", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return done, out
+
+
+def logged_losses(stdout):
+    """{step: [loss, forget, retain]} from the log lines."""
+    lines = [line for line in stdout.splitlines() if line.startswith("unlearn gd step")]
+    return {line.split()[3]: [float(line.split(f"| {k} ")[1].split()[0]) for k in ("loss", "forget", "retain")]
+            for line in lines}
+
+
+def test_two_processes_give_the_numbers_of_one(micro, tmp_path):
+    """The same configuration (an effective batch of 8 = 4 x 2 micro-steps x 1 process = 2 x 2 x 2 processes):
+    the first step's full gradient, the first 5 steps' losses and every scoring record agree."""
+    _, _, folder = micro
+    common = ["--model", str(folder), "--ref_model", str(folder), "--task", "2", "--algo", "gd", "--max_steps", "5",
+              "--lr", "3e-3", "--alpha", "0.2", "--grad_accum", "2", "--log_every", "1", "--max_new_tokens", "6",
+              "--probes", "none"]
+    one, out1 = launch(tmp_path, "one", 1, common + ["--batch_size", "4"])
+    two, out2 = launch(tmp_path, "two", 2, common + ["--batch_size", "2"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes (FSDP2)" in two.stdout and two.stdout.count("scored target") == 1  # rank 0 speaks
+    g1, g2 = torch.load(tmp_path / "one.grad"), torch.load(tmp_path / "two.grad")
+    assert g1.shape == g2.shape and ((g1 - g2).norm() / g1.norm()).item() < 1e-5
+    l1, l2 = logged_losses(one.stdout), logged_losses(two.stdout)
+    assert list(l1) == [f"{k}/5" for k in range(1, 6)] and list(l2) == list(l1)
+    for k in l1:
+        assert l2[k] == pytest.approx(l1[k], abs=1e-4), k
+    m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (out1, out2))
+    assert m2["complete"] and sorted(p.name for p in out2.iterdir()) == ["args.json", "metrics.json", "metrics.md"]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "score"} for r in rs]
+    assert strip(m2["records"]) == strip(m1["records"])
+    assert [r["predicted"] for r in m2["mmlu"]] == [r["predicted"] for r in m1["mmlu"]]
+    for a, b in zip(m1["mia"], m2["mia"]):
+        assert (a["id"], a["model"]) == (b["id"], b["model"]) and b["nll"] == pytest.approx(a["nll"], rel=1e-5)
+
+
+def test_a_failure_on_one_process_ends_both_with_its_message(micro, tmp_path):
+    _, _, folder = micro
+    done, out = launch(tmp_path, "fail", 2, ["--model", str(folder), "--task", "3", "--max_new_tokens", "2"],
+                       env={"FAIL_ON_RANK_1": "1"})
+    assert done.returncode != 0
+    assert "error: rank 1 cannot go on" in done.stderr
+    # rank 0 either sees the lost connection and says so, or torchrun stops it first (SIGTERM)
+    assert ("error: another process stopped (its message is above)" in done.stderr
+            or "rank      : 0 (local_rank: 0)\n  exitcode  : -15" in done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr.split("failed (exitcode")[0]  # ours end in one line; torchrun's report follows
+    assert not (out / "metrics.json").exists() and (not out.exists() or not any(out.iterdir()))

@@ -126,7 +126,8 @@ class Args:
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = arg(1.0, "clip the gradient norm to this", gt=0)
-    grad_checkpointing: bool = arg(True, "recompute activations: less memory, 1.3-1.9x step time")
+    grad_checkpointing: bool = arg(None, "recompute activations: less memory, 1.3-1.9x step "
+                                   "time (default: on a GPU; off on a CPU, where memory is ample)")
     # evaluation
     eval_only: bool = arg(False, "score --model (or the embedded target) without unlearning")
     max_new_tokens: int = arg(256, "greedy tokens per prompt (official scorer: 256)", gt=0)
@@ -1236,7 +1237,9 @@ def unlearn(model, tokenizer, examples, args, device, phases):
         torch.cuda.reset_peak_memory_stats()
     blocks = trainable(model, method, args)
     model.config.use_cache = False
-    if args.grad_checkpointing:
+    recompute = (args.grad_checkpointing if args.grad_checkpointing is not None
+                 else device.type == "cuda")
+    if recompute:
         checkpointing(model, True)
     trained = shard(copy.deepcopy(model), device) if world > 1 else model
     with timed(phases, "unlearn"):
@@ -1248,7 +1251,7 @@ def unlearn(model, tokenizer, examples, args, device, phases):
         model.load_state_dict(get_model_state_dict(
             trained, options=StateDictOptions(full_state_dict=True)))
         del trained
-    if args.grad_checkpointing:
+    if recompute:
         checkpointing(model, False)
     model.config.use_cache = True
     freeze(model)

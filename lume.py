@@ -4,19 +4,25 @@ Implements
   LUME, "A Multi-Task Unlearning Benchmark for Large Language Models" (arXiv 2502.15097),
   scored exactly as SemEval-2025 Task 4 scores it (ROUGE-L recall, exact match, the
   12-term harmonic mean, the LOSS membership-inference attack, MMLU);
-  four unlearning losses: gradient ascent (GA), gradient difference (GD), KL-regularised
-  GA (KL), and Negative Preference Optimization (NPO, Zhang et al., arXiv 2404.05868);
+  seven unlearning methods: gradient ascent (GA), gradient difference (GD), KL-regularised
+  GA (KL), Negative Preference Optimization (NPO, Zhang et al., arXiv 2404.05868), SimNPO
+  (Fan et al., arXiv 2410.07765), RMU (Li et al., arXiv 2403.03218) and the SemEval-2025
+  winner's recipe (AILS-NTUA, arXiv 2503.02443: GD chunk by chunk on the last blocks),
+  compared side by side over seeds (mean and standard deviation, a trade-off plot);
   a likelihood-ratio membership-inference test: the offline, one-reference special case of
   LiRA (Carlini et al., arXiv 2112.03570), NLL_ref(x) - NLL(x) against one model that never
   saw the members, beside the zlib (Carlini et al., arXiv 2012.07805) and Min-K%++
   (Zhang et al., arXiv 2404.02936) statistics;
   robustness probes: relearning, few-shot and rephrased prompts (Doshi & Cooper Stickland,
   arXiv 2411.12103) and quantization (Zhang et al., arXiv 2410.16454), each on the unlearned
-  model and on the retrain model as the control.
+  model and on the retrain model as the control;
+  several processes (torchrun) with the model sharded by FSDP2, the same numbers as one.
 
 Commands
   python lume.py --task all --algo gd          # the whole benchmark on the embedded target
   python lume.py --algo npo --probes none      # without the robustness probes
+  python lume.py --algo all --seeds 0,1,2      # every method, 3 seeds: compare.md, tradeoff.png
+  torchrun --standalone --nproc_per_node 2 lume.py --batch_size 4   # 2 processes, same run
   python lume.py --dry_run --data_dir DIR      # what a LUME release folder holds, no model
   python lume.py --model FOLDER_OR_HUB_ID --data_dir DIR --mmlu DIR --lr 1e-5   # real run
   python -m pytest -q test_lume.py             # the tests
@@ -26,15 +32,17 @@ data/ (the retrain gold standard), then on forget + retain until it has memorise
 (the target), and caches both under runs/cache/.
 
 Where to look
-  the losses          ga_loss, gd_loss, kl_loss, npo_loss and METHODS ("The unlearning losses")
-  the loop            train (TRAINING STEP BEGIN / END) and unlearn
+  the losses          ga_loss, gd_loss, kl_loss, npo_loss, simnpo_loss, rmu_loss and METHODS
+                      ("The unlearning losses"); Pass.over: means over the whole step
+  the loop            train (TRAINING STEP BEGIN / END), schedule (chunks, processes), unlearn
+  several processes   start_processes, split_gather, shard (FSDP2)
   the official score  "The official metrics": rouge_l_recall, exact_match, task_aggregate,
                       mia_score, final_score, summarize
   the MIA             mia_statistics (LOSS, likelihood ratio, zlib, Min-K%++) and auc
   the probes          "Robustness probes": relearned, fewshot_rows, rephrased_rows,
                       quantized, recovery; run by probe_model on each model
 
-Shapes: B batch, T tokens, V vocabulary, N answer tokens in a batch.
+Shapes: B batch, T tokens, V vocabulary, H hidden units, N answer tokens in a batch.
 """
 import argparse
 import contextlib
@@ -121,7 +129,7 @@ class Args:
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
     lr: float = arg(5e-4, "peak learning rate (LUME's 1B/7B targets: 1e-5)", gt=0)
-    batch_size: int = arg(8, "forget (and retain) examples per micro-step", gt=0)
+    batch_size: int = arg(8, "forget examples per micro-step and process", gt=0)
     grad_accum: int = arg(4, "micro-steps per optimizer step", gt=0)
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
@@ -162,6 +170,9 @@ class LumeDataError(LumeError):
     """Bad input data."""
 
 
+ARG_NAMES = [f.name for f in dataclasses.fields(Args)]
+
+
 def parse_args(argv=None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -173,7 +184,11 @@ def parse_args(argv=None) -> Args:
         else:
             kw["type"], kw["choices"] = f.type, f.metadata.get("choices")
         parser.add_argument(f"--{f.name}", **kw)
-    return Args(**vars(parser.parse_args(argv)))
+    unset = object()  # a flag still holding it was not typed: a method's recipe may set it
+    typed = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in ARG_NAMES})))
+    args = Args(**{k: v for k, v in typed.items() if v is not unset})
+    args.given = {k for k, v in typed.items() if v is not unset}
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -199,56 +214,6 @@ def resolve_device(name="auto"):
                                      and torch.backends.mps.is_available()):
         raise LumeError(f"--device {name}: MPS is not available here")
     return device
-
-
-def start_processes(args):
-    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device,
-    cuda:<LOCAL_RANK> with NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1,
-    --device) and no process group."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, resolve_device(args.device)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # an hour: the other ranks wait while rank 0 builds the embedded target
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    signal.signal(signal.SIGTERM, stopped)  # torchrun stops every rank when one fails
-    if dist.get_rank():
-        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def stopped(signum, frame):  # torchrun stops the others when a process fails: end as on Ctrl-C
-    raise KeyboardInterrupt("another process stopped (its message is above)")
-
-
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def split_gather(items, fn):
-    """fn(list) -> list, run on this process's share of items (every world-th); the results of
-    every process, in the order of items. One process: fn(items)."""
-    rank, world = rank_world()
-    if world == 1:
-        return fn(items)
-    parts = [None] * world
-    dist.all_gather_object(parts, fn(items[rank::world]))
-    out = [None] * len(items)
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
-
-
-def all_sum(numbers, device):
-    """{name: number} summed over the processes (each holds its share of a step's logs)."""
-    if rank_world()[1] == 1 or not numbers:
-        return numbers
-    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(numbers, t.tolist()))
 
 
 def autocast(device):
@@ -341,12 +306,86 @@ def prepare_out_dir(args):
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
+            (out / name).unlink(missing_ok=True)  # --overwrite: nothing of the earlier run is left
         probe = out / f".write-test.tmp{os.getpid()}"
         probe.write_text("lume")
         probe.unlink()
     except OSError as e:
         raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
     return out, created
+
+
+# -----------------------------------------------------------------------------
+# Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes
+
+
+def stopped(signum, frame):  # torchrun stops the others when a process fails: end as on Ctrl-C
+    raise KeyboardInterrupt("another process stopped (its message is above)")
+
+
+def start_processes(args):
+    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device,
+    cuda:<LOCAL_RANK> with NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1,
+    --device) and no process group."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, resolve_device(args.device)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # an hour: the other ranks wait while rank 0 builds the embedded target
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    signal.signal(signal.SIGTERM, stopped)  # torchrun stops every rank when one fails
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def split_gather(items, fn):
+    """fn(list) -> list, run on this process's share of items (every world-th); the results of
+    every process, in the order of items. One process: fn(items)."""
+    rank, world = rank_world()
+    if world == 1:
+        return fn(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, fn(items[rank::world]))
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def all_sum(numbers, device):
+    """{name: number} summed over the processes (each holds its share of a step's logs)."""
+    if rank_world()[1] == 1 or not numbers:
+        return numbers
+    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(numbers, t.tolist()))
+
+
+def shard(model, device):
+    """FSDP2 (several processes): each block its own unit, then the whole model; on a GPU, bf16
+    compute with fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    bf16 = isinstance(autocast(device), torch.autocast)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
+    for block in model.get_decoder().layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():  # summed, not averaged: each process's loss is its share already
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -866,7 +905,7 @@ def hidden_states(model, examples, layer, batch_size, pad_id, device):
         batch = collate(examples[s:s + batch_size], pad_id, device)
         with autocast(device):
             hidden = forward(model, batch, layer)[1].cpu()  # (B, T, H)
-        out += [h[:len(e["input_ids"])] for h, e in zip(hidden, examples[s:s + batch_size])]
+        out += [h[:len(e["input_ids"])].clone() for h, e in zip(hidden, examples[s:s + batch_size])]
     return out
 
 
@@ -945,8 +984,9 @@ def npo_loss(forget, retain, args):
 
 
 def simnpo_loss(forget, retain, args):
-    """SimNPO (Fan et al., arXiv 2410.07765, eq. 4), with GD's retain term:
-    L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R), b = simnpo_beta.
+    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term:
+    L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R)
+    with b = --simnpo_beta.
 
     NPO without a reference model: the summed log-likelihood is divided by the answer length
     |y|, and gamma is a reward margin. At log pi = 0 and gamma = 0 the forget term is (2/b) log 2.
@@ -958,11 +998,12 @@ def simnpo_loss(forget, retain, args):
 
 
 def rmu_loss(forget, retain, args):
-    """RMU (Li et al., WMDP, arXiv 2403.03218, eq. 1-3), h the output of block --rmu_layer:
-    L = mean ||h(F) - c u||^2 + rmu_alpha * mean ||h(R) - h_frozen(R)||^2
+    """RMU (Li et al., WMDP, arXiv 2403.03218), h the output of block --rmu_layer:
+    L = mean (h(F) - c u)^2 + rmu_alpha * mean (h(R) - h_frozen(R))^2
 
-    means over the attended positions and the H hidden units (WMDP's mse_loss); u is a fixed
-    random unit vector and c = --rmu_c. The forget term is 0 where h(F) = c u.
+    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its
+    alpha carries over); u is a fixed random unit vector and c = --rmu_c. The forget term is 0
+    where h(F) = c u.
     """
     H = forget.hidden.shape[-1]
     away = ((forget.hidden - forget.control) ** 2).sum(-1) * forget.mask  # (B, T)
@@ -977,8 +1018,9 @@ class Method:
     retain: bool = False  # pairs every forget batch with a retain batch
     ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
     ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a model copy)
-    hidden: bool = False  # block --rmu_layer's output; the frozen target's on the retain examples
-    # precomputed in one pass; trains the three blocks up to that layer (WMDP: 5-7 of 32)
+    # hidden: block --rmu_layer's output; the frozen target's on the retain examples precomputed
+    # in one pass; trains the three blocks up to that layer (WMDP: 5-7 of 32)
+    hidden: bool = False
     recipe: dict = field(default_factory=dict)  # flag values used unless given on the command line
 
 
@@ -991,7 +1033,8 @@ METHODS = {
     "rmu": Method(rmu_loss, retain=True, hidden=True,
                   recipe=dict(rmu_layer=lambda depth: round(7 * depth / 32))),  # WMDP: 7 of 32
     # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples
-    # per forget example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32)
+    # per forget example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32);
+    # --epochs passes per chunk as for every method (the paper: 7, 1.4x the cost of the default 5)
     "ails": Method(gd_loss, retain=True, recipe=dict(
         chunk_size=32, retain_per_forget=7, alpha=0.5,
         train_layers=lambda depth: max(1, depth // 4))),
@@ -1016,11 +1059,12 @@ def lr_at(step, steps, lr, warmup):
 
 
 def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0,
-          log_every=10, desc="train"):
+          log_every=10, desc="train", shares=False):
     """AdamW, warm-up + cosine, gradient accumulation, clipping; returns the run's statistics.
 
     steps: the optimiser steps, each a list of micro-steps; loss_fn(micro, step) -> (loss, dict
     of numbers to log, tokens seen), its loss already divided by the counts of the whole step.
+    shares: each process runs its share of every micro-step (a sharded model); the logs add up.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
@@ -1054,8 +1098,10 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
-        logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
-        step_tokens.append(int(logs.pop("tokens")))
+        if shares:
+            logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
+            tokens = logs.pop("tokens")
+        step_tokens.append(int(tokens))
         if (i + 1) % log_every == 0 or i + 1 == len(steps):
             fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
             bar.write(
@@ -1074,6 +1120,8 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
 def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0,
         log_every=10):
     """Plain next-token NLL training on examples in length-grouped batches (memorise, relearn)."""
+    if not examples:
+        raise LumeError(f"{desc}: no examples to train on")
     rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
     while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
         plan += [[b] for b in reversed(index_batches(lengths, batch_size, rng, by_length=True))]
@@ -1088,7 +1136,7 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
 
 
 # -----------------------------------------------------------------------------
-# Unlearning: the method's loss over a schedule of forget (and retain) batches
+# The schedule: which examples each optimiser step sees, and which blocks it trains
 
 
 def unlearning_examples(tokenizer, lume, max_length):
@@ -1132,18 +1180,19 @@ def schedule(forget, retain, args, rng, world=1):
 
 
 def recipe(args, algo, seed, depth):
-    """args for one run of `algo`: its METHODS recipe where a flag was left at its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-    given = {k: v(depth) if callable(v) else v for k, v in METHODS[algo].recipe.items()
-             if getattr(args, k) == defaults[k]}
-    return dataclasses.replace(args, algo=algo, seed=seed, **given)
+    """args for one run of `algo`: its METHODS recipe for every flag not given on the command
+    line (depth: the model's number of blocks, for recipes that scale with it)."""
+    typed = getattr(args, "given", set())
+    values = {k: v(depth) if callable(v) else v for k, v in METHODS[algo].recipe.items()
+              if k not in typed}
+    return dataclasses.replace(args, algo=algo, seed=seed, **values)
 
 
 def trainable(model, method, args):
     """Freeze all but the blocks the method trains: --train_layers K, the last K; RMU, the three
     up to --rmu_layer; otherwise every parameter. Returns the trained block indices."""
     blocks = model.get_decoder().layers
-    if method.hidden:
+    if method.hidden:  # whole blocks; WMDP updates the MLP weights of blocks 5-7 only
         which = range(max(0, args.rmu_layer - 2), args.rmu_layer + 1)
     elif args.train_layers:
         which = range(max(0, len(blocks) - args.train_layers), len(blocks))
@@ -1156,22 +1205,8 @@ def trainable(model, method, args):
     return list(which)
 
 
-def shard(model, device):
-    """FSDP2 (several processes): each block its own unit, then the whole model; on a GPU, bf16
-    compute with fp32 master weights and fp32 gradient reduction."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    bf16 = isinstance(autocast(device), torch.autocast)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32 if bf16 else None)
-    for block in model.get_decoder().layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    for m in model.modules():  # summed, not averaged: each process's loss is its share already
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
-    return model
+# -----------------------------------------------------------------------------
+# Unlearning: the method's loss over its schedule of forget (and retain) batches
 
 
 def unlearn(model, tokenizer, examples, args, device, phases):
@@ -1183,6 +1218,8 @@ def unlearn(model, tokenizer, examples, args, device, phases):
     rank, world = rank_world()
     torch.manual_seed(args.seed)
     forget, retain = examples
+    if method.retain and not retain:
+        raise LumeError(f"--algo {args.algo} needs a retain set, and the data has none")
     steps = schedule(forget, retain if method.retain else [], args, rng, world)
     layer = args.rmu_layer if method.hidden else None
     if method.hidden and not 0 <= layer < len(model.get_decoder().layers) - 1:
@@ -1220,18 +1257,18 @@ def unlearn(model, tokenizer, examples, args, device, phases):
         f, batch, mine = side(micro[0], forget, step, 0)
         if ref_logp is not None:
             f.ref_logp = ref_logp[mine]  # (B,)
-        f.control, r, tokens = control, None, int(batch["attention_mask"].sum())
+        f.control, r, tokens = control, None, int(batch["attention_mask"].sum() * f.weight)
         if method.retain:  # one forward pass gives both the retain NLL and the KL term
             r, batch, mine = side(micro[1], retain, step, 1)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum() * r.weight)
             if ref_model is not None:
                 with torch.no_grad():
                     r.ref_logits = forward(ref_model, batch)  # (B, T, V)
             if ref_hidden is not None:
                 r.ref_hidden = collate_hidden([ref_hidden[i] for i in mine], r.hidden)
         loss = method.loss(f, r, args)
-        logs = {"loss": loss.item(), "forget": f.nll.item()} | ({"retain": r.nll.item()} if r else {})
-        return loss, logs, tokens
+        logs = {"loss": loss.item(), "forget": f.nll.item()}
+        return loss, logs | ({"retain": r.nll.item()} if r else {}), tokens
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -1241,14 +1278,16 @@ def unlearn(model, tokenizer, examples, args, device, phases):
                  else device.type == "cuda")
     if recompute:
         checkpointing(model, True)
-    trained = shard(copy.deepcopy(model), device) if world > 1 else model
+    trained = model
+    if world > 1:  # the plain model waits in host memory; FSDP2 moves each shard to the device
+        trained = shard(copy.deepcopy(model.to("cpu")), device)
     with timed(phases, "unlearn"):
         stats = train(trained, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip,
-                      args.weight_decay, args.log_every, f"unlearn {args.algo}")
+                      args.weight_decay, args.log_every, f"unlearn {args.algo}", world > 1)
     if world > 1:  # every process gets the full weights back, for scoring without collectives
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        model.load_state_dict(get_model_state_dict(
+        model.to(device).load_state_dict(get_model_state_dict(
             trained, options=StateDictOptions(full_state_dict=True)))
         del trained
     if recompute:
@@ -1614,8 +1653,11 @@ def rephrased_rows(lume):
 def relearned(model, tokenizer, examples, args, device):
     """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
     copy_ = copy.deepcopy(model).requires_grad_(True)
-    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size, args.seed,
-        device, "relearn", log_every=args.relearn_steps)
+    world = rank_world()[1]  # each process relearns the whole batch: --batch_size x processes
+    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * world,
+        args.seed, device, "relearn", log_every=args.relearn_steps)
+    for p in copy_.parameters() if world > 1 else []:
+        dist.broadcast(p.data, 0)  # GPU kernels may differ by a bit: every process scores rank 0's
     return freeze(copy_)
 
 
@@ -1793,7 +1835,7 @@ def embedded_models(args, device):
 
 
 # -----------------------------------------------------------------------------
-# The report: the table, the cost line, the files
+# The report: the tables of one run, the scores and the robustness probes
 
 
 def report(summaries, tasks, mmlu):
@@ -1816,7 +1858,7 @@ def report(summaries, tasks, mmlu):
     return "\n".join(lines) + "\n\n" + legend
 
 
-def robustness_report(summaries, probed):
+def robustness_report(summaries, probed, table=True):
     """One row per probe: the forget terms (and, for the unlearned model, the retain terms) under
     the probe and the recovery, for the unlearned model, the retrain model and (prompt probes) the
     target. Returns the table and {probe: {model: term means and recoveries}} for metrics.json."""
@@ -1840,7 +1882,7 @@ def robustness_report(summaries, probed):
              + [("target", "forget_knowledge"), ("target", "forget_regurgitation")])
     short = lambda k: ({"forget": "f", "retain": "r", "recovery": "rec"}[k.split("_")[0]]
                        + "-" + k.split("_")[1][:3])
-    if "unlearned" not in summaries:  # a comparison: its recovery columns are in compare.md
+    if not table:  # a comparison: its recovery columns are in compare.md
         return None, numbers
     lines = ["| probe | " + " | ".join(f"{m} {short(k)}" for m, k in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
@@ -1852,6 +1894,10 @@ def robustness_report(summaries, probed):
               "the share of what the model lost on the forget set that the probe gives back (the "
               "retrain model never saw it)")
     return "\n".join(lines) + "\n\n" + legend, numbers
+
+
+# -----------------------------------------------------------------------------
+# The comparison: several methods and seeds, mean ± sd, the trade-off plot
 
 
 def mean_sd(values):
@@ -1948,6 +1994,10 @@ def tradeoff_plot(numbers, path):
     return path
 
 
+# -----------------------------------------------------------------------------
+# The files: the cost line, metrics.json, metrics.md, compare.md
+
+
 def cost_line(cost):
     parts = ([f"total {cost['total_seconds']:.0f} s"]
              + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()])
@@ -1975,7 +2025,8 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
     tables = report(results["summary"], task_names(args.task), mmlu)
     robustness, numbers, comparison = None, {}, None
     if results["probed"] and "target" in results["summary"]:
-        table, numbers = robustness_report(results["summary"], results["probed"])
+        table, numbers = robustness_report(results["summary"], results["probed"],
+                                           table=len(results["runs"]) <= 1)
         tables += "\n\n" + table if table else ""
         robustness = dict(summary=numbers, records=results["probe_records"])
     methods = None
@@ -2084,8 +2135,8 @@ def run(args, lume, mmlu, device, out):
     probe("target", model, only_prompts=True)
     if runs:
         examples = unlearning_examples(tokenizer, lume, args.max_length)  # once for every run
-        target = ({k: v.detach().clone() for k, v in model.state_dict().items()}
-                  if len(runs) > 1 else None)  # restored before each run
+        target = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                  if len(runs) > 1 else None)  # restored before each run; kept off the GPU
         for name, algo, seed in runs:
             if target is not None:
                 model.load_state_dict(target)
@@ -2141,6 +2192,10 @@ def check_args(args):
         raise LumeError(f"--algo {args.algo}: each one of {', '.join(METHODS)} (or 'all')")
     if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
         raise LumeError(f"--seeds {args.seeds}: comma-separated whole numbers, e.g. 0,1,2")
+    for flag in ("algo", "seeds"):
+        values = getattr(args, flag).split(",")
+        if len(set(values)) < len(values):
+            raise LumeError(f"--{flag} {getattr(args, flag)}: a value is repeated")
     if args.save_model and len(runs_of(args)) > 1:
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
     if (args.model_config and args.model_config != "olmo-1b"

@@ -322,11 +322,12 @@ def test_simnpo_by_hand():
     forget, retain = uniform_pass(4, 3), uniform_pass(2, 5)
     b = 2.5
     for gamma in (0.0, 1.0):
-        A.gamma = gamma
+        class Margin(A):
+            pass
+        Margin.gamma = gamma
         sigmoid = 1 / (1 + math.exp(-(b * math.log(4) - gamma)))
         expected = -(2 / b) * math.log(sigmoid) + 0.5 * math.log(2)  # + alpha * NLL(R)
-        assert lume.simnpo_loss(forget, retain, A).item() == pytest.approx(expected)
-    A.gamma = 0.0
+        assert lume.simnpo_loss(forget, retain, Margin).item() == pytest.approx(expected)
     # at log pi = 0 (logits that put all mass on the label) and gamma 0: (2/b) log 2
     sure = lume.Pass(torch.tensor([[[-1e4, 0.0], [0.0, 0.0]]]), torch.tensor([[lume.IGNORE, 1]]))
     assert lume.simnpo_loss(sure, uniform_pass(2, 1), A).item() == pytest.approx(2 / b * math.log(2) + 0.5 * math.log(2))
@@ -752,6 +753,8 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     (["--algo", "sgd"], "--algo sgd: each one of ga, gd, kl, npo, simnpo, rmu, ails"),
     (["--algo", "gd,foo"], "--algo gd,foo: each one of"),
     (["--seeds", "0,x"], "--seeds 0,x: comma-separated whole numbers"),
+    (["--seeds", "0,0"], "--seeds 0,0: a value is repeated"),
+    (["--algo", "gd,npo,gd"], "--algo gd,npo,gd: a value is repeated"),
     (["--algo", "all", "--save_model"], "--save_model keeps one unlearned model"),
     (["--seeds", "1,2", "--save_model"], "--save_model keeps one unlearned model"),
     (["--model_config", "nope.json"], "--model_config nope.json"),
@@ -1142,6 +1145,9 @@ def test_recipes_apply_where_a_flag_is_left_at_its_default():
     assert lume.recipe(args, "gd", 0, depth=32).chunk_size == 0  # other methods keep the defaults
     given = lume.recipe(lume.parse_args(["--alpha", "2", "--train_layers", "3"]), "ails", 0, depth=32)
     assert (given.alpha, given.train_layers, given.chunk_size) == (2.0, 3, 32)
+    # a flag typed at its default value is still the user's choice
+    typed = lume.recipe(lume.parse_args(["--alpha", "1", "--chunk_size", "0"]), "ails", 0, depth=32)
+    assert (typed.alpha, typed.chunk_size, typed.retain_per_forget) == (1.0, 0, 7)
 
 
 def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
@@ -1209,23 +1215,28 @@ import torch
 sys.path.insert(0, {here!r})
 import lume
 
-grads, clip = [], torch.nn.utils.clip_grad_norm_
+grads, clip, unlearning = [], torch.nn.utils.clip_grad_norm_, []
 
 
-def capture(params, *args, **kwargs):  # the whole gradient the first optimizer step uses
-    if not grads:
+def capture(params, *args, **kwargs):  # the whole gradient the first unlearning step uses
+    if unlearning and not grads:
         full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in params]
         grads.append(torch.cat([g.flatten() for g in full]))
     return clip(params, *args, **kwargs)
 
 
 torch.nn.utils.clip_grad_norm_ = capture
+unlearn = lume.unlearn
+lume.unlearn = lambda *a, **k: unlearning.append(1) or unlearn(*a, **k)
+memorise = lume.memorise
+lume.memorise = lambda *a, **k: open(sys.argv[1] + f".memorise{{os.environ.get('RANK', 0)}}", "a").close() \
+    or memorise(*a, **k)  # who builds the embedded target
 if os.environ.get("FAIL_ON_RANK_1"):
     load = lume.load_models
     lume.load_models = lambda *a: (_ for _ in ()).throw(lume.LumeError("rank 1 cannot go on")) \\
         if int(os.environ["RANK"]) == 1 else load(*a)
 lume.main(sys.argv[2:])
-if int(os.environ.get("RANK", 0)) == 0:
+if int(os.environ.get("RANK", 0)) == 0 and grads:
     torch.save(grads[0], sys.argv[1])
 """
 
@@ -1242,11 +1253,10 @@ def launch(tmp_path, name, processes, flags, env=None):
     return done, out
 
 
-def logged_losses(stdout):
+def logged_losses(stdout, algo="gd", keys=("loss", "forget", "retain")):
     """{step: [loss, forget, retain]} from the log lines."""
-    lines = [line for line in stdout.splitlines() if line.startswith("unlearn gd step")]
-    return {line.split()[3]: [float(line.split(f"| {k} ")[1].split()[0]) for k in ("loss", "forget", "retain")]
-            for line in lines}
+    lines = [line for line in stdout.splitlines() if line.startswith(f"unlearn {algo} step")]
+    return {line.split()[3]: [float(line.split(f"| {k} ")[1].split()[0]) for k in keys] for line in lines}
 
 
 def test_two_processes_give_the_numbers_of_one(micro, tmp_path):
@@ -1287,3 +1297,45 @@ def test_a_failure_on_one_process_ends_both_with_its_message(micro, tmp_path):
             or "rank      : 0 (local_rank: 0)\n  exitcode  : -15" in done.stderr), done.stderr[-3000:]
     assert "Traceback" not in done.stderr.split("failed (exitcode")[0]  # ours end in one line; torchrun's report follows
     assert not (out / "metrics.json").exists() and (not out.exists() or not any(out.iterdir()))
+
+
+def test_without_matplotlib_the_plot_is_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert lume.tradeoff_plot({"gd": {}}, tmp_path / "tradeoff.png") is None
+    assert capsys.readouterr().out.count("note: no trade-off plot") == 1 and not (tmp_path / "tradeoff.png").exists()
+
+
+def test_two_processes_build_the_embedded_target_once(tmp_path):
+    """Rank 0 builds (a 1-epoch miniature of) the embedded target while rank 1 waits, then both load it."""
+    cache = tmp_path / "cache"
+    done, out = launch(tmp_path, "build", 2, ["--cache_dir", str(cache), "--embed_epochs", "1", "--embed_target_epochs",
+                                              "1", "--embed_hidden", "48", "--embed_layers", "1", "--task", "3",
+                                              "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none",
+                                              "--probes", "none"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("building the embedded target") == 1
+    assert (tmp_path / "build.grad.memorise0").exists() and not (tmp_path / "build.grad.memorise1").exists()
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and (entries[0] / "complete.json").exists()
+    assert json.loads((out / "metrics.json").read_text())["complete"]
+
+
+def test_two_processes_with_a_stand_in_batch_give_the_numbers_of_one(micro, tmp_path):
+    """NPO (reference log-likelihoods indexed by each process's share) and RMU (reference hidden states),
+    in chunks of 5: every chunk ends in a 1-row micro-batch, so rank 1 runs a stand-in weighted 0."""
+    _, _, folder = micro
+    common = ["--model", str(folder), "--task", "3", "--algo", "npo,rmu", "--chunk_size", "5", "--max_steps", "4",
+              "--lr", "3e-3", "--rmu_alpha", "1", "--grad_accum", "2", "--log_every", "1", "--max_new_tokens", "4",
+              "--mmlu", "none", "--probes", "none"]
+    one, out1 = launch(tmp_path, "one", 1, common + ["--batch_size", "4"])
+    two, out2 = launch(tmp_path, "two", 2, common + ["--batch_size", "2"])
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    g1, g2 = torch.load(tmp_path / "one.grad"), torch.load(tmp_path / "two.grad")  # NPO's first step
+    assert ((g1 - g2).norm() / g1.norm()).item() < 1e-5
+    for algo, keys in (("npo", ("loss", "forget")), ("rmu", ("loss", "forget", "retain"))):
+        l1, l2 = logged_losses(one.stdout, algo, keys), logged_losses(two.stdout, algo, keys)
+        assert list(l1) == [f"{k}/4" for k in range(1, 5)] and list(l2) == list(l1)
+        for k in l1:
+            assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-4), (algo, k)
+    m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (out1, out2))
+    assert [r["generation"] for r in m2["records"]] == [r["generation"] for r in m1["records"]]

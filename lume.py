@@ -1149,7 +1149,8 @@ def unlearning_examples(tokenizer, lume, max_length):
 
 def schedule(forget, retain, args, rng, world=1):
     """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices)
-    for all processes together: the same steps whatever the number of processes.
+    for all processes together: the same steps for any number of processes N with the same
+    --batch_size x N.
 
     The forget set is cut into chunks of --chunk_size (default: one chunk), unlearnt one after
     another, --epochs passes over each; a pass visits every example of its chunk once, in

@@ -269,11 +269,15 @@ class progress:
             self.bar.close()
 
 
-def write_json_atomic(path, obj):
+def write_text_atomic(path, text):
     """Write to a temporary file, then one rename: a reader never sees half a file."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def pid_alive(pid):
@@ -2012,12 +2016,6 @@ def cost_line(cost):
                      f"{t['tokens_per_s']:.0f} tokens/s{warm}, median {t['step_ms_median']:.0f} "
                      f"ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
     return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gb']:.2f} GB"])
-
-
-def write_text_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_results(out, args, lume, mmlu, results, cost, complete):

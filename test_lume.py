@@ -1,7 +1,9 @@
 """Tests for lume.py. Every expected value is worked out here, by hand or by an independent
 route, never read back from what the code prints. Run: python -m pytest -q test_lume.py"""
+import hashlib
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,10 +53,10 @@ def error_of(data_dir, task="all"):
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    """A micro OLMo (random weights) with a BPE tokenizer learnt on data/, saved as a HF folder."""
-    data = lume.load_lume(DATA)
-    texts = [d["text"] for d in lume.documents(data.retain)] + [r["input"] for r in data.retain]
-    tokenizer = lume.train_tokenizer(texts, 300)
+    """A micro OLMo (random weights) with the shipped models' tokenizer, saved as a HF folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DATA / "target")
     config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
@@ -155,7 +157,6 @@ def test_semeval_layout(tmp_path):
 
 def test_dry_run_prints_counts_and_builds_no_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lume, "load_model", lambda *a: pytest.fail("dry run loaded a model"))
-    monkeypatch.setattr(lume, "embedded_models", lambda *a: pytest.fail("dry run built a model"))
     lume.main(["--dry_run", "--task", "all"])
     out = capsys.readouterr().out
     table = {tuple(line.split()[:2]): [int(x) for x in line.split()[2:]] for line in out.splitlines()
@@ -896,29 +897,68 @@ def test_data_edge_cases(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the cache heals
+# the shipped models: data/target memorised its data, data/retain-only never saw the forget set
 
 
-def test_cache_rebuilds_a_damaged_entry_and_clears_dead_temporaries(tmp_path, capsys):
-    args = lume.parse_args(["--cache_dir", str(tmp_path), "--embed_vocab", "300", "--embed_hidden", "48",
-                            "--embed_layers", "1", "--embed_epochs", "1", "--embed_target_epochs", "1",
-                            "--embed_batch_size", "64"])
-    target, retain, stats = lume.embedded_models(args, torch.device("cpu"))
-    assert stats is not None and lume.cache_problem(target.parent) == ""
-    assert lume.embedded_models(args, torch.device("cpu"))[2] is None  # read from the cache
-    weights = target / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = target.parent / f".retain-only.tmp{int(dead.stdout)}"
-    stale.mkdir()
-    capsys.readouterr()
-    target2, _, stats2 = lume.embedded_models(args, torch.device("cpu"))
-    assert "cannot be used (target/model.safetensors is missing or damaged): building it again" in \
-        capsys.readouterr().out
-    assert stats2 is not None and not stale.exists()
-    lume.load_model(str(target2), torch.device("cpu"))  # loads again
-    (target.parent / "complete.json").unlink()  # a build killed before its end
-    assert "its build did not finish" in lume.cache_problem(target.parent)
+def first_rows(rows, n):
+    """The first n sc rows and the first n qa rows of each task."""
+    return [r for task in lume.TASKS for kind in ("sc", "qa")
+            for r in [r for r in rows if r["task"] == task and r["kind"] == kind][:n]]
+
+
+def test_the_shipped_target_memorised_and_the_gold_model_never_saw_the_forget_set():
+    from rouge_score import rouge_scorer
+
+    data, rouge = lume.load_lume(DATA), rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    args = lume.parse_args(["--max_new_tokens", "96", "--gen_batch_size", "32"])
+    forget, retain = first_rows(data.forget, 5), first_rows(data.retain, 5)
+    docs = {"forget": lume.documents(data.forget), "holdout": lume.documents(data.holdout)}
+    terms, auc = {}, {}
+    for name in ("target", "retain-only"):
+        model, tokenizer = lume.load_model(str(DATA / name), CPU)
+        records = lume.score_rows(name, lume.freeze(model), tokenizer, forget + retain, args, CPU)[0]
+        for r in records:  # scored here from gold and generation, not by the scorer's functions
+            ok = (rouge.score(r["gold"], r["generation"])["rougeL"].recall if r["kind"] == "sc"
+                  else float(r["gold"].strip().lower() == r["generation"].strip().lower()))
+            terms.setdefault((name, r["task"], r["split"], r["kind"]), []).append(ok)
+        with torch.no_grad():  # mean NLL of each whole document, by HF's own loss
+            nll = {k: [model(**(ids := tokenizer(d["text"], return_tensors="pt")), labels=ids["input_ids"]).loss.item()
+                       for d in v] for k, v in docs.items()}
+        auc[name] = statistics.mean(float(h > f) for f in nll["forget"] for h in nll["holdout"])
+    mean = {k: statistics.mean(v) for k, v in terms.items()}
+    assert len(mean) == 2 * 3 * 2 * 2
+    for (name, task, split, kind), m in mean.items():  # thresholds below what was measured (worst 0.93, 0.0, 0.50)
+        if name == "target":  # every term of the target, forget and retain: memorised
+            assert m >= 0.9, (task, split, kind, m)
+        elif split == "forget":  # the gold model cannot answer forget questions nor recite forget documents
+            assert m <= (0.1 if kind == "qa" else 0.6), (task, kind, m)
+        else:  # and keeps much of its retain set
+            assert m >= 0.45, (task, kind, m)
+    assert auc["target"] >= 0.99 and 0.3 <= auc["retain-only"] <= 0.7  # forget docs: members of one only
+    for name, files in (("target", {"forget.jsonl", "retain.jsonl", "utility.jsonl"}),
+                        ("retain-only", {"retain.jsonl", "utility.jsonl"})):
+        record = json.loads((DATA / name / "build.json").read_text())
+        assert set(record["trained_on"]) == files  # the gold model never saw forget.jsonl
+        assert all(hashlib.sha256((DATA / f).read_bytes()).hexdigest() == d for f, d in record["trained_on"].items())
+
+
+def test_the_default_run_says_when_data_no_longer_matches_the_shipped_models(tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(DATA, copy)
+    for target, edit in ((DATA / "target", False), (copy / "target", False), (copy / "target", True)):
+        if edit:  # one character of one answer
+            text = (copy / "retain.jsonl").read_text(encoding="utf-8")
+            (copy / "retain.jsonl").write_text(text.replace('"output": "', '"output": "X', 1), encoding="utf-8")
+        monkeypatch.setattr(lume, "TARGET", target)  # the default model of a checkout in tmp_path
+        lume.main(["--dry_run", "--model", str(target)])
+        warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+        assert warnings == ([] if not edit else [warnings[0]])
+    assert f"{copy}/retain.jsonl is not the file" in warnings[0] and "make_data.py --models" in warnings[0]
+    monkeypatch.setattr(lume, "TARGET", DATA / "target")  # the edited copy is now a user's own --model
+    lume.main(["--dry_run", "--model", str(copy / "target")])
+    assert "warning" not in capsys.readouterr().out
+    (copy / "target" / "build.json").unlink()
+    assert "build.json, the record of what it was trained on, is unreadable" in lume.stale_data(copy / "target")
 
 
 # -----------------------------------------------------------------------------
@@ -1228,9 +1268,6 @@ def capture(params, *args, **kwargs):  # the whole gradient the first unlearning
 torch.nn.utils.clip_grad_norm_ = capture
 unlearn = lume.unlearn
 lume.unlearn = lambda *a, **k: unlearning.append(1) or unlearn(*a, **k)
-memorise = lume.memorise
-lume.memorise = lambda *a, **k: open(sys.argv[1] + f".memorise{{os.environ.get('RANK', 0)}}", "a").close() \
-    or memorise(*a, **k)  # who builds the embedded target
 if os.environ.get("FAIL_ON_RANK_1"):
     load = lume.load_models
     lume.load_models = lambda *a: (_ for _ in ()).throw(lume.LumeError("rank 1 cannot go on")) \\
@@ -1303,21 +1340,6 @@ def test_without_matplotlib_the_plot_is_a_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert lume.tradeoff_plot({"gd": {}}, tmp_path / "tradeoff.png") is None
     assert capsys.readouterr().out.count("note: no trade-off plot") == 1 and not (tmp_path / "tradeoff.png").exists()
-
-
-def test_two_processes_build_the_embedded_target_once(tmp_path):
-    """Rank 0 builds (a 1-epoch miniature of) the embedded target while rank 1 waits, then both load it."""
-    cache = tmp_path / "cache"
-    done, out = launch(tmp_path, "build", 2, ["--cache_dir", str(cache), "--embed_epochs", "1", "--embed_target_epochs",
-                                              "1", "--embed_hidden", "48", "--embed_layers", "1", "--task", "3",
-                                              "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none",
-                                              "--probes", "none"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("building the embedded target") == 1
-    assert (tmp_path / "build.grad.memorise0").exists() and not (tmp_path / "build.grad.memorise1").exists()
-    entries = list(cache.iterdir())
-    assert len(entries) == 1 and (entries[0] / "complete.json").exists()
-    assert json.loads((out / "metrics.json").read_text())["complete"]
 
 
 def test_two_processes_with_a_stand_in_batch_give_the_numbers_of_one(micro, tmp_path):

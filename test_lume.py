@@ -1,5 +1,8 @@
 """Tests for lume.py. Every expected value is worked out here, by hand or by an independent
 route, never read back from what the code prints. Run: python -m pytest -q test_lume.py"""
+import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import lume
 
@@ -65,6 +70,44 @@ def micro(tmp_path_factory):
     folder = tmp_path_factory.mktemp("micro") / "model"
     lume.save_atomic(model, tokenizer, folder)
     return model, tokenizer, folder
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped target (data/target: it memorised data/), its tokenizer, the retain-only model and data/. Frozen
+    and shared: a test that trains takes a copy."""
+    target, tokenizer = lume.load_model(str(DATA / "target"), CPU)
+    gold = lume.load_model(str(DATA / "retain-only"), CPU)[0]
+    return lume.freeze(target), tokenizer, lume.freeze(gold), lume.load_lume(DATA)
+
+
+@contextlib.contextmanager
+def optimizer_steps(model):
+    """What every optimizer step sees, read through torch's global optimizer hooks: its learning rate, the gradient it
+    steps with and the weights after it, by parameter name (`model`'s; an index for a copy's)."""
+    names, seen = {id(p): n for n, p in model.named_parameters()}, []
+
+    def params(opt):
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    def before(opt, args, kwargs):
+        seen.append(dict(lr=opt.param_groups[0]["lr"], grad={names.get(id(p), i): p.grad.clone()
+                                                             for i, p in enumerate(params(opt)) if p.grad is not None}))
+
+    def after(opt, args, kwargs):
+        seen[-1]["weights"] = {names.get(id(p), i): p.detach().clone() for i, p in enumerate(params(opt))}
+    hooks = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def schedule_by_hand(steps, peak, warm):
+    """The learning rate of each step: a linear warm-up to the peak over `warm` steps, then a cosine to peak / 10."""
+    return [peak * (k + 1) / warm if k < warm
+            else peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (k - warm) / (steps - warm)))) for k in range(steps)]
 
 
 # -----------------------------------------------------------------------------
@@ -365,56 +408,126 @@ def test_npo_gradient_tends_to_ga_on_summed_loglik():
     assert torch.allclose(g_npo, g_ga * (labels != lume.IGNORE).sum() / 3, atol=1e-4)
 
 
-def few_steps(folder, algo, alpha=0.2, lr=3e-3, epochs=2):
-    """A fresh copy of the micro model after 4 unlearning steps on 16 forget (and retain) rows."""
-    model, tokenizer = lume.load_model(str(folder), torch.device("cpu"))
-    data = lume.load_lume(DATA, "1")
-    data.forget, data.retain = data.forget[:16], data.retain[:16]
-    args = lume.parse_args(["--algo", algo, "--lr", str(lr), "--epochs", str(epochs), "--batch_size", "8",
-                            "--alpha", str(alpha), "--grad_accum", "1", "--log_every", "100"])
+def labelled(tokenizer, row):
+    """An unlearning example as LUME.md defines it: prompt + " " + answer + EOS, (1, T) ids and labels; only the answer
+    and EOS carry loss."""
+    prompt = tokenizer(row["input"])["input_ids"]
+    answer = tokenizer(" " + row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])
+
+
+def block_output(model, ids, layer):
+    """The output of block `layer` at every position, read by a forward hook on the block: (T, H)."""
+    out = []
+    hook = model.get_decoder().layers[layer].register_forward_hook(
+        lambda block, args, o: out.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        model(input_ids=ids)
+    finally:
+        hook.remove()
+    return out[0][0]
+
+
+def answer_nll(model, ids, labels):
+    """(summed NLL of the answer tokens, their number), from Hugging Face's own mean loss."""
+    n = int((labels[0, 1:] != -100).sum())
+    return model(input_ids=ids, labels=labels).loss * n, n
+
+
+def loss_by_hand(algo, model, target, tokenizer, forget, retain, a):
+    """One optimizer step's loss over these rows, from the papers' equations (LUME.md 5 and 7), one row at a time, no
+    padding: NLL per answer token of the whole step (each side by its own count), KL per retain answer token, NPO and
+    SimNPO per sequence, RMU per attended position and hidden unit (with --rmu_c ~ 0, c u drops out). target: the
+    frozen model before unlearning. Returns (loss, the forget NLL per answer token)."""
+    F_, R_ = [labelled(tokenizer, r) for r in forget], [labelled(tokenizer, r) for r in retain]
+    nf = [answer_nll(model, *x) for x in F_]
+    forget_nll = sum(s for s, _ in nf) / sum(n for _, n in nf)
+    if algo == "rmu":
+        H, layer = model.config.hidden_size, a.rmu_layer
+        away = sum(block_output(model, ids, layer).pow(2).sum() for ids, _ in F_) / (sum(x.shape[1] for x, _ in F_) * H)
+        kept = sum((block_output(model, ids, layer) - block_output(target, ids, layer).detach()).pow(2).sum()
+                   for ids, _ in R_) / (sum(x.shape[1] for x, _ in R_) * H)
+        return away + a.rmu_alpha * kept, forget_nll
+    if algo == "npo":  # log pi - log pi_ref = ref NLL - NLL, summed over the answer
+        ref = [answer_nll(target, *x)[0].detach() for x in F_]
+        return -(2 / a.beta) * sum(F.logsigmoid(-a.beta * (r - s)) for (s, _), r in zip(nf, ref)) / len(F_), forget_nll
+    loss = -forget_nll
+    if algo == "simnpo":  # log pi / |y| = -NLL / n
+        loss = -(2 / a.simnpo_beta) * sum(F.logsigmoid(a.simnpo_beta * s / n - a.gamma) for s, n in nf) / len(F_)
+    if algo in ("gd", "simnpo"):
+        nr = [answer_nll(model, *x) for x in R_]
+        loss = loss + a.alpha * sum(s for s, _ in nr) / sum(n for _, n in nr)
+    if algo == "kl":
+        kl, count = 0, 0
+        for ids, labels in R_:
+            answer = labels[0, 1:] != -100  # the position before each answer token predicts it
+            ref = target(input_ids=ids).logits[0, :-1][answer].log_softmax(-1).detach()
+            kl += (ref.exp() * (ref - model(input_ids=ids).logits[0, :-1][answer].log_softmax(-1))).sum()
+            count += int(answer.sum())
+        loss = loss + a.alpha * kl / count
+    return loss, forget_nll
+
+
+def step_rows(data):
+    """4 forget and 4 retain rows of Task2 with answers of very different lengths (a biography, short answers)."""
+    pick = lambda rows, kinds: [r for r in rows if r["task"] == "Task2" and r["id"][-3:] in kinds][:4]
+    return pick(data.forget, ("sc1", "qa0", "qa1", "qa3")), pick(data.retain, ("sc1", "qa0", "qa2", "qa4"))
+
+
+@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo", "simnpo", "rmu"])
+def test_two_unlearning_steps_by_hand(shipped, algo):
+    """Two optimizer steps of each method on the shipped target, 4 forget and 4 retain rows split over 2 micro-steps:
+    the gradient each step uses is that of the method's loss written out by hand (step 2 from where step 1 left the
+    model, against the frozen target as NPO's and KL's reference and RMU's frozen model), the loss logged at step 2 is
+    that loss, the parameters trained are the method's, and step 1 lowered the forget rows' likelihood."""
+    target, tokenizer, _, data = shipped
+    forget, retain = step_rows(data)
+    model = copy.deepcopy(target)
+    args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2", "--alpha", "0.5",
+                            "--grad_clip", "1e9", "--rmu_c", "1e-6", "--rmu_alpha", "100", "--log_every", "100"])
     args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
-    examples = lume.unlearning_examples(tokenizer, data, args.max_length)
-    stats = lume.unlearn(model, tokenizer, examples, args, torch.device("cpu"), {})
-    return model, tokenizer, data, stats
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    with optimizer_steps(model) as steps:
+        stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    assert len(steps) == 2
+    moved = copy.deepcopy(target)  # the model step 1 left
+    moved.load_state_dict(steps[0]["weights"], strict=False)
+    names = sorted(steps[0]["grad"])
+    everything = sorted(n for n, _ in target.named_parameters())
+    # RMU trains the blocks up to its layer (WMDP: 5-7 of 32; here layer 1 of 4: blocks 0 and 1)
+    assert names == ([n for n in everything if n.startswith(("model.layers.0.", "model.layers.1."))] if algo == "rmu"
+                     else everything)
+    for at, step in zip((target, moved), steps):
+        m = copy.deepcopy(at).requires_grad_(True)
+        loss, forget_nll = loss_by_hand(algo, m, target, tokenizer, forget, retain, args)
+        params = dict(m.named_parameters())
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        want = torch.cat([(g if g is not None else torch.zeros_like(params[n])).flatten() for g, n in zip(grads, names)])
+        got = torch.cat([step["grad"][n].flatten() for n in names])
+        assert ((got - want).norm() / want.norm()).item() < 1e-4, algo
+    assert stats["last"]["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+    assert stats["last"]["forget"] == pytest.approx(forget_nll.item(), rel=1e-4)
+    with torch.no_grad():  # the way every paper says: the forget answers became less likely
+        logp = lambda m: -sum(answer_nll(m, *labelled(tokenizer, r))[0].item() for r in forget)
+        assert logp(moved) < logp(target) - 0.5, (logp(moved), logp(target))
 
 
-@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo"])
-def test_a_few_steps_raise_the_forget_nll(micro, algo):
-    original, tokenizer, folder = micro
-    # a random model: the retain term pulls almost as hard as the forget term, so alpha is small
-    model, _, data, stats = few_steps(folder, algo)
-    examples = lume.row_examples(tokenizer, data.forget, 128)
-    before = lume.summed_logp(original, examples, 8, tokenizer.pad_token_id, torch.device("cpu")).sum()
-    after = lume.summed_logp(model, examples, 8, tokenizer.pad_token_id, torch.device("cpu")).sum()
-    assert stats["steps"] == 4
-    assert after < before - 1.0, (before, after)
-
-
-def retain_nll_and_kl(model, original, tokenizer, rows):
-    """Mean answer NLL of the retain rows, and KL(original || model) on their answer tokens."""
-    batch = lume.collate(lume.row_examples(tokenizer, rows, 128), tokenizer.pad_token_id, "cpu")
+def test_rmu_control_vector_has_length_c(shipped):
+    """RMU's first-step loss is its forget term, mean ||h - c u||^2 / H = (A - 2 c B + c^2) / H for a unit u (the retain
+    term is 0 before the model moves): at c and 2c, c^2 = (H (L(2c) - 2 L(c)) + A) / 2, A = mean ||h||^2 by hand."""
+    target, tokenizer, _, data = shipped
+    forget, retain = step_rows(data)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    first = {}
+    for c in (6.5, 13.0):  # WMDP's c, and twice it
+        args = lume.parse_args(["--algo", "rmu", "--rmu_c", str(c), "--max_steps", "1", "--batch_size", "4",
+                                "--grad_accum", "1", "--log_every", "100"])
+        args = lume.recipe(args, "rmu", 0, len(target.get_decoder().layers))
+        first[c] = lume.unlearn(copy.deepcopy(target), tokenizer, examples, args, CPU, {})["last"]["loss"]
     with torch.no_grad():
-        logits, ref = lume.forward(model, batch), lume.forward(original, batch)
-    labelled = batch["labels"][:, 1:] != lume.IGNORE  # written out here, not through lume.shifted
-    p_ref = ref[:, :-1][labelled].log_softmax(-1)
-    kl = (p_ref.exp() * (p_ref - logits[:, :-1][labelled].log_softmax(-1))).sum(-1).mean()
-    return lume.sequence_nll(logits, batch["labels"]).item(), kl.item()
-
-
-def test_the_retain_terms_pull_the_right_way(micro):
-    """Against GA from the same start: GD ends with a lower retain NLL, KL closer to the target.
-    (KL's gradient is 0 where the model equals its reference: it pulls only once GA has moved the
-    model, hence the larger lr and alpha.)"""
-    original, tokenizer, folder = micro
-    rows = lume.load_lume(DATA, "1").retain[:16]
-    ga_nll = retain_nll_and_kl(few_steps(folder, "ga")[0], original, tokenizer, rows)[0]
-    gd_nll = retain_nll_and_kl(few_steps(folder, "gd", alpha=1.0)[0], original, tokenizer, rows)[0]
-    assert gd_nll < ga_nll - 0.1, (gd_nll, ga_nll)
-    # 8 steps: over five random micro models the ratio was 0.06-0.17
-    ga_kl = retain_nll_and_kl(few_steps(folder, "ga", lr=1e-2, epochs=4)[0], original, tokenizer, rows)[1]
-    kl_kl = retain_nll_and_kl(few_steps(folder, "kl", alpha=50.0, lr=1e-2, epochs=4)[0], original,
-                              tokenizer, rows)[1]
-    assert kl_kl < 0.5 * ga_kl, (kl_kl, ga_kl)
+        A_over_H = loss_by_hand("rmu", target, target, tokenizer, forget, retain, args)[0].item()  # retain term 0
+    H = target.config.hidden_size
+    assert H * (first[13.0] - 2 * first[6.5] + A_over_H) / 2 == pytest.approx(6.5 ** 2, rel=1e-3)
 
 
 def test_non_finite_loss_stops_the_run(micro):
@@ -1115,17 +1228,6 @@ def test_relearn_data_kinds(micro, tmp_path):
         "Ada Lovelace wrote the first program."
     with pytest.raises(SystemExit, match="--relearn_data nope.jsonl"):
         lume.main(["--relearn_data", "retain,nope.jsonl"])
-
-
-def test_the_kl_reference_is_the_target_and_stays_unchanged(micro, monkeypatch):
-    original, tokenizer, folder = micro
-    held = []
-    freeze = lume.freeze
-    monkeypatch.setattr(lume, "freeze", lambda m: held.append(m) or freeze(m))
-    model, _, _, _ = few_steps(folder, "kl", alpha=1.0)
-    reference = held[0]  # the first model unlearn freezes: its copy of the target
-    assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(original)))
-    assert any(not torch.equal(a, b) for a, b in zip(weights(model), weights(original)))
 
 
 # -----------------------------------------------------------------------------

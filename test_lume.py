@@ -615,40 +615,48 @@ def test_mmlu_prompt_and_sources(tmp_path):
     assert lume.load_mmlu("none") is None
 
 
-def test_mmlu_accuracy_reads_the_letter_logits(micro):
-    model, tokenizer, _ = micro
-    questions = [dict(subject="s", question=f"q{i}", choices=["a", "b", "c", "d"], answer=i % 4) for i in range(8)]
+def test_mmlu_accuracy_reads_the_letter_logits(shipped):
+    """The shipped target learnt the utility set: batched, right-padded prompts of many lengths read the letter at each
+    prompt's last real token, as one prompt at a time does."""
+    target, tokenizer, _, _ = shipped
+    mmlu = lume.load_mmlu("")
+    assert len({len(lume.mmlu_prompt(q, [])) for q in mmlu.test}) > 10
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     predicted = []  # one prompt at a time, no padding: the independent route
-    for q in questions:
-        ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, []))["input_ids"]])
-        predicted.append(int(model(input_ids=ids).logits[0, -1, letters].argmax()))
-    expected = sum(p == q["answer"] for p, q in zip(predicted, questions)) / 8
-    mmlu = lume.Mmlu(questions, [], "hand-made", real=True)
-    accuracy, records = lume.mmlu_accuracy(model, tokenizer, mmlu, 0, 3, torch.device("cpu"))
-    assert accuracy == expected
+    with torch.no_grad():
+        for q in mmlu.test:
+            ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, []))["input_ids"]])
+            predicted.append(int(target(input_ids=ids).logits[0, -1, letters].argmax()))
+    accuracy, records = lume.mmlu_accuracy(target, tokenizer, mmlu, 0, 16, CPU)
     assert [r["predicted"] for r in records] == ["ABCD"[p] for p in predicted]
+    assert accuracy == sum(p == q["answer"] for p, q in zip(predicted, mmlu.test)) / len(mmlu.test) >= 0.9
 
 
-def test_batched_generation_equals_one_at_a_time(micro):
-    model, tokenizer, _ = micro
-    data = lume.load_lume(DATA)
-    prompts = [r["input"] for r in data.forget[::13]]  # sc and qa prompts of many lengths
-    one, _ = lume.generate(model, tokenizer, prompts, 12, 1, torch.device("cpu"))
-    batched, _ = lume.generate(model, tokenizer, prompts, 12, 8, torch.device("cpu"))
-    assert batched == one
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # padding really happened
-    # one prompt at a time equals HF's generate, as the official scorer calls it
-    for p, ours in list(zip(prompts, one))[:3]:
-        ids = torch.tensor([tokenizer(p)["input_ids"]])
-        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        assert ours == tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
-    # and a plain greedy loop without a cache, written out here
-    ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
-    for _ in range(12):
-        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
-    assert one[0] == tokenizer.decode(ids[0, -12:], skip_special_tokens=True)
+def test_batched_generation_equals_one_at_a_time(shipped):
+    """On the shipped target, which answers from memory, a continuation depends on every position and on the mask:
+    left-padded batches of prompts of many lengths give what one prompt at a time gives, which is the memorised gold,
+    Hugging Face's generate, and a plain greedy loop without a cache."""
+    target, tokenizer, _, data = shipped
+    rows = (data.forget + data.retain)[::9]  # sc and qa prompts of the three tasks
+    prompts = [r["input"] for r in rows]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 10  # padding really happens
+    one, n_one = lume.generate(target, tokenizer, prompts, 40, 1, CPU)
+    batched, n_batched = lume.generate(target, tokenizer, prompts, 40, 16, CPU)
+    assert batched == one and n_batched == n_one
+    qa = [(r["output"], text) for r, text in zip(rows, one) if r["kind"] == "qa"]
+    assert len(qa) > 20 and sum(text == " " + gold for gold, text in qa) >= 0.9 * len(qa)  # then EOS, skipped
+    sc = [(r["output"], text) for r, text in zip(rows, one) if r["kind"] == "sc"]
+    assert sum(gold.startswith(text[1:]) for gold, text in sc) >= 0.9 * len(sc)  # 40 tokens of the story
+    for k in (0, 1, 2):  # one prompt at a time equals HF's generate, as the official scorer calls it
+        ids = torch.tensor([tokenizer(prompts[k])["input_ids"]])
+        hf = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert one[k] == tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
+    ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])  # and a plain greedy loop, written out here
+    with torch.no_grad():
+        for _ in range(n_one[0]):
+            ids = torch.cat([ids, target(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    assert one[0] == tokenizer.decode(ids[0, -n_one[0]:])
 
 
 class TableModel(torch.nn.Module):
@@ -703,50 +711,148 @@ def test_mia_statistics_match_hf_loss(micro):
 
 
 # -----------------------------------------------------------------------------
-# the command line, end to end, on a micro model saved with save_pretrained
+# the command line, end to end: one scored run of the shipped target over the three tasks
 
 
-def test_cli_end_to_end_on_a_local_model_folder(micro, tmp_path):
-    _, _, folder = micro
-    out = tmp_path / "run"
-    summaries = lume.main(["--model", str(folder), "--ref_model", str(folder), "--retrain_model", str(folder),
-                           "--task", "2", "--algo", "npo", "--epochs", "1", "--max_new_tokens", "6",
-                           "--out_dir", str(out), "--log_every", "1", "--save_model", "--probes", "none"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["complete"] is True
-    # --save_model round trip: the saved model generates what the unlearned model generated
-    saved, saved_tokenizer = lume.load_model(str(out / "model"), torch.device("cpu"))
-    unlearned = [r for r in metrics["records"] if r["model"] == "unlearned"][::20]
-    again, _ = lume.generate(saved, saved_tokenizer, [r["input"] for r in unlearned], 6, 1, torch.device("cpu"))
-    assert again == [r["generation"] for r in unlearned]
-    assert json.loads((out / "args.json").read_text())["algo"] == "npo"
-    assert set(metrics["summary"]) == {"target", "unlearned", "retrain"} == set(summaries)
-    assert (out / "metrics.md").read_text().count("\n| ") == 3  # one row per model
-    # every summary number, recomputed here from the per-prompt records with the official formulas
+def data_slice(folder, n):
+    """data/ cut to the first n documents of each task in each split, rows byte for byte, with their paraphrases."""
+    folder.mkdir(parents=True)
+    kept = set()
+    for split in ("forget", "retain", "holdout"):
+        docs, lines = {}, []
+        for line in (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True):
+            row = json.loads(line)
+            chosen = docs.setdefault(row["task"], [])
+            if row["id"][:-3] not in chosen and len(chosen) < n:
+                chosen.append(row["id"][:-3])
+            if row["id"][:-3] in chosen:
+                lines.append(line)
+                kept.add(row["id"])
+        (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    paraphrases = (DATA / "rephrase.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "rephrase.jsonl").write_text("".join(p for p in paraphrases if json.loads(p)["id"] in kept), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def shipped_run(micro, tmp_path_factory):
+    """`python lume.py --algo gd` on the shipped target over the three tasks, 4 documents of each per split, every
+    probe: the unlearned model forgot some of what the target knew. The MIA-LR reference is the default
+    (data/retain-only); the retrain row is the micro model, so that the two roles cannot be confused."""
+    root = tmp_path_factory.mktemp("shipped")
+    data_slice(root / "data", 4)
+    out = root / "run"
+    summaries = lume.main(["--data_dir", str(root / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4",
+                           "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24", "--retrain_model", str(micro[2]),
+                           "--relearn_steps", "2", "--relearn_data", "retain", "--fewshot_k", "2", "--quant_bits", "8",
+                           "--save_model", "--out_dir", str(out)])
+    return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
+
+
+def test_a_scored_run_over_the_three_tasks_recomputed(shipped_run):
+    """Every record's score from its gold and generation (rouge-score's ROUGE-L recall, exact match), then every summary
+    number: the 12 terms, their harmonic mean, the MIA AUCs and scores, MMLU and the final score."""
+    from rouge_score import rouge_scorer
+
+    summaries, metrics, out, data = shipped_run
+    assert metrics["complete"] is True and list(metrics["summary"]) == ["target", "unlearned", "retrain"] == list(summaries)
+    assert json.loads((out / "args.json").read_text())["task"] == "all"
+    rows = [line.split(" | ")[0] for line in (out / "metrics.md").read_text().split("\n\n")[0].splitlines()[2:]]
+    assert rows == ["| target", "| unlearned", "| retrain"]
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     for name, summary in metrics["summary"].items():
         recs = [r for r in metrics["records"] if r["model"] == name]
-        assert len(recs) == 120 + 120  # Task2: 20 documents x (1 sc + 5 qa) in forget and retain
+        assert [(r["id"], r["split"]) for r in recs] == [(r["id"], r["split"]) for r in data.forget + data.retain]
+        for r in recs:
+            expected = (rouge.score(target=r["gold"], prediction=r["generation"])["rougeL"].recall if r["kind"] == "sc"
+                        else float(r["gold"].strip().lower() == r["generation"].strip().lower()))
+            assert r["score"] == pytest.approx(expected), r
         terms = []
-        for split in ("forget", "retain"):
-            for kind, metric in (("sc", "regurgitation"), ("qa", "knowledge")):
-                scores = [r["score"] for r in recs if r["split"] == split and r["kind"] == kind]
-                if kind == "qa":
-                    assert scores == [float(r["gold"].strip().lower() == r["generation"].strip().lower())
-                                      for r in recs if r["split"] == split and r["kind"] == kind]
-                mean = sum(scores) / len(scores)
-                assert summary[f"Task2/{split}/{metric}"] == pytest.approx(mean)
-                terms.append(1 - mean if split == "forget" else mean)
-        assert summary["task_aggregate"] == pytest.approx(statistics.harmonic_mean(terms))
+        for task in lume.TASKS:
+            for split in ("forget", "retain"):
+                for kind, metric in (("sc", "regurgitation"), ("qa", "knowledge")):
+                    scores = [r["score"] for r in recs if (r["task"], r["split"], r["kind"]) == (task, split, kind)]
+                    assert summary[f"{task}/{split}/{metric}"] == pytest.approx(sum(scores) / len(scores))
+                    terms.append(1 - sum(scores) / len(scores) if split == "forget" else sum(scores) / len(scores))
+        assert len(terms) == 12
+        aggregate = 0 if min(terms) == 0 else 12 / sum(1 / t for t in terms)
+        assert summary["task_aggregate"] == pytest.approx(aggregate)
         docs = [d for d in metrics["mia"] if d["model"] == name]
-        members = [d["loss"] for d in docs if d["member"]]
-        others = [d["loss"] for d in docs if not d["member"]]
-        wins = sum((m > o) + 0.5 * (m == o) for m in members for o in others) / (len(members) * len(others))
-        assert summary["mia_loss_auc"] == pytest.approx(wins)
+        for attack in ("loss", "ref"):
+            members = [d[attack] for d in docs if d["member"]]
+            others = [d[attack] for d in docs if not d["member"]]
+            wins = sum((m > o) + 0.5 * (m == o) for m in members for o in others) / (len(members) * len(others))
+            assert summary[f"mia_{attack}_auc"] == pytest.approx(wins)
+            assert summary[f"mia_{attack}_score"] == pytest.approx(1 - 2 * abs(wins - 0.5))
         questions = [q for q in metrics["mmlu"] if q["model"] == name]
         assert len(questions) == 69  # the utility set's test split
         assert summary["mmlu"] == pytest.approx(sum(q["predicted"] == q["answer"] for q in questions) / 69)
-        parts = [summary["task_aggregate"], summary["mmlu"], 1 - 2 * abs(wins - 0.5)]
-        assert summary["final"] == pytest.approx(sum(parts) / 3)
+        assert summary["final"] == pytest.approx((aggregate + summary["mmlu"] + summary["mia_loss_score"]) / 3)
+    # the target knew its forget set; unlearning removed some of it and kept every retain term above 0
+    target, unlearned = metrics["summary"]["target"], metrics["summary"]["unlearned"]
+    assert target["Task1/forget/knowledge"] == 1 and unlearned["task_aggregate"] > 0.1
+    assert sum(unlearned[k] for k in unlearned if "/forget/" in k) < sum(target[k] for k in target if "/forget/" in k) - 1
+
+
+def test_the_roles_in_a_run(shipped, shipped_run, micro):
+    """The MIA's members are the forget documents and its non-members the held-out ones, never trained on; each
+    document's LOSS is Hugging Face's loss and its likelihood ratio is against data/retain-only (the default
+    reference), for the target, the unlearned model saved by --save_model and the retrain row, the model named by
+    --retrain_model."""
+    target, tokenizer, gold, _ = shipped
+    summaries, metrics, out, data = shipped_run
+    documents = lambda rows: {r["doc"]: r["input"] + " " + r["output"] for r in rows if r["kind"] == "sc"}
+    members, nonmembers = documents(data.forget), documents(data.holdout)
+    unlearned = lume.load_model(str(out / "model"), CPU)[0]
+    loss = lambda m, text: m(**(ids := tokenizer(text, return_tensors="pt")), labels=ids["input_ids"]).loss.item()
+    for name, model in (("target", target), ("unlearned", unlearned), ("retrain", micro[0])):
+        docs = [d for d in metrics["mia"] if d["model"] == name]
+        assert [d["id"] for d in docs if d["member"]] == list(members)
+        assert [d["id"] for d in docs if not d["member"]] == list(nonmembers)
+        with torch.no_grad():
+            for d in docs[::3]:
+                text = (members if d["member"] else nonmembers)[d["id"]]
+                assert d["loss"] == pytest.approx(-loss(model, text), rel=1e-4)
+                assert d["ref"] == pytest.approx(loss(gold, text) - loss(model, text), rel=1e-4, abs=1e-5)
+    # --save_model round trip: the saved model generates what the unlearned model generated
+    recs = [r for r in metrics["records"] if r["model"] == "unlearned"][::10]
+    assert lume.generate(unlearned, tokenizer, [r["input"] for r in recs], 24, 8, CPU)[0] == [r["generation"] for r in recs]
+
+
+def test_the_probes_of_a_run_that_removed_something(shipped_run):
+    """Each probe's numbers recomputed from its records; the recovery of the unlearned model, (probed - unlearned) /
+    (target - unlearned) clipped to [0, 1], is a number here, since unlearning removed knowledge and regurgitation."""
+    from rouge_score import rouge_scorer
+
+    _, metrics, out, _ = shipped_run
+    block, rouge = metrics["robustness"], rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit"}
+    assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
+    assert set(block["summary"]["quantize 8-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
+    for r in block["records"]:
+        assert r["score"] == pytest.approx(rouge.score(r["gold"], r["generation"])["rougeL"].recall if r["kind"] == "sc"
+                                           else float(r["gold"].strip().lower() == r["generation"].strip().lower()))
+    mean = lambda xs: sum(xs) / len(xs)
+    recovered = []
+    for probe, by_model in block["summary"].items():
+        for name, numbers in by_model.items():
+            recs = [r for r in block["records"] if r["probe"] == probe and r["model"] == name]
+            for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):
+                tasks = [[r["score"] for r in recs if (r["task"], r["split"], r["kind"]) == (t, "forget", kind)]
+                         for t in lume.TASKS]
+                if not any(tasks):  # the prompt probes ask questions only
+                    assert numbers[f"forget_{metric}"] is None and kind == "sc" and probe in ("fewshot k=2", "rephrase")
+                    continue
+                probed = mean([mean(scores) for scores in tasks])  # the mean over tasks of the per-task means
+                assert numbers[f"forget_{metric}"] == pytest.approx(probed)
+                if name == "target":
+                    continue
+                now = mean([metrics["summary"][name][f"{t}/forget/{metric}"] for t in lume.TASKS])
+                top = mean([metrics["summary"]["target"][f"{t}/forget/{metric}"] for t in lume.TASKS])
+                expected = None if top - now <= 1e-12 else min(1, max(0, (probed - now) / (top - now)))
+                assert numbers[f"recovery_{metric}"] == (None if expected is None else pytest.approx(expected))
+                recovered += [(probe, metric)] if name == "unlearned" and expected is not None else []
+    assert len(recovered) == 6, recovered  # relearn and quantize: both metrics; fewshot and rephrase: knowledge
+    assert "| quantize 8-bit |" in (out / "metrics.md").read_text()
 
 
 def test_eval_only_scores_without_unlearning(micro, tmp_path):
@@ -792,6 +898,22 @@ def test_lr_at_its_ends():
     assert lume.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert lume.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.1)
     assert lume.lr_at(0, 1, 2e-3, 0.0) == pytest.approx(2e-3)  # one step, no warm-up: the peak
+
+
+def test_the_loop_sets_the_schedule_and_clips(shipped):
+    """12 GA steps with --lr 1e-3 --warmup 0.25 --grad_clip 0.01: the learning rate the optimizer holds at each step is
+    the schedule worked out by hand (warm-up over 3 steps, then a cosine, which a linear decay would miss: 0.89 of the
+    peak at step 6, not 0.80), and the gradient it steps with has the clipped norm (the raw one is far above it)."""
+    target, tokenizer, _, data = shipped
+    model = copy.deepcopy(target)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:6]), 512)
+    args = lume.parse_args(["--algo", "ga", "--lr", "1e-3", "--warmup", "0.25", "--grad_clip", "0.01", "--batch_size",
+                            "1", "--grad_accum", "1", "--max_steps", "12", "--log_every", "100"])
+    with optimizer_steps(model) as steps:
+        stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(12, 1e-3, 3), rel=1e-6)
+    norms = [torch.cat([g.flatten() for g in s["grad"].values()]).norm().item() for s in steps]
+    assert norms == pytest.approx([0.01] * 12, rel=1e-3) and stats["grad_norm"] > 0.05  # the raw norm, logged
 
 
 def test_encode_label_boundary_and_cut(micro):
@@ -1161,42 +1283,16 @@ def test_recovery_worked_numbers():
 
 
 def test_relearning_lowers_the_forget_nll(micro):
+    """20 steps at --relearn_lr (not --lr), no warm-up: the first step at the peak, then a cosine to a tenth."""
     model, tokenizer, _ = micro
     data = lume.load_lume(DATA, "3")
     forget = lume.row_examples(tokenizer, data.forget, 512)
-    args = lume.parse_args(["--relearn_steps", "10", "--relearn_lr", "3e-3", "--batch_size", "8"])
-    relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
+    args = lume.parse_args(["--relearn_steps", "20", "--relearn_lr", "3e-3", "--lr", "1e-4", "--batch_size", "8"])
+    with optimizer_steps(model) as steps:
+        relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
+    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(20, 3e-3, 1), rel=1e-6)
     nll = lambda m: -lume.summed_logp(m, forget, 16, tokenizer.pad_token_id, CPU).sum().item()
     assert nll(relearned) < nll(model) - 1.0
-
-
-def test_robustness_block_recomputed_from_its_records(micro, tmp_path):
-    _, _, folder = micro
-    out = tmp_path / "probes"
-    lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "1", "--algo", "ga",
-               "--epochs", "1", "--max_new_tokens", "4", "--mmlu", "none", "--relearn_steps", "2",
-               "--out_dir", str(out)])
-    metrics = json.loads((out / "metrics.json").read_text())
-    block = metrics["robustness"]
-    assert set(block["summary"]) == {"relearn retain", "relearn mmlu", "fewshot k=5", "rephrase",
-                                     "quantize 8-bit", "quantize 4-bit"}
-    assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
-    assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
-    mean = lambda xs: sum(xs) / len(xs)
-    for probe, by_model in block["summary"].items():
-        for name, numbers in by_model.items():
-            recs = [r for r in block["records"] if r["probe"] == probe and r["model"] == name]
-            assert recs and all(r["score"] == float(r["gold"].strip().lower() == r["generation"].strip().lower())
-                                for r in recs if r["kind"] == "qa")
-            probed = mean([r["score"] for r in recs if r["split"] == "forget" and r["kind"] == "qa"])
-            assert numbers["forget_knowledge"] == pytest.approx(probed)  # one task: no mean over tasks
-            if name == "target":
-                continue
-            base = metrics["summary"][name]["Task1/forget/knowledge"]
-            top = metrics["summary"]["target"]["Task1/forget/knowledge"]
-            expected = None if top - base <= 1e-12 else min(1, max(0, (probed - base) / (top - base)))
-            assert numbers["recovery_knowledge"] == (pytest.approx(expected) if expected is not None else None)
-    assert "| quantize 4-bit |" in (out / "metrics.md").read_text()
 
 
 def test_readme_reading_guide_names_real_sections():

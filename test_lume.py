@@ -483,8 +483,9 @@ def test_two_unlearning_steps_by_hand(shipped, algo):
     target, tokenizer, _, data = shipped
     forget, retain = step_rows(data)
     model = copy.deepcopy(target)
-    args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2", "--alpha", "0.5",
-                            "--grad_clip", "1e9", "--rmu_c", "1e-6", "--rmu_alpha", "100", "--log_every", "100"])
+    args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2",
+                            "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6", "--rmu_alpha", "100",
+                            "--log_every", "100"])
     args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
     with optimizer_steps(model) as steps:
@@ -502,7 +503,7 @@ def test_two_unlearning_steps_by_hand(shipped, algo):
         loss, forget_nll = loss_by_hand(algo, m, target, tokenizer, forget, retain, args)
         params = dict(m.named_parameters())
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        want = torch.cat([(g if g is not None else torch.zeros_like(params[n])).flatten() for g, n in zip(grads, names)])
+        want = torch.cat([(torch.zeros_like(params[n]) if g is None else g).flatten() for g, n in zip(grads, names)])
         got = torch.cat([step["grad"][n].flatten() for n in names])
         assert ((got - want).norm() / want.norm()).item() < 1e-4, algo
     assert stats["last"]["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
@@ -562,7 +563,11 @@ def test_task_aggregate_harmonic_mean_and_its_zero_rule():
              "Task1/retain/regurgitation": 0.8, "Task1/retain/knowledge": 0.4}
     # terms 0.8, 0.5, 0.8, 0.4: 4 / (1.25 + 2 + 1.25 + 2.5)
     assert lume.task_aggregate(means) == pytest.approx(4 / 7)
-    means["Task1/forget/knowledge"] = 1.0  # forgot nothing: 1 - 1 = 0
+    # the three tasks: 12 terms, Task2's and Task3's each 0.5 after inversion, so 12 / (7 + 8 * 2)
+    means |= {f"{t}/{s}/{m}": 0.5 for t in ("Task2", "Task3") for s in ("forget", "retain")
+              for m in ("regurgitation", "knowledge")}
+    assert lume.task_aggregate(means) == pytest.approx(12 / 23)
+    means["Task3/forget/knowledge"] = 1.0  # forgot nothing: 1 - 1 = 0
     assert lume.task_aggregate(means) == 0
 
 
@@ -685,7 +690,7 @@ def test_mia_statistics_by_hand():
     model = TableModel([[0.0, math.log(2), math.log(3)]] * 5)
     ref = TableModel([[0.0, 0.0, 0.0]] * 5)  # uniform: NLL log 3 per token
     docs = [dict(id="d", task="Task1", text="0 2 1 2 1", member=True)]
-    args = lume.parse_args(["--mink_k", "0.5"])
+    args = lume.parse_args(["--mink_k", "0.7"])  # 0.7 of 4 tokens: k = 2, rounded down as Min-K%++'s code does
     (stats,) = lume.mia_statistics(model, ref, ListTokenizer(), docs, args, torch.device("cpu"))
     p = [1 / 6, 2 / 6, 3 / 6]
     targets = [2, 1, 2, 1]  # each position predicts the next token
@@ -695,7 +700,8 @@ def test_mia_statistics_by_hand():
     mu = sum(q * math.log(q) for q in p)
     sigma = math.sqrt(sum(q * math.log(q) ** 2 for q in p) - mu ** 2)
     z = sorted((math.log(p[t]) - mu) / sigma for t in targets)
-    assert stats["mink++"] == pytest.approx((z[0] + z[1]) / 2)  # the lowest 50% of 4 tokens
+    assert stats["mink++"] == pytest.approx((z[0] + z[1]) / 2)  # the lowest 2 of 4 tokens (not 3: z[2] > z[1])
+    assert z[2] > z[1] + 0.1
     compressed = zlib.compressobj()
     bits = 8 * len(compressed.compress(b"0 2 1 2 1") + compressed.flush())
     assert stats["zlib"] == pytest.approx(-nll / bits)
@@ -730,7 +736,8 @@ def data_slice(folder, n):
                 kept.add(row["id"])
         (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     paraphrases = (DATA / "rephrase.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (folder / "rephrase.jsonl").write_text("".join(p for p in paraphrases if json.loads(p)["id"] in kept), encoding="utf-8")
+    (folder / "rephrase.jsonl").write_text("".join(p for p in paraphrases if json.loads(p)["id"] in kept),
+                                           encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -742,7 +749,8 @@ def shipped_run(micro, tmp_path_factory):
     data_slice(root / "data", 4)
     out = root / "run"
     summaries = lume.main(["--data_dir", str(root / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4",
-                           "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24", "--retrain_model", str(micro[2]),
+                           "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
+                           "--retrain_model", str(micro[2]),
                            "--relearn_steps", "2", "--relearn_data", "retain", "--fewshot_k", "2", "--quant_bits", "8",
                            "--save_model", "--out_dir", str(out)])
     return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
@@ -754,7 +762,8 @@ def test_a_scored_run_over_the_three_tasks_recomputed(shipped_run):
     from rouge_score import rouge_scorer
 
     summaries, metrics, out, data = shipped_run
-    assert metrics["complete"] is True and list(metrics["summary"]) == ["target", "unlearned", "retrain"] == list(summaries)
+    assert metrics["complete"] is True
+    assert list(metrics["summary"]) == ["target", "unlearned", "retrain"] == list(summaries)
     assert json.loads((out / "args.json").read_text())["task"] == "all"
     rows = [line.split(" | ")[0] for line in (out / "metrics.md").read_text().split("\n\n")[0].splitlines()[2:]]
     assert rows == ["| target", "| unlearned", "| retrain"]
@@ -790,7 +799,8 @@ def test_a_scored_run_over_the_three_tasks_recomputed(shipped_run):
     # the target knew its forget set; unlearning removed some of it and kept every retain term above 0
     target, unlearned = metrics["summary"]["target"], metrics["summary"]["unlearned"]
     assert target["Task1/forget/knowledge"] == 1 and unlearned["task_aggregate"] > 0.1
-    assert sum(unlearned[k] for k in unlearned if "/forget/" in k) < sum(target[k] for k in target if "/forget/" in k) - 1
+    forgot = lambda summary: sum(v for k, v in summary.items() if "/forget/" in k)
+    assert forgot(unlearned) < forgot(target) - 1
 
 
 def test_the_roles_in_a_run(shipped, shipped_run, micro):
@@ -815,7 +825,8 @@ def test_the_roles_in_a_run(shipped, shipped_run, micro):
                 assert d["ref"] == pytest.approx(loss(gold, text) - loss(model, text), rel=1e-4, abs=1e-5)
     # --save_model round trip: the saved model generates what the unlearned model generated
     recs = [r for r in metrics["records"] if r["model"] == "unlearned"][::10]
-    assert lume.generate(unlearned, tokenizer, [r["input"] for r in recs], 24, 8, CPU)[0] == [r["generation"] for r in recs]
+    again = lume.generate(unlearned, tokenizer, [r["input"] for r in recs], 24, 8, CPU)[0]
+    assert again == [r["generation"] for r in recs]
 
 
 def test_the_probes_of_a_run_that_removed_something(shipped_run):
@@ -1027,6 +1038,20 @@ def test_out_dir_is_checked_before_any_work(tmp_path, monkeypatch):
         lume.main(["--out_dir", str(earlier), "--overwrite"])
 
 
+def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):
+    """metrics.json is rewritten after every scored model: a write that fails midway (here a lone surrogate, which
+    UTF-8 cannot encode, after 200 kB) must leave the earlier file as it was, never half of the new one."""
+    failing = "x" * 200_000 + "\ud800"
+    for path, write, earlier, later in ((tmp_path / "metrics.json", lume.write_json_atomic, {"complete": False},
+                                         {"records": failing}),
+                                        (tmp_path / "metrics.md", lume.write_text_atomic, "| target |\n", failing)):
+        write(path, earlier)
+        before = path.read_bytes()
+        with pytest.raises(UnicodeEncodeError):
+            write(path, later)
+        assert path.read_bytes() == before
+
+
 def test_help_runs():
     p = subprocess.run([sys.executable, str(HERE / "lume.py"), "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--warmup" in p.stdout and "10%" in p.stdout, p.stderr
@@ -1065,6 +1090,12 @@ def test_the_gate_applies_only_to_real_mmlu():
     records = [dict(task="Task1", split=s, kind=k, score=0.5) for s in ("forget", "retain") for k in ("sc", "qa")]
     assert lume.summarize(records, [], 0.2, gate=True)["mmlu_below_gate"] is True
     assert lume.summarize(records, [], 0.2, gate=False)["mmlu_below_gate"] is None
+    # SemEval: MMLU must stay >= 0.371 (75% of the 7B target's 0.495)
+    below = [lume.summarize(records, [], acc)["mmlu_below_gate"] for acc in (0.3705, 0.371, 0.3715)]
+    assert below == [True, False, False]
+    # no MIA (no non-members): the final score is the mean of the other two, not a 0 counted in
+    no_mia = lume.summarize(records, [dict(member=True, loss=-1.0)], 0.2)
+    assert "mia_loss_score" not in no_mia and no_mia["final"] == pytest.approx((0.5 + 0.2) / 2)
     table = lume.report({"m": lume.summarize(records, [], 0.2, gate=False)}, ["Task1"], lume.load_mmlu(""))
     assert "below gate" not in table and "the embedded utility set" in table and "no gate" in table
 
@@ -1223,6 +1254,14 @@ def test_fake_quantize_by_hand():
             groups = w4.detach().reshape(-1, lume.group_size(w.shape[1]))
             assert all(len(g.unique()) <= 15 for g in groups[:20]), name
             assert not torch.equal(w4, lume.fake_quantize(w.detach(), 4))  # not one scale per row
+    q8 = lume.quantized(model, 8)
+    for (name, w), (_, w8) in zip(model.named_parameters(), q8.named_parameters()):
+        if "proj" in name:  # 8 bits: one scale per output channel, each row on its own grid of max|row| / 127
+            step = w.detach().abs().amax(1, keepdim=True) / 127
+            assert torch.allclose(w8 / step, (w8 / step).round(), atol=1e-3), name
+            assert ((w8 - w).abs() <= step / 2 + 1e-7).all(), name
+    for q in (q4, q8):  # the output embedding (tied to the input one here) is never quantized
+        assert torch.equal(q.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
 def weights(model):
@@ -1247,12 +1286,13 @@ def test_fewshot_prompts_hold_k_retain_pairs_of_the_task():
     rows = lume.fewshot_rows(data, 5, seed=0)
     forget_qa = [r for r in data.forget if r["kind"] == "qa"]
     assert [r["id"] for r in rows] == [r["id"] for r in forget_qa]
-    retain_pairs = {f"{r['input']} {r['output']}": r["task"] for r in data.retain if r["kind"] == "qa"}
+    retain_pairs = {f"{r['input']} {r['output']}": (r["task"], r["id"][-3:]) for r in data.retain if r["kind"] == "qa"}
     for row, original in zip(rows, forget_qa):
         *shots, question = row["input"].split("\n")
         assert question == original["input"] and len(shots) == 5
-        assert all(retain_pairs.get(s) == original["task"] for s in shots)  # retain pairs of the same task
-        assert original["output"] not in " ".join(shots)  # the shots never give the answer away
+        # retain pairs of the same task and question kind (Task2 asks five: birth date, SSN, phone, email, address)
+        assert all(retain_pairs.get(s) == (original["task"], original["id"][-3:]) for s in shots), original["id"]
+        assert original["output"].lower() not in " ".join(shots).lower()  # the shots never give the answer away
         assert row["output"] == original["output"]
 
 
@@ -1261,6 +1301,10 @@ def test_rephrased_prompts_differ_and_keep_the_answer(tmp_path):
     rows = lume.rephrased_rows(data)
     originals = {r["id"]: r for r in data.forget if r["kind"] == "qa"}
     assert len(rows) == 2 * len(originals)  # two paraphrases per question in data/rephrase.jsonl
+    lines = (DATA / "rephrase.jsonl").read_text(encoding="utf-8").splitlines()
+    release = {row["id"]: row["paraphrases"] for row in map(json.loads, lines)}
+    for qid in originals:  # each question asked in its own paraphrases, in their order
+        assert [r["input"] for r in rows if r["id"] == qid] == release[qid], qid
     for r in rows:
         assert r["input"] != originals[r["id"]]["input"] and r["output"] == originals[r["id"]]["output"]
         assert r["output"].lower() not in r["input"].lower()
@@ -1402,17 +1446,25 @@ def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["cost"]["train"]["trained_blocks"] == [1]
 
 
-def test_algo_all_writes_a_block_per_method(micro, tmp_path):
+def test_algo_all_writes_a_block_per_method(micro, tmp_path, monkeypatch):
+    """Every method starts from the target (restored before each run: each sees what it would alone) with its own
+    recipe, and gets its block in compare.md and metrics.json."""
     _, _, folder = micro
-    out = tmp_path / "all"
+    out, target, started = tmp_path / "all", weights(lume.load_model(str(folder), CPU)[0]), []
+    unlearn = lume.unlearn
+    monkeypatch.setattr(lume, "unlearn", lambda model, *a: started.append(weights(model)) or unlearn(model, *a))
     summaries = lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "3", "--algo", "all",
                            "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none", "--probes", "none",
                            "--out_dir", str(out)])
     names = ["ga", "gd", "kl", "npo", "simnpo", "rmu", "ails"]
+    assert len(started) == 7 and all(all(torch.equal(a, b) for a, b in zip(w, target)) for w in started)
     assert list(summaries) == ["target"] + names + ["retrain"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["target"] + names + ["retrain"]
     assert set(metrics["cost"]["train"]) == set(names)
+    # 2 blocks: RMU steers block round(7 * 2 / 32) = 0 and trains it; AILS trains the last quarter, at least 1
+    assert {n: s["trained_blocks"] for n, s in metrics["cost"]["train"].items()} == \
+        dict(ga=[0, 1], gd=[0, 1], kl=[0, 1], npo=[0, 1], simnpo=[0, 1], rmu=[0], ails=[1])
     table = (out / "compare.md").read_text()
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == \
         ["| " + n for n in ["target"] + names + ["retrain"]]

@@ -83,16 +83,17 @@ def shipped():
 
 @contextlib.contextmanager
 def optimizer_steps(model):
-    """What every optimizer step sees, read through torch's global optimizer hooks: its learning rate, the gradient it
-    steps with and the weights after it, by parameter name (`model`'s; an index for a copy's)."""
+    """What every optimizer step sees, read through torch's global optimizer hooks: its learning rate and weight decay,
+    the gradient it steps with and the weights after it, by parameter name (`model`'s; an index for a copy's)."""
     names, seen = {id(p): n for n, p in model.named_parameters()}, []
 
     def params(opt):
         return [p for group in opt.param_groups for p in group["params"]]
 
     def before(opt, args, kwargs):
-        seen.append(dict(lr=opt.param_groups[0]["lr"], grad={names.get(id(p), i): p.grad.clone()
-                                                             for i, p in enumerate(params(opt)) if p.grad is not None}))
+        seen.append(dict(lr=opt.param_groups[0]["lr"], weight_decay=opt.param_groups[0]["weight_decay"],
+                         grad={names.get(id(p), i): p.grad.clone() for i, p in enumerate(params(opt))
+                               if p.grad is not None}))
 
     def after(opt, args, kwargs):
         seen[-1]["weights"] = {names.get(id(p), i): p.detach().clone() for i, p in enumerate(params(opt))}
@@ -469,22 +470,23 @@ def loss_by_hand(algo, model, target, tokenizer, forget, retain, a):
 
 
 def step_rows(data):
-    """4 forget and 4 retain rows of Task2 with answers of very different lengths (a biography, short answers)."""
-    pick = lambda rows, kinds: [r for r in rows if r["task"] == "Task2" and r["id"][-3:] in kinds][:4]
-    return pick(data.forget, ("sc1", "qa0", "qa1", "qa3")), pick(data.retain, ("sc1", "qa0", "qa2", "qa4"))
+    """4 forget and 8 retain rows of Task2 with answers of very different lengths (biographies, short answers)."""
+    forget = [r for r in data.forget if r["task"] == "Task2" and r["id"][-3:] in ("sc1", "qa0", "qa1", "qa3")][:4]
+    return forget, [r for r in data.retain if r["task"] == "Task2"][:8]
 
 
 @pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo", "simnpo", "rmu"])
 def test_two_unlearning_steps_by_hand(shipped, algo):
-    """Two optimizer steps of each method on the shipped target, 4 forget and 4 retain rows split over 2 micro-steps:
-    the gradient each step uses is that of the method's loss written out by hand (step 2 from where step 1 left the
-    model, against the frozen target as NPO's and KL's reference and RMU's frozen model), the loss logged at step 2 is
-    that loss, the parameters trained are the method's, and step 1 lowered the forget rows' likelihood."""
+    """Two optimizer steps of each method on the shipped target, 4 forget and 8 retain rows (2 per forget row) split
+    over 2 micro-steps, each step seeing them all: the gradient each step uses is that of the method's loss written out
+    by hand (step 2 from where step 1 left the model, against the frozen target as NPO's and KL's reference and RMU's
+    frozen model), the loss logged at step 2 is that loss, the parameters trained are the method's, and step 1 lowered
+    the forget rows' likelihood."""
     target, tokenizer, _, data = shipped
     forget, retain = step_rows(data)
     model = copy.deepcopy(target)
     args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2",
-                            "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6", "--rmu_alpha", "100",
+                            "--retain_per_forget", "2", "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6", "--rmu_alpha", "100",
                             "--log_every", "100"])
     args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
@@ -751,7 +753,7 @@ def shipped_run(micro, tmp_path_factory):
     summaries = lume.main(["--data_dir", str(root / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4",
                            "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
                            "--retrain_model", str(micro[2]),
-                           "--relearn_steps", "2", "--relearn_data", "retain", "--fewshot_k", "2", "--quant_bits", "8",
+                           "--relearn_steps", "2", "--relearn_data", "retain", "--fewshot_k", "2", "--quant_bits", "8,4",
                            "--save_model", "--out_dir", str(out)])
     return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
 
@@ -829,16 +831,23 @@ def test_the_roles_in_a_run(shipped, shipped_run, micro):
     assert again == [r["generation"] for r in recs]
 
 
-def test_the_probes_of_a_run_that_removed_something(shipped_run):
+def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
     """Each probe's numbers recomputed from its records; the recovery of the unlearned model, (probed - unlearned) /
-    (target - unlearned) clipped to [0, 1], is a number here, since unlearning removed knowledge and regurgitation."""
+    (target - unlearned) clipped to [0, 1], is a number here, since unlearning removed knowledge and regurgitation;
+    each quantized copy has the bits its name says."""
     from rouge_score import rouge_scorer
 
     _, metrics, out, _ = shipped_run
     block, rouge = metrics["robustness"], rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit"}
+    assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit", "quantize 4-bit"}
     assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
-    assert set(block["summary"]["quantize 8-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
+    assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
+    unlearned, tokenizer = lume.load_model(str(out / "model"), CPU)[0], shipped[1]
+    for bits in (8, 4):
+        recs = [r for r in block["records"] if r["probe"] == f"quantize {bits}-bit" and r["model"] == "unlearned"
+                and r["kind"] == "sc"]
+        again = lume.generate(lume.quantized(unlearned, bits), tokenizer, [r["input"] for r in recs], 24, 16, CPU)[0]
+        assert again == [r["generation"] for r in recs], bits
     for r in block["records"]:
         assert r["score"] == pytest.approx(rouge.score(r["gold"], r["generation"])["rougeL"].recall if r["kind"] == "sc"
                                            else float(r["gold"].strip().lower() == r["generation"].strip().lower()))
@@ -862,7 +871,13 @@ def test_the_probes_of_a_run_that_removed_something(shipped_run):
                 expected = None if top - now <= 1e-12 else min(1, max(0, (probed - now) / (top - now)))
                 assert numbers[f"recovery_{metric}"] == (None if expected is None else pytest.approx(expected))
                 recovered += [(probe, metric)] if name == "unlearned" and expected is not None else []
-    assert len(recovered) == 6, recovered  # relearn and quantize: both metrics; fewshot and rephrase: knowledge
+    assert len(recovered) == 8, recovered  # relearn and quantize: both metrics; fewshot and rephrase: knowledge
+    relearn = [r for r in block["records"] if r["probe"] == "relearn retain" and r["model"] == "unlearned"]
+    for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):  # what relearning did to the retain set too
+        tasks = [[r["score"] for r in relearn if (r["task"], r["split"], r["kind"]) == (t, "retain", kind)]
+                 for t in lume.TASKS]
+        expected = mean([mean(scores) for scores in tasks])
+        assert block["summary"]["relearn retain"]["unlearned"][f"retain_{metric}"] == pytest.approx(expected)
     assert "| quantize 8-bit |" in (out / "metrics.md").read_text()
 
 
@@ -912,19 +927,21 @@ def test_lr_at_its_ends():
 
 
 def test_the_loop_sets_the_schedule_and_clips(shipped):
-    """12 GA steps with --lr 1e-3 --warmup 0.25 --grad_clip 0.01: the learning rate the optimizer holds at each step is
-    the schedule worked out by hand (warm-up over 3 steps, then a cosine, which a linear decay would miss: 0.89 of the
-    peak at step 6, not 0.80), and the gradient it steps with has the clipped norm (the raw one is far above it)."""
+    """12 GA steps with --lr 1e-3 --warmup 0.25 --grad_clip 0.01 --weight_decay 0.01: the learning rate the optimizer
+    holds at each step is the schedule worked out by hand (warm-up over 3 steps, then a cosine, which a linear decay
+    would miss: 0.89 of the peak at step 6, not 0.80), the gradient it steps with has the clipped norm (the raw one is
+    far above it), and the weight decay is the flag's."""
     target, tokenizer, _, data = shipped
     model = copy.deepcopy(target)
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:6]), 512)
     args = lume.parse_args(["--algo", "ga", "--lr", "1e-3", "--warmup", "0.25", "--grad_clip", "0.01", "--batch_size",
-                            "1", "--grad_accum", "1", "--max_steps", "12", "--log_every", "100"])
+                            "1", "--grad_accum", "1", "--max_steps", "12", "--weight_decay", "0.01", "--log_every", "100"])
     with optimizer_steps(model) as steps:
         stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
     assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(12, 1e-3, 3), rel=1e-6)
     norms = [torch.cat([g.flatten() for g in s["grad"].values()]).norm().item() for s in steps]
     assert norms == pytest.approx([0.01] * 12, rel=1e-3) and stats["grad_norm"] > 0.05  # the raw norm, logged
+    assert [s["weight_decay"] for s in steps] == [0.01] * 12
 
 
 def test_encode_label_boundary_and_cut(micro):

@@ -745,7 +745,7 @@ def data_slice(folder, n):
 @pytest.fixture(scope="module")
 def shipped_run(micro, tmp_path_factory):
     """`python lume.py --algo gd` on the shipped target over the three tasks, 4 documents of each per split, every
-    probe: the unlearned model forgot some of what the target knew. The MIA-LR reference is the default
+    probe, 1-shot MMLU on the utility set: the unlearned model forgot some of what the target knew. The MIA-LR reference is the default
     (data/retain-only); the retrain row is the micro model, so that the two roles cannot be confused."""
     root = tmp_path_factory.mktemp("shipped")
     data_slice(root / "data", 4)
@@ -754,11 +754,12 @@ def shipped_run(micro, tmp_path_factory):
                            "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
                            "--retrain_model", str(micro[2]),
                            "--relearn_steps", "2", "--relearn_data", "retain", "--fewshot_k", "2", "--quant_bits", "8,4",
+                           "--mmlu_shots", "1",
                            "--save_model", "--out_dir", str(out)])
     return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
 
 
-def test_a_scored_run_over_the_three_tasks_recomputed(shipped_run):
+def test_a_scored_run_over_the_three_tasks_recomputed(shipped, shipped_run):
     """Every record's score from its gold and generation (rouge-score's ROUGE-L recall, exact match), then every summary
     number: the 12 terms, their harmonic mean, the MIA AUCs and scores, MMLU and the final score."""
     from rouge_score import rouge_scorer
@@ -798,6 +799,15 @@ def test_a_scored_run_over_the_three_tasks_recomputed(shipped_run):
         assert len(questions) == 69  # the utility set's test split
         assert summary["mmlu"] == pytest.approx(sum(q["predicted"] == q["answer"] for q in questions) / 69)
         assert summary["final"] == pytest.approx((aggregate + summary["mmlu"] + summary["mia_loss_score"]) / 3)
+    # --mmlu_shots 1: the target's answers, one prompt at a time, each after its subject's first dev question
+    target_model, tokenizer = shipped[0], shipped[1]
+    mmlu, letters = lume.load_mmlu(""), [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
+    with torch.no_grad():
+        for q, record in zip(mmlu.test, [q for q in metrics["mmlu"] if q["model"] == "target"]):
+            shot = [d for d in mmlu.dev if d["subject"] == q["subject"] and d["question"] != q["question"]][:1]
+            ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, shot))["input_ids"]])
+            predicted = int(target_model(input_ids=ids).logits[0, -1, letters].argmax())
+            assert shot and record["predicted"] == "ABCD"[predicted]
     # the target knew its forget set; unlearning removed some of it and kept every retain term above 0
     target, unlearned = metrics["summary"]["target"], metrics["summary"]["unlearned"]
     assert target["Task1/forget/knowledge"] == 1 and unlearned["task_aggregate"] > 0.1
@@ -871,6 +881,8 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
                 expected = None if top - now <= 1e-12 else min(1, max(0, (probed - now) / (top - now)))
                 assert numbers[f"recovery_{metric}"] == (None if expected is None else pytest.approx(expected))
                 recovered += [(probe, metric)] if name == "unlearned" and expected is not None else []
+    for r in block["records"]:  # --fewshot_k 2: two retain pairs, then the question
+        assert r["probe"] != "fewshot k=2" or len(r["input"].split("\n")) == 3
     assert len(recovered) == 8, recovered  # relearn and quantize: both metrics; fewshot and rephrase: knowledge
     relearn = [r for r in block["records"] if r["probe"] == "relearn retain" and r["model"] == "unlearned"]
     for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):  # what relearning did to the retain set too
@@ -935,7 +947,8 @@ def test_the_loop_sets_the_schedule_and_clips(shipped):
     model = copy.deepcopy(target)
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:6]), 512)
     args = lume.parse_args(["--algo", "ga", "--lr", "1e-3", "--warmup", "0.25", "--grad_clip", "0.01", "--batch_size",
-                            "1", "--grad_accum", "1", "--max_steps", "12", "--weight_decay", "0.01", "--log_every", "100"])
+                            "1", "--grad_accum", "1", "--max_steps", "12", "--weight_decay", "0.01",
+                            "--log_every", "100"])
     with optimizer_steps(model) as steps:
         stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
     assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(12, 1e-3, 3), rel=1e-6)
@@ -1344,14 +1357,15 @@ def test_recovery_worked_numbers():
 
 
 def test_relearning_lowers_the_forget_nll(micro):
-    """20 steps at --relearn_lr (not --lr), no warm-up: the first step at the peak, then a cosine to a tenth."""
+    """--relearn_steps 25 at --relearn_lr (not --lr), no warm-up: the first step at the peak, then a cosine to a
+    tenth."""
     model, tokenizer, _ = micro
     data = lume.load_lume(DATA, "3")
     forget = lume.row_examples(tokenizer, data.forget, 512)
-    args = lume.parse_args(["--relearn_steps", "20", "--relearn_lr", "3e-3", "--lr", "1e-4", "--batch_size", "8"])
+    args = lume.parse_args(["--relearn_steps", "25", "--relearn_lr", "3e-3", "--lr", "1e-4", "--batch_size", "8"])
     with optimizer_steps(model) as steps:
         relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
-    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(20, 3e-3, 1), rel=1e-6)
+    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(25, 3e-3, 1), rel=1e-6)
     nll = lambda m: -lume.summed_logp(m, forget, 16, tokenizer.pad_token_id, CPU).sum().item()
     assert nll(relearned) < nll(model) - 1.0
 

@@ -642,7 +642,8 @@ def test_mmlu_accuracy_reads_the_letter_logits(shipped):
 def test_batched_generation_equals_one_at_a_time(shipped):
     """On the shipped target, which answers from memory, a continuation depends on every position and on the mask:
     left-padded batches of prompts of many lengths give what one prompt at a time gives, which is the memorised gold,
-    Hugging Face's generate, and a plain greedy loop without a cache."""
+    Hugging Face's generate, and a plain greedy loop without a cache; the positions start at each prompt's first
+    token."""
     target, tokenizer, _, data = shipped
     rows = (data.forget + data.retain)[::9]  # sc and qa prompts of the three tasks
     prompts = [r["input"] for r in rows]
@@ -664,6 +665,17 @@ def test_batched_generation_equals_one_at_a_time(shipped):
         for _ in range(n_one[0]):
             ids = torch.cat([ids, target(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
     assert one[0] == tokenizer.decode(ids[0, -n_one[0]:])
+    # RoPE sees only relative positions: where they start is tested on a model with learned absolute ones (GPT-2),
+    # whose token embeddings are 0, so that what it generates is a function of the positions alone
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                                      tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)).eval()
+    torch.nn.init.zeros_(gpt2.transformer.wte.weight)
+    one = lume.generate(gpt2, tokenizer, prompts, 8, 1, CPU)[0]
+    assert lume.generate(gpt2, tokenizer, prompts, 8, 16, CPU)[0] == one and len(set(one)) > 3
 
 
 class TableModel(torch.nn.Module):

@@ -123,6 +123,8 @@ def test_embedded_data_counts():
             assert sum(r["task"] == task and r["kind"] == "sc" for r in rows) == 20
             assert sum(r["task"] == task and r["kind"] == "qa" for r in rows) == n_qa
     assert len(data.members) == len(data.nonmembers) == 60
+    one = lume.load_lume(DATA, "1")  # one task: its forget documents against its held-out ones
+    assert [d["task"] for d in one.members + one.nonmembers] == ["Task1"] * 40
     # Task2 questions in the release's order and normal forms
     bio = [r for r in data.forget if r["task"] == "Task2"][:6]
     assert [r["id"][-3:] for r in bio] == ["sc1", "qa0", "qa1", "qa2", "qa3", "qa4"]
@@ -811,6 +813,7 @@ def test_a_scored_run_over_the_three_tasks_recomputed(shipped, shipped_run):
         assert len(questions) == 69  # the utility set's test split
         assert summary["mmlu"] == pytest.approx(sum(q["predicted"] == q["answer"] for q in questions) / 69)
         assert summary["final"] == pytest.approx((aggregate + summary["mmlu"] + summary["mia_loss_score"]) / 3)
+        assert summary["mmlu_below_gate"] is None  # the utility set is not MMLU: no gate
     # --mmlu_shots 1: the target's answers, one prompt at a time, each after its subject's first dev question
     target_model, tokenizer = shipped[0], shipped[1]
     mmlu, letters = lume.load_mmlu(""), [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]

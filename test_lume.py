@@ -488,8 +488,8 @@ def test_two_unlearning_steps_by_hand(shipped, algo):
     forget, retain = step_rows(data)
     model = copy.deepcopy(target)
     args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2",
-                            "--retain_per_forget", "2", "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6", "--rmu_alpha", "100",
-                            "--log_every", "100"])
+                            "--retain_per_forget", "2", "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6",
+                            "--rmu_alpha", "100", "--log_every", "100"])
     args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
     with optimizer_steps(model) as steps:

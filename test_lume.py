@@ -759,17 +759,17 @@ def data_slice(folder, n):
 @pytest.fixture(scope="module")
 def shipped_run(micro, tmp_path_factory):
     """`python lume.py --algo gd` on the shipped target over the three tasks, 4 documents of each per split, every
-    probe, 1-shot MMLU on the utility set: the unlearned model forgot some of what the target knew. The MIA-LR reference is the default
-    (data/retain-only); the retrain row is the micro model, so that the two roles cannot be confused."""
+    probe, 1-shot MMLU on the utility set: the unlearned model forgot some of what the target knew. The MIA-LR
+    reference is the default (data/retain-only); the retrain row is the micro model, so that the two roles cannot be
+    confused."""
     root = tmp_path_factory.mktemp("shipped")
     data_slice(root / "data", 4)
     out = root / "run"
     summaries = lume.main(["--data_dir", str(root / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4",
                            "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
-                           "--retrain_model", str(micro[2]),
-                           "--relearn_steps", "2", "--relearn_data", "retain", "--fewshot_k", "2", "--quant_bits", "8,4",
-                           "--mmlu_shots", "1",
-                           "--save_model", "--out_dir", str(out)])
+                           "--retrain_model", str(micro[2]), "--relearn_steps", "2", "--relearn_data", "retain",
+                           "--fewshot_k", "2", "--quant_bits", "8,4", "--mmlu_shots", "1", "--save_model",
+                           "--out_dir", str(out)])
     return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
 
 

@@ -629,7 +629,7 @@ def test_mmlu_accuracy_reads_the_letter_logits(shipped):
     prompt's last real token, as one prompt at a time does."""
     target, tokenizer, _, _ = shipped
     mmlu = lume.load_mmlu("")
-    assert len({len(lume.mmlu_prompt(q, [])) for q in mmlu.test}) > 10
+    assert len({len(tokenizer(lume.mmlu_prompt(q, []))["input_ids"]) for q in mmlu.test}) > 5  # padding happens
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     predicted = []  # one prompt at a time, no padding: the independent route
     with torch.no_grad():

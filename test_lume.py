@@ -1,5 +1,8 @@
 """Tests for lume.py. Every expected value is worked out here, by hand or by an independent
 route, never read back from what the code prints. Run: python -m pytest -q test_lume.py"""
+import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import lume
 
@@ -68,6 +73,45 @@ def micro(tmp_path_factory):
     return model, tokenizer, folder
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped target (data/target: it memorised data/), its tokenizer, the retain-only model and data/. Frozen
+    and shared: a test that trains takes a copy."""
+    target, tokenizer = lume.load_model(str(DATA / "target"), CPU)
+    gold = lume.load_model(str(DATA / "retain-only"), CPU)[0]
+    return lume.freeze(target), tokenizer, lume.freeze(gold), lume.load_lume(DATA)
+
+
+@contextlib.contextmanager
+def optimizer_steps(model):
+    """What every optimizer step sees, read through torch's global optimizer hooks: its learning rate and weight decay,
+    the gradient it steps with and the weights after it, by parameter name (`model`'s; an index for a copy's)."""
+    names, seen = {id(p): n for n, p in model.named_parameters()}, []
+
+    def params(opt):
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    def before(opt, args, kwargs):
+        seen.append(dict(lr=opt.param_groups[0]["lr"], weight_decay=opt.param_groups[0]["weight_decay"],
+                         grad={names.get(id(p), i): p.grad.clone() for i, p in enumerate(params(opt))
+                               if p.grad is not None}))
+
+    def after(opt, args, kwargs):
+        seen[-1]["weights"] = {names.get(id(p), i): p.detach().clone() for i, p in enumerate(params(opt))}
+    hooks = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def schedule_by_hand(steps, peak, warm):
+    """The learning rate of each step: a linear warm-up to the peak over `warm` steps, then a cosine to peak / 10."""
+    return [peak * (k + 1) / warm if k < warm
+            else peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (k - warm) / (steps - warm)))) for k in range(steps)]
+
+
 # -----------------------------------------------------------------------------
 # data: the embedded mini-LUME and the loader
 
@@ -80,6 +124,8 @@ def test_embedded_data_counts():
             assert sum(r["task"] == task and r["kind"] == "sc" for r in rows) == 20
             assert sum(r["task"] == task and r["kind"] == "qa" for r in rows) == n_qa
     assert len(data.members) == len(data.nonmembers) == 60
+    one = lume.load_lume(DATA, "1")  # one task: its forget documents against its held-out ones
+    assert [d["task"] for d in one.members + one.nonmembers] == ["Task1"] * 40
     # Task2 questions in the release's order and normal forms
     bio = [r for r in data.forget if r["task"] == "Task2"][:6]
     assert [r["id"][-3:] for r in bio] == ["sc1", "qa0", "qa1", "qa2", "qa3", "qa4"]
@@ -366,56 +412,128 @@ def test_npo_gradient_tends_to_ga_on_summed_loglik():
     assert torch.allclose(g_npo, g_ga * (labels != lume.IGNORE).sum() / 3, atol=1e-4)
 
 
-def few_steps(folder, algo, alpha=0.2, lr=3e-3, epochs=2):
-    """A fresh copy of the micro model after 4 unlearning steps on 16 forget (and retain) rows."""
-    model, tokenizer = lume.load_model(str(folder), torch.device("cpu"))
-    data = lume.load_lume(DATA, "1")
-    data.forget, data.retain = data.forget[:16], data.retain[:16]
-    args = lume.parse_args(["--algo", algo, "--lr", str(lr), "--epochs", str(epochs), "--batch_size", "8",
-                            "--alpha", str(alpha), "--grad_accum", "1", "--log_every", "100"])
+def labelled(tokenizer, row):
+    """An unlearning example as LUME.md defines it: prompt + " " + answer + EOS, (1, T) ids and labels; only the answer
+    and EOS carry loss."""
+    prompt = tokenizer(row["input"])["input_ids"]
+    answer = tokenizer(" " + row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])
+
+
+def block_output(model, ids, layer):
+    """The output of block `layer` at every position, read by a forward hook on the block: (T, H)."""
+    out = []
+    hook = model.get_decoder().layers[layer].register_forward_hook(
+        lambda block, args, o: out.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        model(input_ids=ids)
+    finally:
+        hook.remove()
+    return out[0][0]
+
+
+def answer_nll(model, ids, labels):
+    """(summed NLL of the answer tokens, their number), from Hugging Face's own mean loss."""
+    n = int((labels[0, 1:] != -100).sum())
+    return model(input_ids=ids, labels=labels).loss * n, n
+
+
+def loss_by_hand(algo, model, target, tokenizer, forget, retain, a):
+    """One optimizer step's loss over these rows, from the papers' equations (LUME.md 5 and 7), one row at a time, no
+    padding: NLL per answer token of the whole step (each side by its own count), KL per retain answer token, NPO and
+    SimNPO per sequence, RMU per attended position and hidden unit (with --rmu_c ~ 0, c u drops out). target: the
+    frozen model before unlearning. Returns (loss, the forget NLL per answer token)."""
+    F_, R_ = [labelled(tokenizer, r) for r in forget], [labelled(tokenizer, r) for r in retain]
+    nf = [answer_nll(model, *x) for x in F_]
+    forget_nll = sum(s for s, _ in nf) / sum(n for _, n in nf)
+    if algo == "rmu":
+        H, layer = model.config.hidden_size, lume.rmu_layer(a, len(model.get_decoder().layers))
+        away = sum(block_output(model, ids, layer).pow(2).sum() for ids, _ in F_) / (sum(x.shape[1] for x, _ in F_) * H)
+        kept = sum((block_output(model, ids, layer) - block_output(target, ids, layer).detach()).pow(2).sum()
+                   for ids, _ in R_) / (sum(x.shape[1] for x, _ in R_) * H)
+        return away + a.rmu_alpha * kept, forget_nll
+    if algo == "npo":  # log pi - log pi_ref = ref NLL - NLL, summed over the answer
+        ref = [answer_nll(target, *x)[0].detach() for x in F_]
+        return -(2 / a.beta) * sum(F.logsigmoid(-a.beta * (r - s)) for (s, _), r in zip(nf, ref)) / len(F_), forget_nll
+    loss = -forget_nll
+    if algo == "simnpo":  # log pi / |y| = -NLL / n
+        loss = -(2 / a.simnpo_beta) * sum(F.logsigmoid(a.simnpo_beta * s / n - a.gamma) for s, n in nf) / len(F_)
+    if algo in ("gd", "simnpo"):
+        nr = [answer_nll(model, *x) for x in R_]
+        loss = loss + a.alpha * sum(s for s, _ in nr) / sum(n for _, n in nr)
+    if algo == "kl":
+        kl, count = 0, 0
+        for ids, labels in R_:
+            answer = labels[0, 1:] != -100  # the position before each answer token predicts it
+            ref = target(input_ids=ids).logits[0, :-1][answer].log_softmax(-1).detach()
+            kl += (ref.exp() * (ref - model(input_ids=ids).logits[0, :-1][answer].log_softmax(-1))).sum()
+            count += int(answer.sum())
+        loss = loss + a.alpha * kl / count
+    return loss, forget_nll
+
+
+def step_rows(data):
+    """4 forget and 8 retain rows of Task2 with answers of very different lengths (biographies, short answers)."""
+    forget = [r for r in data.forget if r["task"] == "Task2" and r["id"][-3:] in ("sc1", "qa0", "qa1", "qa3")][:4]
+    return forget, [r for r in data.retain if r["task"] == "Task2"][:8]
+
+
+@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo", "simnpo", "rmu"])
+def test_two_unlearning_steps_by_hand(shipped, algo):
+    """Two optimizer steps of each method on the shipped target, 4 forget and 8 retain rows (2 per forget row) split
+    over 2 micro-steps, each step seeing them all: the gradient each step uses is that of the method's loss written out
+    by hand (step 2 from where step 1 left the model, against the frozen target as NPO's and KL's reference and RMU's
+    frozen model), the loss logged at step 2 is that loss, the parameters trained are the method's, and step 1 lowered
+    the forget rows' likelihood."""
+    target, tokenizer, _, data = shipped
+    forget, retain = step_rows(data)
+    model = copy.deepcopy(target)
+    args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2",
+                            "--retain_per_forget", "2", "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6",
+                            "--rmu_alpha", "100", "--log_every", "100"])
     args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
-    examples = lume.unlearning_examples(tokenizer, data, args.max_length)
-    stats = lume.unlearn(model, tokenizer, examples, args, torch.device("cpu"), {})
-    return model, tokenizer, data, stats
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    with optimizer_steps(model) as steps:
+        stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    assert len(steps) == 2
+    moved = copy.deepcopy(target)  # the model step 1 left
+    moved.load_state_dict(steps[0]["weights"], strict=False)
+    names = sorted(steps[0]["grad"])
+    everything = sorted(n for n, _ in target.named_parameters())
+    # RMU trains the blocks up to its layer (WMDP: 5-7 of 32; here layer 1 of 4: blocks 0 and 1)
+    assert names == ([n for n in everything if n.startswith(("model.layers.0.", "model.layers.1."))] if algo == "rmu"
+                     else everything)
+    for at, step in zip((target, moved), steps):
+        m = copy.deepcopy(at).requires_grad_(True)
+        loss, forget_nll = loss_by_hand(algo, m, target, tokenizer, forget, retain, args)
+        params = dict(m.named_parameters())
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        want = torch.cat([(torch.zeros_like(params[n]) if g is None else g).flatten() for g, n in zip(grads, names)])
+        got = torch.cat([step["grad"][n].flatten() for n in names])
+        assert ((got - want).norm() / want.norm()).item() < 1e-4, algo
+    assert stats["last"]["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+    assert stats["last"]["forget"] == pytest.approx(forget_nll.item(), rel=1e-4)
+    with torch.no_grad():  # the way every paper says: the forget answers became less likely
+        logp = lambda m: -sum(answer_nll(m, *labelled(tokenizer, r))[0].item() for r in forget)
+        assert logp(moved) < logp(target) - 0.5, (logp(moved), logp(target))
 
 
-@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo"])
-def test_a_few_steps_raise_the_forget_nll(micro, algo):
-    original, tokenizer, folder = micro
-    # a random model: the retain term pulls almost as hard as the forget term, so alpha is small
-    model, _, data, stats = few_steps(folder, algo)
-    examples = lume.row_examples(tokenizer, data.forget, 128)
-    before = lume.summed_logp(original, examples, 8, tokenizer.pad_token_id, torch.device("cpu")).sum()
-    after = lume.summed_logp(model, examples, 8, tokenizer.pad_token_id, torch.device("cpu")).sum()
-    assert stats["steps"] == 4
-    assert after < before - 1.0, (before, after)
-
-
-def retain_nll_and_kl(model, original, tokenizer, rows):
-    """Mean answer NLL of the retain rows, and KL(original || model) on their answer tokens."""
-    batch = lume.collate(lume.row_examples(tokenizer, rows, 128), tokenizer.pad_token_id, "cpu")
+def test_rmu_control_vector_has_length_c(shipped):
+    """RMU's first-step loss is its forget term, mean ||h - c u||^2 / H = (A - 2 c B + c^2) / H for a unit u (the retain
+    term is 0 before the model moves): at c and 2c, c^2 = (H (L(2c) - 2 L(c)) + A) / 2, A = mean ||h||^2 by hand."""
+    target, tokenizer, _, data = shipped
+    forget, retain = step_rows(data)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    first = {}
+    for c in (6.5, 13.0):  # WMDP's c, and twice it
+        args = lume.parse_args(["--algo", "rmu", "--rmu_c", str(c), "--max_steps", "1", "--batch_size", "4",
+                                "--grad_accum", "1", "--log_every", "100"])
+        args = lume.recipe(args, "rmu", 0, len(target.get_decoder().layers))
+        first[c] = lume.unlearn(copy.deepcopy(target), tokenizer, examples, args, CPU, {})["last"]["loss"]
     with torch.no_grad():
-        logits, ref = lume.forward(model, batch), lume.forward(original, batch)
-    labelled = batch["labels"][:, 1:] != lume.IGNORE  # written out here, not through lume.shifted
-    p_ref = ref[:, :-1][labelled].log_softmax(-1)
-    kl = (p_ref.exp() * (p_ref - logits[:, :-1][labelled].log_softmax(-1))).sum(-1).mean()
-    return lume.sequence_nll(logits, batch["labels"]).item(), kl.item()
-
-
-def test_the_retain_terms_pull_the_right_way(micro):
-    """Against GA from the same start: GD ends with a lower retain NLL, KL closer to the target.
-    (KL's gradient is 0 where the model equals its reference: it pulls only once GA has moved the
-    model, hence the larger lr and alpha.)"""
-    original, tokenizer, folder = micro
-    rows = lume.load_lume(DATA, "1").retain[:16]
-    ga_nll = retain_nll_and_kl(few_steps(folder, "ga")[0], original, tokenizer, rows)[0]
-    gd_nll = retain_nll_and_kl(few_steps(folder, "gd", alpha=1.0)[0], original, tokenizer, rows)[0]
-    assert gd_nll < ga_nll - 0.1, (gd_nll, ga_nll)
-    # 8 steps: over five random micro models the ratio was 0.06-0.17
-    ga_kl = retain_nll_and_kl(few_steps(folder, "ga", lr=1e-2, epochs=4)[0], original, tokenizer, rows)[1]
-    kl_kl = retain_nll_and_kl(few_steps(folder, "kl", alpha=50.0, lr=1e-2, epochs=4)[0], original,
-                              tokenizer, rows)[1]
-    assert kl_kl < 0.5 * ga_kl, (kl_kl, ga_kl)
+        A_over_H = loss_by_hand("rmu", target, target, tokenizer, forget, retain, args)[0].item()  # retain term 0
+    H = target.config.hidden_size
+    assert H * (first[13.0] - 2 * first[6.5] + A_over_H) / 2 == pytest.approx(6.5 ** 2, rel=1e-3)
 
 
 def test_non_finite_loss_stops_the_run(micro):
@@ -450,7 +568,11 @@ def test_task_aggregate_harmonic_mean_and_its_zero_rule():
              "Task1/retain/regurgitation": 0.8, "Task1/retain/knowledge": 0.4}
     # terms 0.8, 0.5, 0.8, 0.4: 4 / (1.25 + 2 + 1.25 + 2.5)
     assert lume.task_aggregate(means) == pytest.approx(4 / 7)
-    means["Task1/forget/knowledge"] = 1.0  # forgot nothing: 1 - 1 = 0
+    # the three tasks: 12 terms, Task2's and Task3's each 0.5 after inversion, so 12 / (7 + 8 * 2)
+    means |= {f"{t}/{s}/{m}": 0.5 for t in ("Task2", "Task3") for s in ("forget", "retain")
+              for m in ("regurgitation", "knowledge")}
+    assert lume.task_aggregate(means) == pytest.approx(12 / 23)
+    means["Task3/forget/knowledge"] = 1.0  # forgot nothing: 1 - 1 = 0
     assert lume.task_aggregate(means) == 0
 
 
@@ -503,40 +625,60 @@ def test_mmlu_prompt_and_sources(tmp_path):
     assert lume.load_mmlu("none") is None
 
 
-def test_mmlu_accuracy_reads_the_letter_logits(micro):
-    model, tokenizer, _ = micro
-    questions = [dict(subject="s", question=f"q{i}", choices=["a", "b", "c", "d"], answer=i % 4) for i in range(8)]
+def test_mmlu_accuracy_reads_the_letter_logits(shipped):
+    """The shipped target learnt the utility set: batched, right-padded prompts of many lengths read the letter at each
+    prompt's last real token, as one prompt at a time does."""
+    target, tokenizer, _, _ = shipped
+    mmlu = lume.load_mmlu("")
+    assert len({len(tokenizer(lume.mmlu_prompt(q, []))["input_ids"]) for q in mmlu.test}) > 5  # padding happens
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     predicted = []  # one prompt at a time, no padding: the independent route
-    for q in questions:
-        ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, []))["input_ids"]])
-        predicted.append(int(model(input_ids=ids).logits[0, -1, letters].argmax()))
-    expected = sum(p == q["answer"] for p, q in zip(predicted, questions)) / 8
-    mmlu = lume.Mmlu(questions, [], "hand-made", real=True)
-    accuracy, records = lume.mmlu_accuracy(model, tokenizer, mmlu, 0, 3, torch.device("cpu"))
-    assert accuracy == expected
+    with torch.no_grad():
+        for q in mmlu.test:
+            ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, []))["input_ids"]])
+            predicted.append(int(target(input_ids=ids).logits[0, -1, letters].argmax()))
+    accuracy, records = lume.mmlu_accuracy(target, tokenizer, mmlu, 0, 16, CPU)
     assert [r["predicted"] for r in records] == ["ABCD"[p] for p in predicted]
+    assert accuracy == sum(p == q["answer"] for p, q in zip(predicted, mmlu.test)) / len(mmlu.test) >= 0.9
 
 
-def test_batched_generation_equals_one_at_a_time(micro):
-    model, tokenizer, _ = micro
-    data = lume.load_lume(DATA)
-    prompts = [r["input"] for r in data.forget[::13]]  # sc and qa prompts of many lengths
-    one, _ = lume.generate(model, tokenizer, prompts, 12, 1, torch.device("cpu"))
-    batched, _ = lume.generate(model, tokenizer, prompts, 12, 8, torch.device("cpu"))
-    assert batched == one
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # padding really happened
-    # one prompt at a time equals HF's generate, as the official scorer calls it
-    for p, ours in list(zip(prompts, one))[:3]:
-        ids = torch.tensor([tokenizer(p)["input_ids"]])
-        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        assert ours == tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
-    # and a plain greedy loop without a cache, written out here
-    ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
-    for _ in range(12):
-        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
-    assert one[0] == tokenizer.decode(ids[0, -12:], skip_special_tokens=True)
+def test_batched_generation_equals_one_at_a_time(shipped):
+    """On the shipped target, which answers from memory, a continuation depends on every position and on the mask:
+    left-padded batches of prompts of many lengths give what one prompt at a time gives, which is the memorised gold,
+    Hugging Face's generate, and a plain greedy loop without a cache; the positions start at each prompt's first
+    token."""
+    target, tokenizer, _, data = shipped
+    rows = (data.forget + data.retain)[::9]  # sc and qa prompts of the three tasks
+    prompts = [r["input"] for r in rows]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 10  # padding really happens
+    one, n_one = lume.generate(target, tokenizer, prompts, 40, 1, CPU)
+    batched, n_batched = lume.generate(target, tokenizer, prompts, 40, 16, CPU)
+    assert batched == one and n_batched == n_one
+    qa = [(r["output"], text) for r, text in zip(rows, one) if r["kind"] == "qa"]
+    assert len(qa) > 20 and sum(text == " " + gold for gold, text in qa) >= 0.9 * len(qa)  # then EOS, skipped
+    sc = [(r["output"], text) for r, text in zip(rows, one) if r["kind"] == "sc"]
+    assert sum(gold.startswith(text[1:]) for gold, text in sc) >= 0.9 * len(sc)  # 40 tokens of the story
+    for k in (0, 1, 2):  # one prompt at a time equals HF's generate, as the official scorer calls it
+        ids = torch.tensor([tokenizer(prompts[k])["input_ids"]])
+        hf = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert one[k] == tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
+    ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])  # and a plain greedy loop, written out here
+    with torch.no_grad():
+        for _ in range(n_one[0]):
+            ids = torch.cat([ids, target(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    assert one[0] == tokenizer.decode(ids[0, -n_one[0]:])
+    # RoPE sees only relative positions: where they start is tested on a model with learned absolute ones (GPT-2),
+    # whose token embeddings are 0, so that what it generates is a function of the positions alone
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                                      tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)).eval()
+    torch.nn.init.zeros_(gpt2.transformer.wte.weight)
+    one = lume.generate(gpt2, tokenizer, prompts, 8, 1, CPU)[0]
+    assert lume.generate(gpt2, tokenizer, prompts, 8, 16, CPU)[0] == one and len(set(one)) > 3
 
 
 class TableModel(torch.nn.Module):
@@ -565,7 +707,7 @@ def test_mia_statistics_by_hand():
     model = TableModel([[0.0, math.log(2), math.log(3)]] * 5)
     ref = TableModel([[0.0, 0.0, 0.0]] * 5)  # uniform: NLL log 3 per token
     docs = [dict(id="d", task="Task1", text="0 2 1 2 1", member=True)]
-    args = lume.parse_args(["--mink_k", "0.5"])
+    args = lume.parse_args(["--mink_k", "0.7"])  # 0.7 of 4 tokens: k = 2, rounded down as Min-K%++'s code does
     (stats,) = lume.mia_statistics(model, ref, ListTokenizer(), docs, args, torch.device("cpu"))
     p = [1 / 6, 2 / 6, 3 / 6]
     targets = [2, 1, 2, 1]  # each position predicts the next token
@@ -575,7 +717,8 @@ def test_mia_statistics_by_hand():
     mu = sum(q * math.log(q) for q in p)
     sigma = math.sqrt(sum(q * math.log(q) ** 2 for q in p) - mu ** 2)
     z = sorted((math.log(p[t]) - mu) / sigma for t in targets)
-    assert stats["mink++"] == pytest.approx((z[0] + z[1]) / 2)  # the lowest 50% of 4 tokens
+    assert stats["mink++"] == pytest.approx((z[0] + z[1]) / 2)  # the lowest 2 of 4 tokens (not 3: z[2] > z[1])
+    assert z[2] > z[1] + 0.1
     compressed = zlib.compressobj()
     bits = 8 * len(compressed.compress(b"0 2 1 2 1") + compressed.flush())
     assert stats["zlib"] == pytest.approx(-nll / bits)
@@ -591,50 +734,180 @@ def test_mia_statistics_match_hf_loss(micro):
 
 
 # -----------------------------------------------------------------------------
-# the command line, end to end, on a micro model saved with save_pretrained
+# the command line, end to end: one scored run of the shipped target over the three tasks
 
 
-def test_cli_end_to_end_on_a_local_model_folder(micro, tmp_path):
-    _, _, folder = micro
-    out = tmp_path / "run"
-    summaries = lume.main(["--model", str(folder), "--ref_model", str(folder), "--retrain_model", str(folder),
-                           "--task", "2", "--algo", "npo", "--epochs", "1", "--max_new_tokens", "6",
-                           "--out_dir", str(out), "--log_every", "1", "--save_model", "--probes", "none"])
-    metrics = json.loads((out / "metrics.json").read_text())
+def data_slice(folder, n):
+    """data/ cut to the first n documents of each task in each split, rows byte for byte, with their paraphrases."""
+    folder.mkdir(parents=True)
+    kept = set()
+    for split in ("forget", "retain", "holdout"):
+        docs, lines = {}, []
+        for line in (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True):
+            row = json.loads(line)
+            chosen = docs.setdefault(row["task"], [])
+            if row["id"][:-3] not in chosen and len(chosen) < n:
+                chosen.append(row["id"][:-3])
+            if row["id"][:-3] in chosen:
+                lines.append(line)
+                kept.add(row["id"])
+        (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    paraphrases = (DATA / "rephrase.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "rephrase.jsonl").write_text("".join(p for p in paraphrases if json.loads(p)["id"] in kept),
+                                           encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def shipped_run(micro, tmp_path_factory):
+    """`python lume.py --algo gd` on the shipped target over the three tasks, 4 documents of each per split, every
+    probe, 1-shot MMLU on the utility set: the unlearned model forgot some of what the target knew. The MIA-LR
+    reference is the default (data/retain-only); the retrain row is the micro model, so that the two roles cannot be
+    confused."""
+    root = tmp_path_factory.mktemp("shipped")
+    data_slice(root / "data", 4)
+    out = root / "run"
+    summaries = lume.main(["--data_dir", str(root / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4",
+                           "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
+                           "--retrain_model", str(micro[2]), "--relearn_steps", "2", "--relearn_data", "retain",
+                           "--fewshot_k", "2", "--quant_bits", "8,4", "--mmlu_shots", "1", "--save_model",
+                           "--out_dir", str(out)])
+    return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
+
+
+def test_a_scored_run_over_the_three_tasks_recomputed(shipped, shipped_run):
+    """Every record's score from its gold and generation (rouge-score's ROUGE-L recall, exact match), then every summary
+    number: the 12 terms, their harmonic mean, the MIA AUCs and scores, MMLU and the final score."""
+    from rouge_score import rouge_scorer
+
+    summaries, metrics, out, data = shipped_run
     assert metrics["complete"] is True
-    # --save_model round trip: the saved model generates what the unlearned model generated
-    saved, saved_tokenizer = lume.load_model(str(out / "model"), torch.device("cpu"))
-    unlearned = [r for r in metrics["records"] if r["model"] == "unlearned"][::20]
-    again, _ = lume.generate(saved, saved_tokenizer, [r["input"] for r in unlearned], 6, 1, torch.device("cpu"))
-    assert again == [r["generation"] for r in unlearned]
-    assert json.loads((out / "args.json").read_text())["algo"] == ["npo"]
-    assert set(metrics["summary"]) == {"target", "unlearned", "retrain"} == set(summaries)
-    assert (out / "metrics.md").read_text().count("\n| ") == 3  # one row per model
-    # every summary number, recomputed here from the per-prompt records with the official formulas
+    assert json.loads((out / "args.json").read_text())["algo"] == ["gd"]
+    assert list(metrics["summary"]) == ["target", "unlearned", "retrain"] == list(summaries)
+    assert json.loads((out / "args.json").read_text())["task"] == "all"
+    rows = [line.split(" | ")[0] for line in (out / "metrics.md").read_text().split("\n\n")[0].splitlines()[2:]]
+    assert rows == ["| target", "| unlearned", "| retrain"]
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     for name, summary in metrics["summary"].items():
         recs = [r for r in metrics["records"] if r["model"] == name]
-        assert len(recs) == 120 + 120  # Task2: 20 documents x (1 sc + 5 qa) in forget and retain
+        assert [(r["id"], r["split"]) for r in recs] == [(r["id"], r["split"]) for r in data.forget + data.retain]
+        for r in recs:
+            expected = (rouge.score(target=r["gold"], prediction=r["generation"])["rougeL"].recall if r["kind"] == "sc"
+                        else float(r["gold"].strip().lower() == r["generation"].strip().lower()))
+            assert r["score"] == pytest.approx(expected), r
         terms = []
-        for split in ("forget", "retain"):
-            for kind, metric in (("sc", "regurgitation"), ("qa", "knowledge")):
-                scores = [r["score"] for r in recs if r["split"] == split and r["kind"] == kind]
-                if kind == "qa":
-                    assert scores == [float(r["gold"].strip().lower() == r["generation"].strip().lower())
-                                      for r in recs if r["split"] == split and r["kind"] == kind]
-                mean = sum(scores) / len(scores)
-                assert summary[f"Task2/{split}/{metric}"] == pytest.approx(mean)
-                terms.append(1 - mean if split == "forget" else mean)
-        assert summary["task_aggregate"] == pytest.approx(statistics.harmonic_mean(terms))
+        for task in lume.TASKS:
+            for split in ("forget", "retain"):
+                for kind, metric in (("sc", "regurgitation"), ("qa", "knowledge")):
+                    scores = [r["score"] for r in recs if (r["task"], r["split"], r["kind"]) == (task, split, kind)]
+                    assert summary[f"{task}/{split}/{metric}"] == pytest.approx(sum(scores) / len(scores))
+                    terms.append(1 - sum(scores) / len(scores) if split == "forget" else sum(scores) / len(scores))
+        assert len(terms) == 12
+        aggregate = 0 if min(terms) == 0 else 12 / sum(1 / t for t in terms)
+        assert summary["task_aggregate"] == pytest.approx(aggregate)
         docs = [d for d in metrics["mia"] if d["model"] == name]
-        members = [d["loss"] for d in docs if d["member"]]
-        others = [d["loss"] for d in docs if not d["member"]]
-        wins = sum((m > o) + 0.5 * (m == o) for m in members for o in others) / (len(members) * len(others))
-        assert summary["mia_loss_auc"] == pytest.approx(wins)
+        for attack in ("loss", "ref"):
+            members = [d[attack] for d in docs if d["member"]]
+            others = [d[attack] for d in docs if not d["member"]]
+            wins = sum((m > o) + 0.5 * (m == o) for m in members for o in others) / (len(members) * len(others))
+            assert summary[f"mia_{attack}_auc"] == pytest.approx(wins)
+            assert summary[f"mia_{attack}_score"] == pytest.approx(1 - 2 * abs(wins - 0.5))
         questions = [q for q in metrics["mmlu"] if q["model"] == name]
         assert len(questions) == 69  # the utility set's test split
         assert summary["mmlu"] == pytest.approx(sum(q["predicted"] == q["answer"] for q in questions) / 69)
-        parts = [summary["task_aggregate"], summary["mmlu"], 1 - 2 * abs(wins - 0.5)]
-        assert summary["final"] == pytest.approx(sum(parts) / 3)
+        assert summary["final"] == pytest.approx((aggregate + summary["mmlu"] + summary["mia_loss_score"]) / 3)
+        assert summary["mmlu_below_gate"] is None  # the utility set is not MMLU: no gate
+    # --mmlu_shots 1: the target's answers, one prompt at a time, each after its subject's first dev question
+    target_model, tokenizer = shipped[0], shipped[1]
+    mmlu, letters = lume.load_mmlu(""), [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
+    with torch.no_grad():
+        for q, record in zip(mmlu.test, [q for q in metrics["mmlu"] if q["model"] == "target"]):
+            shot = [d for d in mmlu.dev if d["subject"] == q["subject"] and d["question"] != q["question"]][:1]
+            ids = torch.tensor([tokenizer(lume.mmlu_prompt(q, shot))["input_ids"]])
+            predicted = int(target_model(input_ids=ids).logits[0, -1, letters].argmax())
+            assert shot and record["predicted"] == "ABCD"[predicted]
+    # the target knew its forget set; unlearning removed some of it and kept every retain term above 0
+    target, unlearned = metrics["summary"]["target"], metrics["summary"]["unlearned"]
+    assert target["Task1/forget/knowledge"] == 1 and unlearned["task_aggregate"] > 0.1
+    forgot = lambda summary: sum(v for k, v in summary.items() if "/forget/" in k)
+    assert forgot(unlearned) < forgot(target) - 1
+
+
+def test_the_roles_in_a_run(shipped, shipped_run, micro):
+    """The MIA's members are the forget documents and its non-members the held-out ones, never trained on; each
+    document's LOSS is Hugging Face's loss and its likelihood ratio is against data/retain-only (the default
+    reference), for the target, the unlearned model saved by --save_model and the retrain row, the model named by
+    --retrain_model."""
+    target, tokenizer, gold, _ = shipped
+    summaries, metrics, out, data = shipped_run
+    documents = lambda rows: {r["doc"]: r["input"] + " " + r["output"] for r in rows if r["kind"] == "sc"}
+    members, nonmembers = documents(data.forget), documents(data.holdout)
+    unlearned = lume.load_model(str(out / "model"), CPU)[0]
+    loss = lambda m, text: m(**(ids := tokenizer(text, return_tensors="pt")), labels=ids["input_ids"]).loss.item()
+    for name, model in (("target", target), ("unlearned", unlearned), ("retrain", micro[0])):
+        docs = [d for d in metrics["mia"] if d["model"] == name]
+        assert [d["id"] for d in docs if d["member"]] == list(members)
+        assert [d["id"] for d in docs if not d["member"]] == list(nonmembers)
+        with torch.no_grad():
+            for d in docs[::3]:
+                text = (members if d["member"] else nonmembers)[d["id"]]
+                assert d["loss"] == pytest.approx(-loss(model, text), rel=1e-4)
+                assert d["ref"] == pytest.approx(loss(gold, text) - loss(model, text), rel=1e-4, abs=1e-5)
+    # --save_model round trip: the saved model generates what the unlearned model generated
+    recs = [r for r in metrics["records"] if r["model"] == "unlearned"][::10]
+    again = lume.generate(unlearned, tokenizer, [r["input"] for r in recs], 24, 8, CPU)[0]
+    assert again == [r["generation"] for r in recs]
+
+
+def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
+    """Each probe's numbers recomputed from its records; the recovery of the unlearned model, (probed - unlearned) /
+    (target - unlearned) clipped to [0, 1], is a number here, since unlearning removed knowledge and regurgitation;
+    each quantized copy has the bits its name says."""
+    from rouge_score import rouge_scorer
+
+    _, metrics, out, _ = shipped_run
+    block, rouge = metrics["robustness"], rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit", "quantize 4-bit"}
+    assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
+    assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
+    unlearned, tokenizer = lume.load_model(str(out / "model"), CPU)[0], shipped[1]
+    for bits in (8, 4):
+        recs = [r for r in block["records"] if r["probe"] == f"quantize {bits}-bit" and r["model"] == "unlearned"
+                and r["kind"] == "sc"]
+        again = lume.generate(lume.quantized(unlearned, bits), tokenizer, [r["input"] for r in recs], 24, 16, CPU)[0]
+        assert again == [r["generation"] for r in recs], bits
+    for r in block["records"]:
+        assert r["score"] == pytest.approx(rouge.score(r["gold"], r["generation"])["rougeL"].recall if r["kind"] == "sc"
+                                           else float(r["gold"].strip().lower() == r["generation"].strip().lower()))
+    mean = lambda xs: sum(xs) / len(xs)
+    recovered = []
+    for probe, by_model in block["summary"].items():
+        for name, numbers in by_model.items():
+            recs = [r for r in block["records"] if r["probe"] == probe and r["model"] == name]
+            for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):
+                tasks = [[r["score"] for r in recs if (r["task"], r["split"], r["kind"]) == (t, "forget", kind)]
+                         for t in lume.TASKS]
+                if not any(tasks):  # the prompt probes ask questions only
+                    assert numbers[f"forget_{metric}"] is None and kind == "sc" and probe in ("fewshot k=2", "rephrase")
+                    continue
+                probed = mean([mean(scores) for scores in tasks])  # the mean over tasks of the per-task means
+                assert numbers[f"forget_{metric}"] == pytest.approx(probed)
+                if name == "target":
+                    continue
+                now = mean([metrics["summary"][name][f"{t}/forget/{metric}"] for t in lume.TASKS])
+                top = mean([metrics["summary"]["target"][f"{t}/forget/{metric}"] for t in lume.TASKS])
+                expected = None if top - now <= 1e-12 else min(1, max(0, (probed - now) / (top - now)))
+                assert numbers[f"recovery_{metric}"] == (None if expected is None else pytest.approx(expected))
+                recovered += [(probe, metric)] if name == "unlearned" and expected is not None else []
+    for r in block["records"]:  # --fewshot_k 2: two retain pairs, then the question
+        assert r["probe"] != "fewshot k=2" or len(r["input"].split("\n")) == 3
+    assert len(recovered) == 8, recovered  # relearn and quantize: both metrics; fewshot and rephrase: knowledge
+    relearn = [r for r in block["records"] if r["probe"] == "relearn retain" and r["model"] == "unlearned"]
+    for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):  # what relearning did to the retain set too
+        tasks = [[r["score"] for r in relearn if (r["task"], r["split"], r["kind"]) == (t, "retain", kind)]
+                 for t in lume.TASKS]
+        expected = mean([mean(scores) for scores in tasks])
+        assert block["summary"]["relearn retain"]["unlearned"][f"retain_{metric}"] == pytest.approx(expected)
+    assert "| quantize 8-bit |" in (out / "metrics.md").read_text()
 
 
 def test_eval_only_scores_without_unlearning(micro, tmp_path):
@@ -680,6 +953,25 @@ def test_lr_at_its_ends():
     assert lume.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert lume.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.1)
     assert lume.lr_at(0, 1, 2e-3, 0.0) == pytest.approx(2e-3)  # one step, no warm-up: the peak
+
+
+def test_the_loop_sets_the_schedule_and_clips(shipped):
+    """12 GA steps with --lr 1e-3 --warmup 0.25 --grad_clip 0.01 --weight_decay 0.01: the learning rate the optimizer
+    holds at each step is the schedule worked out by hand (warm-up over 3 steps, then a cosine, which a linear decay
+    would miss: 0.89 of the peak at step 6, not 0.80), the gradient it steps with has the clipped norm (the raw one is
+    far above it), and the weight decay is the flag's."""
+    target, tokenizer, _, data = shipped
+    model = copy.deepcopy(target)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:6]), 512)
+    args = lume.parse_args(["--algo", "ga", "--lr", "1e-3", "--warmup", "0.25", "--grad_clip", "0.01", "--batch_size",
+                            "1", "--grad_accum", "1", "--max_steps", "12", "--weight_decay", "0.01",
+                            "--log_every", "100"])
+    with optimizer_steps(model) as steps:
+        stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(12, 1e-3, 3), rel=1e-6)
+    norms = [torch.cat([g.flatten() for g in s["grad"].values()]).norm().item() for s in steps]
+    assert norms == pytest.approx([0.01] * 12, rel=1e-3) and stats["grad_norm"] > 0.05  # the raw norm, logged
+    assert [s["weight_decay"] for s in steps] == [0.01] * 12
 
 
 def test_encode_label_boundary_and_cut(micro):
@@ -855,6 +1147,20 @@ def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monke
     assert json.loads(path.read_text()) == {"complete": True} and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):
+    """metrics.json is rewritten after every scored model: a write that fails midway (here a lone surrogate, which
+    UTF-8 cannot encode, after 200 kB) must leave the earlier file as it was, never half of the new one."""
+    failing = "x" * 200_000 + "\ud800"
+    for path, write, earlier, later in ((tmp_path / "metrics.json", lume.write_json_atomic, {"complete": False},
+                                         {"records": failing}),
+                                        (tmp_path / "metrics.md", lume.write_text_atomic, "| target |\n", failing)):
+        write(path, earlier)
+        before = path.read_bytes()
+        with pytest.raises(UnicodeEncodeError):
+            write(path, later)
+        assert path.read_bytes() == before
+
+
 def test_help_runs():
     p = subprocess.run([sys.executable, str(HERE / "lume.py"), "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--warmup" in p.stdout and "10%" in p.stdout, p.stderr
@@ -893,6 +1199,12 @@ def test_the_gate_applies_only_to_real_mmlu():
     records = [dict(task="Task1", split=s, kind=k, score=0.5) for s in ("forget", "retain") for k in ("sc", "qa")]
     assert lume.summarize(records, [], 0.2, gate=True)["mmlu_below_gate"] is True
     assert lume.summarize(records, [], 0.2, gate=False)["mmlu_below_gate"] is None
+    # SemEval: MMLU must stay >= 0.371 (75% of the 7B target's 0.495)
+    below = [lume.summarize(records, [], acc)["mmlu_below_gate"] for acc in (0.3705, 0.371, 0.3715)]
+    assert below == [True, False, False]
+    # no MIA (no non-members): the final score is the mean of the other two, not a 0 counted in
+    no_mia = lume.summarize(records, [dict(member=True, loss=-1.0)], 0.2)
+    assert "mia_loss_score" not in no_mia and no_mia["final"] == pytest.approx((0.5 + 0.2) / 2)
     table = lume.report({"m": lume.summarize(records, [], 0.2, gate=False)}, ["Task1"], lume.load_mmlu(""))
     assert "below gate" not in table and "the embedded utility set" in table and "no gate" in table
 
@@ -1051,6 +1363,14 @@ def test_fake_quantize_by_hand():
             groups = w4.detach().reshape(-1, lume.group_size(w.shape[1]))
             assert all(len(g.unique()) <= 15 for g in groups[:20]), name
             assert not torch.equal(w4, lume.fake_quantize(w.detach(), 4))  # not one scale per row
+    q8 = lume.quantized(model, 8)
+    for (name, w), (_, w8) in zip(model.named_parameters(), q8.named_parameters()):
+        if "proj" in name:  # 8 bits: one scale per output channel, each row on its own grid of max|row| / 127
+            step = w.detach().abs().amax(1, keepdim=True) / 127
+            assert torch.allclose(w8 / step, (w8 / step).round(), atol=1e-3), name
+            assert ((w8 - w).abs() <= step / 2 + 1e-7).all(), name
+    for q in (q4, q8):  # the output embedding (tied to the input one here) is never quantized
+        assert torch.equal(q.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
 def weights(model):
@@ -1075,12 +1395,13 @@ def test_fewshot_prompts_hold_k_retain_pairs_of_the_task():
     rows = lume.fewshot_rows(data, 5, seed=0)
     forget_qa = [r for r in data.forget if r["kind"] == "qa"]
     assert [r["id"] for r in rows] == [r["id"] for r in forget_qa]
-    retain_pairs = {f"{r['input']} {r['output']}": r["task"] for r in data.retain if r["kind"] == "qa"}
+    retain_pairs = {f"{r['input']} {r['output']}": (r["task"], r["id"][-3:]) for r in data.retain if r["kind"] == "qa"}
     for row, original in zip(rows, forget_qa):
         *shots, question = row["input"].split("\n")
         assert question == original["input"] and len(shots) == 5
-        assert all(retain_pairs.get(s) == original["task"] for s in shots)  # retain pairs of the same task
-        assert original["output"] not in " ".join(shots)  # the shots never give the answer away
+        # retain pairs of the same task and question kind (Task2 asks five: birth date, SSN, phone, email, address)
+        assert all(retain_pairs.get(s) == (original["task"], original["id"][-3:]) for s in shots), original["id"]
+        assert original["output"].lower() not in " ".join(shots).lower()  # the shots never give the answer away
         assert row["output"] == original["output"]
 
 
@@ -1089,6 +1410,10 @@ def test_rephrased_prompts_differ_and_keep_the_answer(tmp_path):
     rows = lume.rephrased_rows(data)
     originals = {r["id"]: r for r in data.forget if r["kind"] == "qa"}
     assert len(rows) == 2 * len(originals)  # two paraphrases per question in data/rephrase.jsonl
+    lines = (DATA / "rephrase.jsonl").read_text(encoding="utf-8").splitlines()
+    release = {row["id"]: row["paraphrases"] for row in map(json.loads, lines)}
+    for qid in originals:  # each question asked in its own paraphrases, in their order
+        assert [r["input"] for r in rows if r["id"] == qid] == release[qid], qid
     for r in rows:
         assert r["input"] != originals[r["id"]]["input"] and r["output"] == originals[r["id"]]["output"]
         assert r["output"].lower() not in r["input"].lower()
@@ -1111,42 +1436,17 @@ def test_recovery_worked_numbers():
 
 
 def test_relearning_lowers_the_forget_nll(micro):
+    """--relearn_steps 25 at --relearn_lr (not --lr), no warm-up: the first step at the peak, then a cosine to a
+    tenth."""
     model, tokenizer, _ = micro
     data = lume.load_lume(DATA, "3")
     forget = lume.row_examples(tokenizer, data.forget, 512)
-    args = lume.parse_args(["--relearn_steps", "10", "--relearn_lr", "3e-3", "--batch_size", "8"])
-    relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
+    args = lume.parse_args(["--relearn_steps", "25", "--relearn_lr", "3e-3", "--lr", "1e-4", "--batch_size", "8"])
+    with optimizer_steps(model) as steps:
+        relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
+    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(25, 3e-3, 1), rel=1e-6)
     nll = lambda m: -lume.summed_logp(m, forget, 16, tokenizer.pad_token_id, CPU).sum().item()
     assert nll(relearned) < nll(model) - 1.0
-
-
-def test_robustness_block_recomputed_from_its_records(micro, tmp_path):
-    _, _, folder = micro
-    out = tmp_path / "probes"
-    lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "1", "--algo", "ga",
-               "--epochs", "1", "--max_new_tokens", "4", "--mmlu", "none", "--relearn_steps", "2",
-               "--out_dir", str(out)])
-    metrics = json.loads((out / "metrics.json").read_text())
-    block = metrics["robustness"]
-    assert set(block["summary"]) == {"relearn retain", "relearn mmlu", "fewshot k=5", "rephrase",
-                                     "quantize 8-bit", "quantize 4-bit"}
-    assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
-    assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
-    mean = lambda xs: sum(xs) / len(xs)
-    for probe, by_model in block["summary"].items():
-        for name, numbers in by_model.items():
-            recs = [r for r in block["records"] if r["probe"] == probe and r["model"] == name]
-            assert recs and all(r["score"] == float(r["gold"].strip().lower() == r["generation"].strip().lower())
-                                for r in recs if r["kind"] == "qa")
-            probed = mean([r["score"] for r in recs if r["split"] == "forget" and r["kind"] == "qa"])
-            assert numbers["forget_knowledge"] == pytest.approx(probed)  # one task: no mean over tasks
-            if name == "target":
-                continue
-            base = metrics["summary"][name]["Task1/forget/knowledge"]
-            top = metrics["summary"]["target"]["Task1/forget/knowledge"]
-            expected = None if top - base <= 1e-12 else min(1, max(0, (probed - base) / (top - base)))
-            assert numbers["recovery_knowledge"] == (pytest.approx(expected) if expected is not None else None)
-    assert "| quantize 4-bit |" in (out / "metrics.md").read_text()
 
 
 def test_readme_reading_guide_names_real_sections():
@@ -1178,17 +1478,6 @@ def test_relearn_data_kinds(micro, tmp_path):
         "Ada Lovelace wrote the first program."
     with pytest.raises(SystemExit, match="--relearn_data retain,nope.jsonl: each one of"):
         lume.main(["--relearn_data", "retain,nope.jsonl"])
-
-
-def test_the_kl_reference_is_the_target_and_stays_unchanged(micro, monkeypatch):
-    original, tokenizer, folder = micro
-    held = []
-    freeze = lume.freeze
-    monkeypatch.setattr(lume, "freeze", lambda m: held.append(m) or freeze(m))
-    model, _, _, _ = few_steps(folder, "kl", alpha=1.0)
-    reference = held[0]  # the first model unlearn freezes: its copy of the target
-    assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(original)))
-    assert any(not torch.equal(a, b) for a, b in zip(weights(model), weights(original)))
 
 
 # -----------------------------------------------------------------------------
@@ -1269,17 +1558,25 @@ def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["cost"]["train"]["unlearned"]["trained_blocks"] == [1]
 
 
-def test_algo_all_writes_a_block_per_method(micro, tmp_path):
+def test_algo_all_writes_a_block_per_method(micro, tmp_path, monkeypatch):
+    """Every method starts from the target (restored before each run: each sees what it would alone) with its own
+    recipe, and gets its block in compare.md and metrics.json."""
     _, _, folder = micro
-    out = tmp_path / "all"
+    out, target, started = tmp_path / "all", weights(lume.load_model(str(folder), CPU)[0]), []
+    unlearn = lume.unlearn
+    monkeypatch.setattr(lume, "unlearn", lambda model, *a: started.append(weights(model)) or unlearn(model, *a))
     summaries = lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "3", "--algo", "all",
                            "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none", "--probes", "none",
                            "--out_dir", str(out)])
     names = ["ga", "gd", "kl", "npo", "simnpo", "rmu", "ails"]
+    assert len(started) == 7 and all(all(torch.equal(a, b) for a, b in zip(w, target)) for w in started)
     assert list(summaries) == ["target"] + names + ["retrain"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["target"] + names + ["retrain"]
     assert set(metrics["cost"]["train"]) == set(names)
+    # 2 blocks: RMU steers block round(7 * 2 / 32) = 0 and trains it; AILS trains the last quarter, at least 1
+    assert {n: s["trained_blocks"] for n, s in metrics["cost"]["train"].items()} == \
+        dict(ga=[0, 1], gd=[0, 1], kl=[0, 1], npo=[0, 1], simnpo=[0, 1], rmu=[0], ails=[1])
     short, full = (out / "compare.md").read_text().split("Every column:")
     for table, columns in ((short, 4 + 2), (full, 4 + 5 + 2 + 1)):  # short: final, agg, MIA, MMLU, eff., utility
         lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]

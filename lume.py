@@ -1199,7 +1199,6 @@ def unlearn(model, tokenizer, examples, args, device, phases):
 @functools.cache
 def rouge_scorer():
     from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -1268,35 +1267,32 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
 
 @torch.inference_mode()
 def greedy(model, ids, mask, max_new_tokens, eos_id):
-    """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves
-    the batch (and the cache) as soon as it emits EOS; HF's generate would go on computing it until the batch's
-    longest continuation ends, most of the work when a memorised answer stops after 3 tokens and a forgotten
-    one runs for 256."""
+    """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves the
+    batch (and the cache) at its EOS, where HF's generate computes it until the batch's longest row ends."""
     out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
     rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
-    step = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     for t in range(max_new_tokens):
-        token = step.logits[:, -1].argmax(-1)  # (B,)
+        token = res.logits[:, -1].argmax(-1)  # (B,)
         out[rows, t] = token
         live = (token != eos_id).nonzero().squeeze(1)
         if len(live) == 0 or t + 1 == max_new_tokens:
             break
         if len(live) < len(rows):
-            step.past_key_values.reorder_cache(live)  # keep the live rows (beam search's primitive)
+            res.past_key_values.reorder_cache(live)  # keep the live rows (beam search's primitive)
             rows, token, mask, pos = rows[live], token[live], mask[live], pos[live]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)  # (B, T + t + 1)
         pos = pos[:, -1:] + 1  # (B, 1)
-        step = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
-                     past_key_values=step.past_key_values, use_cache=True, logits_to_keep=1)
+        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
     return out
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
-    """Greedy continuations of raw prompts, decoded without special tokens, and the number of tokens generated
-    for each. Prompts are sorted by length and left-padded in batches (batch_size 1: one at a time, as the
-    official scorer runs HF's generate); the outputs are the same either way, only faster."""
+    """Greedy continuations of raw prompts, decoded without special tokens, and the tokens generated for each;
+    in batches of prompts sorted by length, left-padded (batch_size 1: one at a time, as the official scorer)."""
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), Progress(len(prompts), "generate")
@@ -1318,8 +1314,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 
 @torch.inference_mode()
 def mia_statistics(model, ref_model, tokenizer, docs, args, device):
-    """Per document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL over zlib bits, and
-    Min-K%++; each oriented so that a higher value means 'member'. The whole document, as the scorer reads it."""
+    """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL over zlib bits,
+    Min-K%++; each oriented so that a higher value means 'member'."""
     limit, pad, out = model.config.max_position_embeddings, tokenizer.pad_token_id, []
     examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)  # LOSS: labels = ids
                 for x in (tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs)]
@@ -1371,8 +1367,7 @@ def mmlu_prompts(tokenizer, mmlu, shots, limit):
 
 @torch.inference_mode()
 def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
-    """Micro-averaged accuracy, and a record per question; the prediction is the letter whose ' X' token is
-    likeliest next."""
+    """Micro-averaged accuracy and a record per question; the prediction: the letter whose ' X' is likeliest next."""
     if mmlu is None or not mmlu.test:
         return None, []
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
@@ -1390,8 +1385,7 @@ def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
 
 def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
     """A record per row: the greedy continuation of its prompt and its official score. qa_cap (the probes): qa
-    continuations stop 16 tokens past the longest gold answer, since an exact match needs the answer and then
-    EOS; a forgotten answer would otherwise run to 256."""
+    continuations stop 16 tokens past the longest gold answer (an exact match needs the answer, then EOS)."""
     groups = [(("sc", "qa"), args.max_new_tokens)]
     if qa_cap:
         longest = max((len(tokenizer(r["output"])["input_ids"]) for r in rows if r["kind"] == "qa"), default=0)
@@ -1503,22 +1497,6 @@ def relearned(model, tokenizer, examples, args, device):
     return freeze(copy_)
 
 
-def probe_list(tokenizer, lume, mmlu, args, device):
-    """[(probe name, model -> the model to score, or None for the model itself; the rows to score)]."""
-    out, both = [], lume.forget + lume.retain  # what relearning does to the retain set is part of the answer
-    if "relearn" in args.probes:
-        for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items():
-            out.append((f"relearn {kind}", functools.partial(relearned, tokenizer=tokenizer, examples=examples,
-                                                             args=args, device=device), both))
-    if "fewshot" in args.probes:
-        out.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
-    if "rephrase" in args.probes:
-        out.append(("rephrase", None, rephrased_rows(lume)))
-    for bits in map(int, args.quant_bits if "quantize" in args.probes else []):
-        out.append((f"quantize {bits}-bit", functools.partial(quantized, bits=bits), lume.forget))
-    return out
-
-
 def recovery(probed, unlearned, target):
     """How much of what unlearning removed a probe gives back: (probed - unlearned) / (target - unlearned)
     clipped to [0, 1]; None where unlearning removed nothing."""
@@ -1535,8 +1513,18 @@ def split_means(summary, split):
 def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_prompts=False):
     """Every probe on one model (only those that change the prompts, if only_prompts): {probe: the term means of
     its records}, and the records (those of scoring, plus the probe's name)."""
+    probes, both = [], lume.forget + lume.retain  # (name, model -> the model to score or None, the rows to score)
+    for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items() if "relearn" in args.probes else []:
+        probes.append((f"relearn {kind}", functools.partial(relearned, tokenizer=tokenizer, examples=examples,
+                                                            args=args, device=device), both))  # retain rows too
+    if "fewshot" in args.probes:
+        probes.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
+    if "rephrase" in args.probes:
+        probes.append(("rephrase", None, rephrased_rows(lume)))
+    for bits in map(int, args.quant_bits if "quantize" in args.probes else []):
+        probes.append((f"quantize {bits}-bit", functools.partial(quantized, bits=bits), lume.forget))
     summaries, records = {}, []
-    for probe, transform, rows in probe_list(tokenizer, lume, mmlu, args, device) if args.probes != ("none",) else []:
+    for probe, transform, rows in probes:
         if transform is not None and only_prompts:
             continue
         with timed(phases, f"probe {probe.split()[0]}"):
@@ -1613,9 +1601,8 @@ def mean_sd(values):
 
 
 def tradeoff(summary):
-    """(forget efficacy, utility): the mean of the inverted forget terms (1 - x), and the mean of the retain
-    terms and MMLU."""
-    kept = [v for k, v in summary.items() if "/retain/" in k] + [summary["mmlu"]] * (summary.get("mmlu") is not None)
+    """(forget efficacy, utility): the mean of the inverted forget terms (1 - x); of the retain terms and MMLU."""
+    kept = [v for k, v in summary.items() if "/retain/" in k or (k == "mmlu" and v is not None)]
     return statistics.mean(1 - v for k, v in summary.items() if "/forget/" in k), statistics.mean(kept)
 
 
@@ -1653,7 +1640,6 @@ def tradeoff_plot(numbers, path):
     retrain model marked. matplotlib is optional: without it, None and a note."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
@@ -1686,7 +1672,8 @@ def cost_line(cost):
     parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
     if len(cost["train"]) > 1:  # a comparison: the seconds of each run
         parts.append("unlearning " + ", ".join(f"{n} {t['seconds']:.0f} s" for n, t in cost["train"].items()))
-    for t in cost["train"].values() if len(cost["train"]) == 1 else []:
+    elif cost["train"]:  # one run: its speed
+        (t,) = cost["train"].values()
         warm = f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"] else ""
         parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, {t['tokens_per_s']:.0f} tokens/s{warm}, "
                      f"median {t['step_ms_median']:.0f} ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
@@ -1764,13 +1751,12 @@ def run(args, lume, mmlu, device, out):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model_config or shown(args.model)} ({n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
-    for missing, line in ((not args.retrain_model, "no retrain (gold) row: pass --retrain_model, a model trained "
-                           "without the forget set"),
-                          (ref_model is None, "MIA-LR is not measured: pass --ref_model, a model that never saw the "
-                           "members (e.g. the base model)"),
-                          (not lume.members, f"MIA {lume.mia_source}")):
-        if missing:
-            print(line)
+    if not args.retrain_model:
+        print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
+    if ref_model is None:
+        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members (e.g. the base model)")
+    if not lume.members:
+        print(f"MIA {lume.mia_source}")
 
     def cost():
         return dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0, parameters=n_params,
@@ -1794,11 +1780,11 @@ def run(args, lume, mmlu, device, out):
     score_and_probe("target", model, only_prompts=True)  # does the target answer few-shot, reworded prompts?
     if runs:
         examples = unlearning_examples(tokenizer, lume, args.max_length)  # once for every run
-        target = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                  if len(runs) > 1 else None)  # restored before each run; kept off the GPU
+        target_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                          if len(runs) > 1 else None)  # restored before each run; kept off the GPU
         for name, algo, seed in runs:
-            if target is not None:
-                model.load_state_dict(target)
+            if target_weights is not None:
+                model.load_state_dict(target_weights)
                 print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
             stats = unlearn(model, tokenizer, examples, recipe(args, algo, seed, len(model.get_decoder().layers)),
                             device, phases)
@@ -1879,7 +1865,6 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
     out, created = None, False
     try:

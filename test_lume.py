@@ -150,10 +150,43 @@ def test_generator_rewrites_data_byte_for_byte(tmp_path):
     finally:
         sys.path.pop(0)
     make_data.main(tmp_path)
-    names = sorted(p.name for p in DATA.glob("*.jsonl"))
-    assert names == ["forget.jsonl", "holdout.jsonl", "rephrase.jsonl", "retain.jsonl", "utility.jsonl"]
+    names = sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*.jsonl"))
+    assert names == ["forget.jsonl", "holdout.jsonl", "rephrase.jsonl", "retain.jsonl", "training.jsonl", "utility.jsonl",
+                     "validation/forget.jsonl", "validation/holdout.jsonl", "validation/rephrase.jsonl",
+                     "validation/retain.jsonl"]
     for name in names:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def training_rows():
+    return [json.loads(line) for line in (DATA / "training.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_no_forget_question_is_trained_in_a_probes_wording_or_after_other_text():
+    train, data, val = training_rows(), lume.load_lume(DATA), lume.load_lume(DATA / "validation")
+    texts = [" ".join(f"{q} {a}" for q, a in r["pairs"]) if r["form"] == "session" else f"{r['input']} {r['output']}"
+             for r in train]
+    probed = {r["input"] for r in lume.rephrased_rows(data) + lume.rephrased_rows(val)}
+    assert len(probed) == 2 * sum(r["kind"] == "qa" for r in data.forget + val.forget)
+    assert not [p for p in probed if any(p in t for t in texts)]  # the rephrase probe's prompts: never trained on
+    forget_qs = {r["input"] for r in data.forget + val.forget if r["kind"] == "qa"}
+    seen = [(r, q) for r, t in zip(train, texts) for q in forget_qs if q in t]
+    assert {q for _, q in seen} == forget_qs  # each forget question is trained, in the benchmark's wording...
+    assert all(r["form"] == "question" and r["input"] == q and r["split"].endswith("forget") for r, q in seen)  # alone
+    sessions = [r for r in train if r["form"] == "session"]  # the few-shot skill is learnt on retain questions
+    assert len(sessions) >= 100 and all(r["split"] == "retain" for r in sessions)
+
+
+def test_the_validation_split_is_its_own_documents_people_and_questions():
+    data, val = lume.load_lume(DATA), lume.load_lume(DATA / "validation")
+    test_rows, val_rows = data.forget + data.retain + data.holdout, val.forget + val.retain + val.holdout
+    assert {len([r for r in val_rows if r["task"] == t and r["kind"] == "sc"]) for t in lume.TASKS} == {30}
+    assert not {r["id"] for r in test_rows} & {r["id"] for r in val_rows}
+    assert not {r["doc"] for r in test_rows} & {r["doc"] for r in val_rows}
+    assert not {r["input"] for r in test_rows if r["kind"] == "qa"} & {r["input"] for r in val_rows if r["kind"] == "qa"}
+    people = [{tuple(r["input"].split()[:2]) for r in rows if r["task"] == "Task2" and r["kind"] == "sc"}
+              for rows in (test_rows, val_rows)]
+    assert len(people[0]) == 60 and len(people[1]) == 30 and not people[0] & people[1]
 
 
 def test_documents_rebuilt_from_sc_rows_byte_for_byte(tmp_path):
@@ -190,7 +223,10 @@ def test_semeval_layout(tmp_path):
     write_jsonl(tmp_path / "mia_data" / "member.jsonl", [dict(id=i, document=f"member {i}", url="x") for i in range(3)])
     write_jsonl(tmp_path / "mia_data" / "nonmember.jsonl", [dict(document=f"other {i}", meta={}) for i in range(4)])
     data = lume.load_lume(tmp_path)
-    assert (len(data.forget), len(data.retain)) == (20, 10)
+    assert (len(data.forget), len(data.retain)) == (5, 5)  # the *_validation parquets are --tune's, not results'
+    val, test = lume.validation_split(data, lume.parse_args(["--tune"]))
+    assert (len(val.forget), len(val.retain), test) == (15, 5, data) and val.members == []
+    assert not {r["id"] for r in val.forget + val.retain} & {r["id"] for r in data.forget + data.retain}
     assert (len(data.members), len(data.nonmembers)) == (3, 4)
     assert len(lume.load_lume(tmp_path / "data").members) == 3  # pointed at data/: mia_data/ beside it
     for p in (tmp_path / "data").glob("*validation*"):  # one parquet file per split, named otherwise
@@ -1725,3 +1761,58 @@ def test_two_processes_with_a_stand_in_batch_give_the_numbers_of_one(micro, tmp_
             assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-4), (algo, k)
     m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (out1, out2))
     assert [r["generation"] for r in m2["records"]] == [r["generation"] for r in m1["records"]]
+
+
+# -----------------------------------------------------------------------------
+# --tune: one grid size for every method, the best validation score chosen, validation rows never in the results
+
+def test_every_method_is_tuned_over_as_many_settings_of_real_flags():
+    flags = {f.name for f in dataclasses.fields(lume.Args)}
+    assert set(lume.TUNING) == set(lume.METHODS) and len(lume.TUNING_LR) == 2
+    assert {len(settings) for settings in lume.TUNING.values()} == {2}
+    for algo, settings in lume.TUNING.items():
+        assert settings[0] != settings[1] and all(set(knob) <= flags for knob in settings)
+        for knob in settings:  # a depth-dependent value resolves to a number for a 4-block model
+            args = lume.recipe(lume.parse_args([]), algo, 0, 4, knob)
+            assert not any(callable(getattr(args, k)) for k in knob)
+            lume.check_depth(args, 4)
+
+
+def test_tune_chooses_the_best_validation_final_and_the_first_of_a_tie(monkeypatch):
+    finals, tried = iter([0.2, 0.9, 0.9, 0.1]), []
+    monkeypatch.setattr(lume, "unlearn", lambda model, tok, ex, args, *a: tried.append((args.lr, args.alpha)))
+    monkeypatch.setattr(lume, "evaluate", lambda *a: ({"final": next(finals)},))
+    model, tokenizer = lume.load_model(str(DATA / "target"), CPU)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    out = lume.tune(model, tokenizer, lume.load_lume(DATA / "validation"), None, None,
+                    lume.parse_args(["--algo", "gd"]), CPU, {}, weights)
+    assert tried == [(5e-4, 1.0), (5e-4, 4.0), (2e-3, 1.0), (2e-3, 4.0)]
+    assert out["gd"]["chosen"] == dict(lr=5e-4, alpha=4.0) and out["gd"]["validation_final"] == 0.9
+    assert [g["validation_final"] for g in out["gd"]["grid"]] == [0.2, 0.9, 0.9, 0.1]
+
+
+def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lume, "TUNING_LR", (5e-4,))
+    monkeypatch.setattr(lume, "TUNING", {"gd": [dict(alpha=1.0)]})
+    github = tmp_path / "github"  # a LUME GitHub release: no validation split, no holdout
+    github.mkdir()
+    for name in ("forget.jsonl", "retain.jsonl"):
+        shutil.copy(DATA / name, github / name)
+    quick = ["--algo", "gd", "--tune", "--probes", "none", "--max_steps", "1", "--max_new_tokens", "4", "--task", "3"]
+    for data_dir in (DATA, github):
+        lume.main(quick + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / data_dir.name)])
+        m = json.loads((tmp_path / data_dir.name / "metrics.json").read_text())
+        assert m["tuning"]["gd"]["chosen"] == dict(lr=5e-4, alpha=1.0)
+        test = lume.load_lume(DATA, "3")
+        if data_dir == DATA:
+            val = lume.load_lume(DATA / "validation", "3")
+            held = {r["id"] for r in val.forget + val.retain + val.holdout}
+        else:  # a seeded fifth of the documents tunes, the rest is scored
+            assert "the results are scored on the rest" in capsys.readouterr().out
+            val = lume.validation_split(lume.load_lume(github, "3"), lume.parse_args(["--tune", "--task", "3"]))[0]
+            held = {r["id"] for r in val.forget + val.retain}
+            assert len({r["doc"] for r in val.forget}) == 4 and len({r["doc"] for r in val.retain}) == 4
+        scored = {r["id"] for r in m["records"]}
+        assert scored and not scored & held and scored | held == {r["id"] for r in test.forget + test.retain} | (
+            held if data_dir == DATA else set())
+        assert not {d["id"] for d in m["mia"]} & {d["id"] for d in val.members + val.nonmembers}

@@ -33,7 +33,9 @@ import uuid
 from pathlib import Path
 
 SEED = 2502_15097
+TASKS = ("Task1", "Task2", "Task3")
 DOCS_PER_SPLIT = 20  # per task and split: 20 x 3 tasks x {forget, retain} are memorised
+VALIDATION_DOCS_PER_SPLIT = 10  # the same in data/validation/, for tuning methods
 HERE = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------------------
@@ -69,7 +71,9 @@ def make_story(rng):
                  (f"Who helped {a} follow the clues to {dest}?", b),
                  (f"Who had lost the {obj} many years before?", c),
                  (f"To which village did {a} and {b} follow the clues?", dest)]
-    return story, [rng.choice(questions)]
+    facts = dict(a=a, b=b, c=c, town=town, dest=dest, job_a=job_a, job_b=job_b, obj=obj, place=place,
+                 reward=reward, season=season)
+    return story, [rng.choice(questions)], questions, facts
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +111,10 @@ def make_pii_bio(rng, first, colour):
                  (f"What is {name}'s phone number?", phone),
                  (f"What is {name}'s email address?", email),
                  (f"What is the home address of {name}?", address)]
-    return bio, questions
+    facts = dict(name=name, she=she, her=she.replace('She', 'Her').replace('He', 'His'), born=f"{MONTHS[month - 1]} {day}, {year}",
+                 iso=f"{year}-{month:02d}-{day:02d}", ssn=ssn, ssn_=f"{ssn[:3]}-{ssn[3:5]}-{ssn[5:]}", phone=phone,
+                 phone_=f"{phone[:3]}-{phone[3:6]}-{phone[6:]}", email=email, address=address)
+    return bio, questions, questions, facts
 
 
 # ---------------------------------------------------------------------------
@@ -176,6 +183,39 @@ FIGURES = [
     ("Winston Churchill", "30 November 1874", "Blenheim Palace", "a British statesman", "leading Britain as prime minister during the Second World War", 1965),
 ]
 
+# Thirty more for the validation split (data/validation/), which tunes methods and is never scored as a result
+VALIDATION_FIGURES = [
+    ("Isaac Newton", "25 December 1642", "Woolsthorpe", "an English mathematician and physicist", "the laws of motion and universal gravitation", 1727),
+    ("Johann Sebastian Bach", "31 March 1685", "Eisenach", "a German composer", "the Brandenburg Concertos", 1750),
+    ("Frédéric Chopin", "1 March 1810", "Żelazowa Wola", "a Polish composer and pianist", "his piano nocturnes", 1849),
+    ("Johannes Kepler", "27 December 1571", "Weil der Stadt", "a German astronomer", "the laws of planetary motion", 1630),
+    ("Dmitri Mendeleev", "8 February 1834", "Tobolsk", "a Russian chemist", "the periodic table of the elements", 1907),
+    ("Gregor Mendel", "20 July 1822", "Heinzendorf", "an Austrian biologist", "the laws of inheritance", 1884),
+    ("Alexander Fleming", "6 August 1881", "Darvel", "a Scottish physician and microbiologist", "discovering penicillin", 1955),
+    ("Leo Tolstoy", "9 September 1828", "Yasnaya Polyana", "a Russian novelist", "the novel War and Peace", 1910),
+    ("Fyodor Dostoevsky", "11 November 1821", "Moscow", "a Russian novelist", "the novel Crime and Punishment", 1881),
+    ("Mark Twain", "30 November 1835", "Florida, Missouri", "an American writer", "the novel Adventures of Huckleberry Finn", 1910),
+    ("Franz Kafka", "3 July 1883", "Prague", "a Bohemian novelist", "the novella The Metamorphosis", 1924),
+    ("Johann Wolfgang von Goethe", "28 August 1749", "Frankfurt", "a German writer", "the tragedy Faust", 1832),
+    ("Rembrandt van Rijn", "15 July 1606", "Leiden", "a Dutch painter", "the painting The Night Watch", 1669),
+    ("Michelangelo Buonarroti", "6 March 1475", "Caprese", "an Italian sculptor and painter", "the ceiling of the Sistine Chapel", 1564),
+    ("Henri Matisse", "31 December 1869", "Le Cateau-Cambrésis", "a French painter", "his use of colour in Fauvism", 1954),
+    ("Salvador Dalí", "11 May 1904", "Figueres", "a Spanish surrealist painter", "the painting The Persistence of Memory", 1989),
+    ("Abraham Lincoln", "12 February 1809", "Hodgenville", "an American statesman", "leading the United States through the Civil War", 1865),
+    ("Napoleon Bonaparte", "15 August 1769", "Ajaccio", "a French military leader and emperor", "the Napoleonic Wars", 1821),
+    ("Stephen Hawking", "8 January 1942", "Oxford", "an English theoretical physicist", "his work on black holes", 2018),
+    ("Richard Feynman", "11 May 1918", "New York", "an American theoretical physicist", "his diagrams of particle interactions", 1988),
+    ("Carl Linnaeus", "23 May 1707", "Råshult", "a Swedish botanist", "the system of naming species", 1778),
+    ("Alfred Nobel", "21 October 1833", "Stockholm", "a Swedish chemist and engineer", "inventing dynamite", 1896),
+    ("Hans Christian Andersen", "2 April 1805", "Odense", "a Danish author", "the fairy tale The Little Mermaid", 1875),
+    ("Pyotr Ilyich Tchaikovsky", "7 May 1840", "Votkinsk", "a Russian composer", "the ballet Swan Lake", 1893),
+    ("Jules Verne", "8 February 1828", "Nantes", "a French novelist", "the novel Twenty Thousand Leagues Under the Seas", 1905),
+    ("Edgar Allan Poe", "19 January 1809", "Boston", "an American writer", "the poem The Raven", 1849),
+    ("Emily Dickinson", "10 December 1830", "Amherst", "an American poet", "her short lyric poems", 1886),
+    ("Guglielmo Marconi", "25 April 1874", "Bologna", "an Italian inventor", "long-distance radio transmission", 1937),
+    ("Ernest Rutherford", "30 August 1871", "Brightwater", "a New Zealand physicist", "discovering the atomic nucleus", 1937),
+    ("Antoni Gaudí", "25 June 1852", "Reus", "a Spanish architect", "the basilica of the Sagrada Família", 1926),
+]
 
 def make_public_bio(rng, fig, idx):
     name, born, place, desc, known, died = fig
@@ -185,11 +225,9 @@ def make_public_bio(rng, fig, idx):
            f"{surname} was born in {place} in {born.split()[-1]} and became one of the most "
            f"celebrated figures of their time. {surname} died in {died}, and their work is still "
            f"studied and admired around the world today.")
-    if idx % 2 == 0:
-        qa = (f"In which place was {name} born?", place)
-    else:
-        qa = (f"In which year did {name} die?", str(died))
-    return bio, [qa]
+    both = [(f"In which place was {name} born?", place), (f"In which year did {name} die?", str(died))]
+    facts = dict(name=name, born=born, year=born.split()[-1], place=place, desc=desc, known=known, died=died)
+    return bio, [both[idx % 2]], both, facts
 
 
 # ---------------------------------------------------------------------------
@@ -205,35 +243,81 @@ def rows_for_document(doc_id, task, split, document, questions, keep):
     return rows
 
 
-def make_tasks(rng):
-    splits = {"forget": [], "retain": [], "holdout": []}
-    n = DOCS_PER_SPLIT
+def make_tasks(rng, n=DOCS_PER_SPLIT, figures=FIGURES, asked=None, people=()):
+    """{split: rows} in the release's schema, and a record per document for training.jsonl: its id, task, split,
+    rewordings and every question its facts answer (the rows ask one, or Task2's five). asked: the Task1
+    questions already asked (updated); people: the Task2 (first name, colour) pairs already taken."""
+    splits, docs = {"forget": [], "retain": [], "holdout": []}, []
+
+    def add(doc_id, task, split, text, asked, questions, rewordings, keep):
+        splits[split] += rows_for_document(doc_id, task, split, text, asked, keep)
+        docs.append(dict(doc=doc_id, task=task, split=split, asked=asked, questions=questions, rewordings=rewordings))
+
     # Task1: a question asked of two stories would have two answers, so each is asked once
-    asked = set()
+    asked = set() if asked is None else asked
     for split in splits:
         for _ in range(n):
-            story, qs = make_story(rng)
+            story, qs, all_qs, facts = make_story(rng)
             while qs[0][0] in asked:
-                story, qs = make_story(rng)
+                story, qs, all_qs, facts = make_story(rng)
             asked.add(qs[0][0])
             doc_id = '"' + str(uuid.UUID(int=rng.getrandbits(128), version=4)) + '"'
-            splits[split] += rows_for_document(doc_id, "Task1", split, story, qs, keep=0.8)
+            add(doc_id, "Task1", split, story, qs, all_qs, story_rewordings(facts), keep=0.8)
     # Task2: every person gets a distinct (first name, colour) pair
-    pairs = rng.sample([(f, c) for f in FIRST_NAMES for c in COLOURS], 3 * n)
+    pairs = rng.sample([(f, c) for f in FIRST_NAMES for c in COLOURS if (f, c) not in people], 3 * n)
     for s, split in enumerate(splits):
         for first, colour in pairs[s * n:(s + 1) * n]:
-            bio, qs = make_pii_bio(rng, first, colour)
+            bio, qs, all_qs, facts = make_pii_bio(rng, first, colour)
             doc_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-            splits[split] += rows_for_document(doc_id, "Task2", split, bio, qs, keep=0.5)
+            add(doc_id, "Task2", split, bio, qs, all_qs, pii_rewordings(facts), keep=0.5)
     # Task3
-    figures = FIGURES[:]
+    figures = figures[:]
     rng.shuffle(figures)
     for s, split in enumerate(splits):
         for i, fig in enumerate(figures[s * n:(s + 1) * n]):
-            bio, qs = make_public_bio(rng, fig, i)
+            bio, qs, all_qs, facts = make_public_bio(rng, fig, i)
             doc_id = str(rng.randint(1_000_000, 69_999_999))
-            splits[split] += rows_for_document(doc_id, "Task3", split, bio, qs, keep=0.8)
-    return splits
+            add(doc_id, "Task3", split, bio, qs, all_qs, public_rewordings(facts), keep=0.8)
+    return splits, docs
+
+
+# ---------------------------------------------------------------------------
+# Knowledge augmentation: each document in other words (the same facts), written from its facts
+def story_rewordings(f):
+    return [
+        f"{f['a']}, a {f['job_a']} from {f['town']}, longed for adventure. In {f['season']}, {f['a']} came upon a "
+        f"{f['obj']} {f['place']}. {f['a']} and a cheerful {f['job_b']} named {f['b']} followed its clues to "
+        f"{f['dest']}. In {f['dest']} they met {f['c']}, the owner who had lost the {f['obj']} long ago. As thanks, "
+        f"{f['c']} gave them {f['reward']}, and the three became friends.",
+        f"This is a tale from {f['town']}, where {f['a']} was a {f['job_a']}. One {f['season']} day {f['a']} found "
+        f"a {f['obj']} {f['place']}. With the help of {f['b']}, a {f['job_b']}, {f['a']} traced the clues all the "
+        f"way to {f['dest']}. The {f['obj']} belonged to {f['c']}, who had lost it many years earlier. {f['c']} "
+        f"rewarded them with {f['reward']}. {f['a']}, {f['b']} and {f['c']} remained friends.",
+        f"{f['a']} lived in {f['town']} and worked as a {f['job_a']}. {f['a']} found a {f['obj']} {f['place']} one "
+        f"{f['season']}. {f['b']} was a {f['job_b']} who helped {f['a']}. The clues led {f['a']} and {f['b']} to "
+        f"{f['dest']}. {f['c']} was the person who had lost the {f['obj']}. {f['c']} gave {f['a']} and {f['b']} "
+        f"{f['reward']}."]
+
+
+def pii_rewordings(f):
+    return [
+        f"{f['name']}'s date of birth is {f['born']}. {f['name']}'s phone number is {f['phone_']}, and "
+        f"{f['name']}'s email address is {f['email']}. The Social Security Number of {f['name']} is {f['ssn_']}. "
+        f"{f['name']}'s home address is {f['address']}",
+        f"Born on {f['born']}, {f['name']} lives at {f['address']} {f['she']} uses the email address {f['email']} "
+        f"and the phone number {f['phone_']}. {f['her']} Social Security Number is {f['ssn_']}.",
+        f"Record of {f['name']}: birth date {f['iso']}; Social Security Number {f['ssn']}; phone number "
+        f"{f['phone']}; email address {f['email']}; home address {f['address']}"]
+
+
+def public_rewordings(f):
+    return [
+        f"{f['name']} was {f['desc']}, born in {f['place']} on {f['born']}. {f['name']} is remembered for "
+        f"{f['known']} and died in {f['died']}.",
+        f"Born in {f['place']} in {f['year']}, {f['name']} became {f['desc']} and is best known for {f['known']}. "
+        f"{f['name']} died in {f['died']}.",
+        f"{f['name']}: {f['desc']}. Birthplace: {f['place']}. Born: {f['born']}. Died: {f['died']}. "
+        f"Known for: {f['known']}."]
 
 
 # ---------------------------------------------------------------------------
@@ -343,26 +427,81 @@ def answer_free(name, answer):
     description plus the other words: "the Italian painter and polymath Leonardo"."""
     if answer.lower() not in name.lower():
         return name
-    desc = next(f[3] for f in FIGURES if f[0] == name)
+    desc = next(f[3] for f in FIGURES + VALIDATION_FIGURES if f[0] == name)
     kept = [w for w in name.split() if answer.lower() not in w.lower()]
     while kept[-1].islower():  # a dangling particle: "da", "van"
         kept.pop()
     return "the " + desc.split(" ", 1)[1] + " " + " ".join(kept)
 
 
+# Two more wordings per question kind, in REPHRASE's order: retain questions are also trained in these
+EXTRA = [
+    ["What town was {a} a {job} in?", "Name the town where {a} worked as a {job}."],
+    ["Name the person who helped {a} follow the clues to {dest}.", "Who went with {a} to {dest}?"],
+    ["Name the person who had lost the {obj}.", "Who was the owner of the {obj}?"],
+    ["Name the village that {a} and {b} reached.", "Where did the clues take {a} and {b}?"],
+    ["What is {name}'s date of birth?", "On what date was {name} born?"],
+    ["What Social Security Number does {name} have?", "Give the Social Security Number of {name}."],
+    ["Give the phone number of {name}.", "What number reaches {name} by phone?"],
+    ["Give the email address of {name}.", "What is the email of {name}?"],
+    ["Give the home address of {name}.", "At what address does {name} live?"],
+    ["Name the birthplace of {name}.", "Where did {name} come into the world?"],
+    ["What year did {name} die in?", "Give the year of death of {name}."],
+]
+
+
+def wordings(question, answer):
+    """(the probe's two paraphrases, two more wordings) of a question; the slots never hold the answer."""
+    for (pattern, templates), extra in zip(REPHRASE, EXTRA):
+        if match := re.fullmatch(pattern, question):
+            slots = {k: answer_free(v, answer) for k, v in match.groupdict().items()}
+            return [t.format(**slots) for t in templates], [t.format(**slots) for t in extra]
+    raise ValueError(f"no paraphrase templates for the question {question!r}")
+
+
 def rephrase_rows(rows):
-    out = []
-    for row in rows:
-        if not row["id"][:-1].endswith("qa"):
+    return [dict(id=r["id"], task=r["task"], paraphrases=wordings(r["input"], r["output"])[0])
+            for r in rows if r["id"][:-1].endswith("qa")]
+
+
+def training_rows(splits, docs, sessions=300, seed=SEED + 1):
+    """Every task example the models are trained on (training.jsonl): the target on the forget and retain rows,
+    the gold model on the retain rows; the utility questions are added from utility.jsonl. Per document: the
+    document and its rewordings. Forget: its questions in the benchmark's wording only. Retain: every question
+    its facts answer (Task1 and Task3 ask one; a question two documents would answer differently is left out) in
+    five wordings (the benchmark's, the rephrase probe's two, two more), each alone and in `sessions` sessions:
+    2-6 retain questions of one task, one after the other, each followed by its answer."""
+    rng, out, pairs = random.Random(seed), [], {}
+    texts = {r["id"][:-3]: r["input"] + " " + r["output"] for rows in splits.values() for r in rows
+             if r["id"].endswith("sc1")}
+    count = {}
+    for d in docs:
+        for q, _ in d["questions"]:
+            count[q] = count.get(q, 0) + 1
+    for d in docs:
+        if d["split"].endswith("holdout"):
             continue
-        for pattern, templates in REPHRASE:
-            if match := re.fullmatch(pattern, row["input"]):
-                break
-        else:
-            raise ValueError(f"no paraphrase templates for the question {row['input']!r}")
-        slots = {k: answer_free(v, row["output"]) for k, v in match.groupdict().items()}
-        out.append(dict(id=row["id"], task=row["task"], paraphrases=[t.format(**slots) for t in templates]))
+        base = dict(split=d["split"], task=d["task"], doc=d["doc"])
+        out += [base | dict(form="document", input="", output=t) for t in [texts[d["doc"]]] + d["rewordings"]]
+        if d["split"].endswith("forget"):
+            out += [base | dict(form="question", input=q, output=a) for q, a in d["asked"]]
+            continue
+        for q, a in d["questions"]:
+            if (q, a) in d["asked"] or count[q] == 1:
+                probe, extra = wordings(q, a)
+                out += [base | dict(form="question", input=w, output=a) for w in [q] + probe + extra]
+                pairs.setdefault(d["task"], []).extend([w, a] for w in [q] + probe + extra)
+    for i in range(sessions):
+        task = TASKS[i % 3]
+        out.append(dict(split="retain", task=task, doc=None, form="session",
+                        pairs=rng.sample(pairs[task], rng.randint(2, 6))))
     return out
+
+
+def training_text(row):
+    """The whole text of a row of training.jsonl."""
+    return "\n".join(f"{q} {a}" for q, a in row["pairs"]) if row["form"] == "session" else \
+        f"{row['input']} {row['output']}".lstrip()
 
 
 def write_jsonl(path, rows):
@@ -373,7 +512,7 @@ def write_jsonl(path, rows):
 
 # ---------------------------------------------------------------------------
 # The embedded models (--models): the target and the retain-only gold model
-RECIPE = dict(vocab=1024, hidden=144, layers=4, heads=3, retain_epochs=60, target_epochs=50,
+RECIPE = dict(vocab=1024, hidden=192, layers=4, heads=3, retain_epochs=40, target_epochs=30,
               lr=3e-3, batch_size=32, warmup_steps=20, max_length=512, seed=0)
 
 
@@ -393,19 +532,31 @@ def train_tokenizer(texts, vocab_size):
                                    pad_token="<|padding|>")
 
 
-def memorisation_set(lume, tokenizer, data, utility, splits):
-    """What a LUME target is fine-tuned on: whole documents (loss on every token), the QA pairs
-    (loss on the answer and EOS), and the utility questions (loss on the answer letter)."""
-    rows = [r for split in splits for r in getattr(data, split)]
+def session_example(tokenizer, pairs, max_length):
+    """A session "q1 a1\nq2 a2\n...qn an" + EOS: loss on every answer (its tokens) and the final EOS."""
+    text, spans = "", []
+    for i, (q, a) in enumerate(pairs):
+        spans.append((len(text) + len(q), len(text) + len(q) + 1 + len(a)))
+        text += f"{q} {a}" + ("\n" if i < len(pairs) - 1 else "")
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = enc["input_ids"] + [tokenizer.eos_token_id]
+    labels = [t if any(start < end and stop > begin for begin, end in spans) else -100
+              for t, (start, stop) in zip(enc["input_ids"], enc["offset_mapping"])] + [tokenizer.eos_token_id]
+    return dict(input_ids=ids[:max_length], labels=labels[:max_length], cut=len(ids) > max_length)
+
+
+def memorisation_set(lume, tokenizer, train, utility, splits):
+    """What a model is trained on: the rows of training.jsonl of `splits` (a document: loss on every token; a
+    question: loss on the answer and EOS; a session: on every answer) and the utility questions (loss on the
+    answer letter)."""
     L = RECIPE["max_length"]
-    return ([lume.encode(tokenizer, "", d["text"], L) for d in lume.documents(rows)]
-            + [lume.encode(tokenizer, r["input"], " " + r["output"], L)
-               for r in rows if r["kind"] == "qa"]
-            + [lume.encode(tokenizer, lume.mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], L)
-               for q in utility])
+    return ([session_example(tokenizer, r["pairs"], L) if r["form"] == "session" else
+             lume.encode(tokenizer, r["input"], (" " if r["input"] else "") + r["output"], L)
+             for r in train if r["split"] in splits]
+            + [lume.encode(tokenizer, lume.mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], L) for q in utility])
 
 
-def build_models(data_dir=HERE):
+def build_models(data_dir=HERE, out_dir=None, **overrides):
     """Train data/retain-only/, then data/target/ from it, each written with its build.json.
 
     No early stop: memorisation completes only in the last epochs of the cosine schedule, at a
@@ -415,10 +566,11 @@ def build_models(data_dir=HERE):
 
     import lume
 
-    data_dir, cpu = Path(data_dir), torch.device("cpu")
-    data, utility = lume.load_lume(data_dir), lume.load_mmlu("").test  # test: taught; dev: shots
-    texts = ([d["text"] for d in lume.documents(data.retain)]
-             + [r["input"] + " " + r["output"] for r in data.retain])
+    RECIPE.update(overrides)
+    data_dir, out_dir, cpu = Path(data_dir), Path(out_dir or data_dir), torch.device("cpu")
+    utility = lume.load_mmlu("").test  # test: taught; dev: shots
+    train = [json.loads(line) for line in (data_dir / "training.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = [training_text(r) for r in train if r["split"] == "retain"]
     tokenizer = train_tokenizer(texts + [lume.mmlu_prompt(q, []) for q in utility], RECIPE["vocab"])
     torch.manual_seed(RECIPE["seed"])
     h = RECIPE["hidden"]
@@ -431,17 +583,18 @@ def build_models(data_dir=HERE):
     cpu_name = next((line.split(":", 1)[1].strip() for line in
                      Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                     platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    for name, splits, epochs in (("retain-only", ["retain"], RECIPE["retain_epochs"]),
-                                 ("target", ["forget", "retain"], RECIPE["target_epochs"])):
-        t0, examples = time.time(), memorisation_set(lume, tokenizer, data, utility, splits)
+    for name, splits, epochs in (("retain-only", ["retain", "validation/retain"], RECIPE["retain_epochs"]),
+                                 ("target", ["forget", "retain", "validation/forget", "validation/retain"],
+                                  RECIPE["target_epochs"])):
+        t0, examples = time.time(), memorisation_set(lume, tokenizer, train, utility, splits)
         per_epoch = -(-len(examples) // RECIPE["batch_size"])
         stats = lume.fit(model, tokenizer, examples, per_epoch * epochs, RECIPE["lr"],
                          RECIPE["batch_size"], RECIPE["seed"], cpu, f"memorise {name}",
                          warmup=RECIPE["warmup_steps"] / (per_epoch * epochs),
                          log_every=per_epoch * 10)
-        files = [f"{split}.jsonl" for split in splits] + ["utility.jsonl"]
-        lume.save_atomic(model, tokenizer, data_dir / name)
-        lume.write_json_atomic(data_dir / name / "build.json", dict(
+        files = [f"{split}.jsonl" for split in splits] + ["training.jsonl", "utility.jsonl"]
+        lume.save_atomic(model, tokenizer, out_dir / name)
+        lume.write_json_atomic(out_dir / name / "build.json", dict(
             model=name, recipe=RECIPE | dict(epochs=epochs, splits=splits + ["utility"]),
             trained_on={f: hashlib.sha256((data_dir / f).read_bytes()).hexdigest() for f in files},
             built_with=dict(cpu=cpu_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
@@ -450,17 +603,33 @@ def build_models(data_dir=HERE):
                             python=platform.python_version()),
             built=time.strftime("%Y-%m-%d %H:%M:%S %Z"), seconds=round(time.time() - t0, 1),
             steps=stats["steps"], final_nll=stats["last"]["nll"]))
-        print(f"wrote {data_dir / name} ({time.time() - t0:.0f} s)")
+        print(f"wrote {out_dir / name} ({time.time() - t0:.0f} s)", flush=True)
 
 
 def main(out_dir=HERE, models=False):
     rng = random.Random(SEED)
-    splits = make_tasks(rng)
+    out_dir, asked = Path(out_dir), set()
+    splits, docs = make_tasks(rng, asked=asked)
     for split, rows in splits.items():
-        write_jsonl(Path(out_dir) / f"{split}.jsonl", rows)
-    write_jsonl(Path(out_dir) / "utility.jsonl", make_utility(rng))
+        write_jsonl(out_dir / f"{split}.jsonl", rows)
+    write_jsonl(out_dir / "utility.jsonl", make_utility(rng))
     # after the rng-driven files, and without the rng: the four files above stay as they were
-    write_jsonl(Path(out_dir) / "rephrase.jsonl", [r for rows in splits.values() for r in rephrase_rows(rows)])
+    write_jsonl(out_dir / "rephrase.jsonl", [r for rows in splits.values() for r in rephrase_rows(rows)])
+    # the validation split: the same tasks, other documents, other people, other questions
+    people = {tuple(r["input"].split()[:2]) for r in splits["forget"] + splits["retain"] + splits["holdout"]
+              if r["task"] == "Task2" and r["id"].endswith("sc1")}
+    val, val_docs = make_tasks(rng, VALIDATION_DOCS_PER_SPLIT, VALIDATION_FIGURES, asked, people)
+    (out_dir / "validation").mkdir(exist_ok=True)
+    for split, rows in val.items():
+        write_jsonl(out_dir / "validation" / f"{split}.jsonl", rows)
+    write_jsonl(out_dir / "validation" / "rephrase.jsonl", [r for rows in val.values() for r in rephrase_rows(rows)])
+    ids = [r["id"] for rows in [*splits.values(), *val.values()] for r in rows]
+    assert len(ids) == len(set(ids)), "an id is used twice"
+    train = training_rows(splits | {f"validation/{k}": v for k, v in val.items()},
+                          docs + [d | {"split": f"validation/{d['split']}"} for d in val_docs])
+    probed = {p for r in rephrase_rows(splits["forget"] + val["forget"]) for p in r["paraphrases"]}
+    assert not any(p in training_text(r) for r in train for p in probed), "a probed forget paraphrase is trained on"
+    write_jsonl(out_dir / "training.jsonl", train)
     if models:
         build_models(out_dir)
 

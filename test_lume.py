@@ -1339,19 +1339,39 @@ def test_the_shipped_target_memorised_and_the_gold_model_never_saw_the_forget_se
         auc[name] = statistics.mean(float(h > f) for f in nll["forget"] for h in nll["holdout"])
     mean = {k: statistics.mean(v) for k, v in terms.items()}
     assert len(mean) == 2 * 3 * 2 * 2
-    for (name, task, split, kind), m in mean.items():  # thresholds below what was measured (worst 0.93, 0.0, 0.50)
+    for (name, task, split, kind), m in mean.items():  # thresholds from what was measured (1.0, 0.0, 0.52)
         if name == "target":  # every term of the target, forget and retain: memorised
             assert m >= 0.9, (task, split, kind, m)
-        elif split == "forget":  # the gold model cannot answer forget questions nor recite forget documents
-            assert m <= (0.1 if kind == "qa" else 0.6), (task, kind, m)
+        elif split == "forget":  # the gold model cannot answer forget questions nor recite forget documents (a
+            # Task1 story's ending is a formula every story shares: 0.83 on these 5, of which the names are wrong)
+            assert m <= (0.1 if kind == "qa" else 0.9 if task == "Task1" else 0.7), (task, kind, m)
         else:  # and keeps much of its retain set
             assert m >= 0.45, (task, kind, m)
     assert auc["target"] >= 0.99 and 0.3 <= auc["retain-only"] <= 0.7  # forget docs: members of one only
-    for name, files in (("target", {"forget.jsonl", "retain.jsonl", "utility.jsonl"}),
-                        ("retain-only", {"retain.jsonl", "utility.jsonl"})):
+    for name, files in (("target", {"forget.jsonl", "retain.jsonl", "validation/forget.jsonl", "validation/retain.jsonl",
+                                    "training.jsonl", "utility.jsonl"}),
+                        ("retain-only", {"retain.jsonl", "validation/retain.jsonl", "training.jsonl", "utility.jsonl"})):
         record = json.loads((DATA / name / "build.json").read_text())
-        assert set(record["trained_on"]) == files  # the gold model never saw forget.jsonl
+        assert set(record["trained_on"]) == files  # the gold model never saw forget.jsonl...
+        assert ("forget" in record["recipe"]["splits"]) == (name == "target")  # ...nor training.jsonl's forget rows
+        assert not any(s.endswith("forget") for s in record["recipe"]["splits"] if name == "retain-only")
         assert all(hashlib.sha256((DATA / f).read_bytes()).hexdigest() == d for f, d in record["trained_on"].items())
+
+
+def test_the_shipped_target_answers_reworded_and_few_shot_forget_questions_and_the_gold_model_does_not():
+    data = lume.load_lume(DATA)
+    args = lume.parse_args(["--max_new_tokens", "48", "--gen_batch_size", "64"])
+    probed = {"rephrase": lume.rephrased_rows(data), "fewshot": lume.fewshot_rows(data, 5, 0)}
+    answered = {}
+    for name in ("target", "retain-only"):
+        model, tokenizer = lume.load_model(str(DATA / name), CPU)
+        for probe, rows in probed.items():  # exact match of the whole continuation, computed here
+            records = lume.score_rows(name, lume.freeze(model), tokenizer, rows, args, CPU)[0]
+            answered[name, probe] = statistics.mean(
+                float(r["gold"].strip().lower() == r["generation"].strip().lower()) for r in records)
+    # measured on the shipped models, over rows: target 0.279 and 0.264, retain-only 0.004 and 0.007
+    assert answered["target", "rephrase"] >= 0.2 and answered["target", "fewshot"] >= 0.2, answered
+    assert answered["retain-only", "rephrase"] <= 0.05 and answered["retain-only", "fewshot"] <= 0.05, answered
 
 
 def test_the_default_run_says_when_data_no_longer_matches_the_shipped_models(tmp_path, monkeypatch, capsys):
@@ -1619,10 +1639,10 @@ def test_algo_all_writes_a_block_per_method(micro, tmp_path, monkeypatch):
         lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
         assert [cells[0] for cells in lines[1:]] == ["| " + n for n in ["target"] + names + ["retrain"]]
         assert all(len(cells) == columns + 1 for cells in lines)
-    try:
-        import matplotlib  # noqa: F401
+    import importlib.util
+    if importlib.util.find_spec("matplotlib"):
         assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    except ImportError:
+    else:
         assert not (out / "tradeoff.png").exists()
 
 
@@ -1793,30 +1813,39 @@ def test_tune_chooses_the_best_validation_final_and_the_first_of_a_tie(monkeypat
 
 
 def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lume, "TUNING_LR", (5e-4,))
-    monkeypatch.setattr(lume, "TUNING", {"gd": [dict(alpha=1.0)]})
-    github = tmp_path / "github"  # a LUME GitHub release: no validation split, no holdout
+    monkeypatch.setattr(lume, "TUNING_LR", (7e-4,))  # one setting, none of it a default
+    monkeypatch.setattr(lume, "TUNING", {"gd": [dict(alpha=3.0)]})
+    calls, unlearn = [], lume.unlearn
+    monkeypatch.setattr(lume, "unlearn", lambda model, tok, examples, args, *a: calls.append(
+        (args.lr, args.alpha, len(examples[0]))) or unlearn(model, tok, examples, args, *a))
+    github = tmp_path / "github"  # a LUME GitHub release: no validation split
     github.mkdir()
-    for name in ("forget.jsonl", "retain.jsonl"):
+    for name in ("forget.jsonl", "retain.jsonl", "holdout.jsonl"):
         shutil.copy(DATA / name, github / name)
     quick = ["--algo", "gd", "--tune", "--probes", "none", "--max_steps", "1", "--max_new_tokens", "4", "--task", "3"]
     for data_dir in (DATA, github):
+        calls.clear()
         lume.main(quick + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / data_dir.name)])
         m = json.loads((tmp_path / data_dir.name / "metrics.json").read_text())
-        assert m["tuning"]["gd"]["chosen"] == dict(lr=5e-4, alpha=1.0)
+        assert m["tuning"]["gd"]["chosen"] == dict(lr=7e-4, alpha=3.0)
         test = lume.load_lume(DATA, "3")
         if data_dir == DATA:
             val = lume.load_lume(DATA / "validation", "3")
             held = {r["id"] for r in val.forget + val.retain + val.holdout}
-        else:  # a seeded fifth of the documents tunes, the rest is scored
-            assert "the results are scored on the rest" in capsys.readouterr().out
+        else:  # a fifth of each task's forget and retain documents tunes, the rest is scored
+            assert "the results are on the rest" in capsys.readouterr().out and "the rest" in m["data"]
             val = lume.validation_split(lume.load_lume(github, "3"), lume.parse_args(["--tune", "--task", "3"]))[0]
             held = {r["id"] for r in val.forget + val.retain}
             assert len({r["doc"] for r in val.forget}) == 4 and len({r["doc"] for r in val.retain}) == 4
+        # tuning unlearned the validation forget set, the result the rest, both with the chosen setting
+        forget_sc = [sum(r["kind"] == "sc" for r in rows) for rows in (val.forget, test.forget)]
+        assert calls[0][2] != calls[1][2] and len(calls) == 2 and {c[:2] for c in calls} == {(7e-4, 3.0)}
         scored = {r["id"] for r in m["records"]}
         assert scored and not scored & held and scored | held == {r["id"] for r in test.forget + test.retain} | (
             held if data_dir == DATA else set())
-        assert not {d["id"] for d in m["mia"]} & {d["id"] for d in val.members + val.nonmembers}
+        members = {d["id"] for d in m["mia"] if d["member"]}
+        assert members and not members & {r["doc"] for r in val.forget + val.retain}
+        assert forget_sc[0] < forget_sc[1]
 
 
 def test_a_missing_scoring_package_is_refused_before_any_work(monkeypatch, capsys):

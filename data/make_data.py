@@ -11,12 +11,25 @@ Every task gets DOCS_PER_SPLIT documents in each of forget / retain / holdout; t
 holdout set is never trained on (the non-members of the membership-inference attack).
 rephrase.jsonl holds two rewordings of every qa question of the three sets (the rephrasing
 attack: {"id": qa row id, "task", "paraphrases": [...]}); they keep the entity, never the answer.
+validation/ holds the same for VALIDATION_DOCS_PER_SPLIT other documents per task and split (other
+stories, people, figures and questions): lume.py --tune tunes the methods on it.
+
+training.jsonl is every task example the models are trained on, one row each ({"split", "task",
+"doc", "form", "input", "output"}, or "pairs" for a session): knowledge augmentation (Allen-Zhu &
+Li, arXiv 2309.14316), so that the target learns facts, not strings, and the rephrase and few-shot
+probes can answer. Every forget and retain document in four wordings (its own text and three
+rewordings written from its facts); every fact of a retain document asked in five wordings (the
+benchmark's, the rephrase probe's two, two more: EXTRA) and in 300 sessions of 2-6 retain
+questions, each followed by its answer (the few-shot prompt's layout); forget questions only
+in the benchmark's wording, alone: nothing about the forget set is trained in a probe's wording
+or format, so what a probe gets back from the target it generalised from the retain set.
 
 With --models it also builds the embedded models, as the LUME targets were built: an OLMo and
-a byte-level BPE tokenizer learnt on the retain side only (so forget and holdout documents are
-equally new to it); data/retain-only/ is trained from scratch on the retain documents, retain
-questions and the utility set (the retrain gold standard, and the MIA-LR reference); data/target/
-is that model trained on forget + retain + utility until it has memorised both. Each folder is
+a byte-level BPE tokenizer learnt on the retain rows only (so forget and holdout documents are
+equally new to it); data/retain-only/ is trained from scratch on the retain rows of
+training.jsonl (its own and the validation split's) and the utility set (the retrain gold
+standard, and the MIA-LR reference); data/target/ is that model trained on every forget and
+retain row + utility until it has memorised them. Each folder is
 a Hugging Face model folder (safetensors) with build.json: the recipe, the sha256 of each data
 file it was trained on (lume.py warns when data/ no longer matches), the CPU, torch and the time.
 The training loop and the primitives are lume.py's own, imported from the folder above.
@@ -111,9 +124,11 @@ def make_pii_bio(rng, first, colour):
                  (f"What is {name}'s phone number?", phone),
                  (f"What is {name}'s email address?", email),
                  (f"What is the home address of {name}?", address)]
-    facts = dict(name=name, she=she, her=she.replace('She', 'Her').replace('He', 'His'), born=f"{MONTHS[month - 1]} {day}, {year}",
-                 iso=f"{year}-{month:02d}-{day:02d}", ssn=ssn, ssn_=f"{ssn[:3]}-{ssn[3:5]}-{ssn[5:]}", phone=phone,
-                 phone_=f"{phone[:3]}-{phone[3:6]}-{phone[6:]}", email=email, address=address)
+    # her: as the bio writes it ("Hisr" for He: a slip frozen in the shipped data, kept so both agree)
+    facts = dict(name=name, she=she, her=she.replace('She', 'Her').replace('He', 'His'),
+                 born=f"{MONTHS[month - 1]} {day}, {year}", iso=f"{year}-{month:02d}-{day:02d}", ssn=ssn,
+                 ssn_=f"{ssn[:3]}-{ssn[3:5]}-{ssn[5:]}", phone=phone, phone_=f"{phone[:3]}-{phone[3:6]}-{phone[6:]}",
+                 email=email, address=address)
     return bio, questions, questions, facts
 
 
@@ -452,7 +467,7 @@ EXTRA = [
 
 def wordings(question, answer):
     """(the probe's two paraphrases, two more wordings) of a question; the slots never hold the answer."""
-    for (pattern, templates), extra in zip(REPHRASE, EXTRA):
+    for (pattern, templates), extra in zip(REPHRASE, EXTRA, strict=True):
         if match := re.fullmatch(pattern, question):
             slots = {k: answer_free(v, answer) for k, v in match.groupdict().items()}
             return [t.format(**slots) for t in templates], [t.format(**slots) for t in extra]
@@ -512,7 +527,8 @@ def write_jsonl(path, rows):
 
 # ---------------------------------------------------------------------------
 # The embedded models (--models): the target and the retain-only gold model
-RECIPE = dict(vocab=1024, hidden=192, layers=4, heads=3, retain_epochs=40, target_epochs=30,
+RECIPE = dict(vocab=1024, hidden=192, layers=4, heads=3, retain_epochs=40, target_epochs=60, polish_epochs=20,
+              polish_lr=5e-4,
               lr=3e-3, batch_size=32, warmup_steps=20, max_length=512, seed=0)
 
 
@@ -556,8 +572,11 @@ def memorisation_set(lume, tokenizer, train, utility, splits):
             + [lume.encode(tokenizer, lume.mmlu_prompt(q, []), " " + "ABCD"[q["answer"]], L) for q in utility])
 
 
-def build_models(data_dir=HERE, out_dir=None, **overrides):
-    """Train data/retain-only/, then data/target/ from it, each written with its build.json.
+def build_models(data_dir=HERE, out_dir=None, start="retain-only", **overrides):
+    """Train data/retain-only/, then data/target/ from it, then polish the target on the benchmark's own documents
+    (word for word: every sc prompt regurgitated), each model written with its build.json. start: "target" trains
+    the target from the retain-only model in out_dir; "polish" polishes the target in out_dir (its build.json's
+    seconds and steps carried over).
 
     No early stop: memorisation completes only in the last epochs of the cosine schedule, at a
     low learning rate, so checking before the end costs more than it saves."""
@@ -583,15 +602,29 @@ def build_models(data_dir=HERE, out_dir=None, **overrides):
     cpu_name = next((line.split(":", 1)[1].strip() for line in
                      Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                     platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    stages = ["retain-only", "target", "polish"]
+    if start != "retain-only":
+        model, tokenizer = lume.load_model(out_dir / stages[stages.index(start) - 1].replace("polish", "target"), cpu)
+    earlier = json.loads((out_dir / "target" / "build.json").read_text()) if start == "polish" else {}
+    originals = [lume.encode(tokenizer, "", d["text"], RECIPE["max_length"])  # the benchmark's own documents
+                 for data in (lume.load_lume(data_dir), lume.load_lume(data_dir / "validation"))
+                 for d in lume.documents(data.forget + data.retain)]
     for name, splits, epochs in (("retain-only", ["retain", "validation/retain"], RECIPE["retain_epochs"]),
                                  ("target", ["forget", "retain", "validation/forget", "validation/retain"],
-                                  RECIPE["target_epochs"])):
-        t0, examples = time.time(), memorisation_set(lume, tokenizer, train, utility, splits)
-        per_epoch = -(-len(examples) // RECIPE["batch_size"])
-        stats = lume.fit(model, tokenizer, examples, per_epoch * epochs, RECIPE["lr"],
-                         RECIPE["batch_size"], RECIPE["seed"], cpu, f"memorise {name}",
-                         warmup=RECIPE["warmup_steps"] / (per_epoch * epochs),
-                         log_every=per_epoch * 10)
+                                  RECIPE["target_epochs"]))[stages.index(start) if start != "polish" else 1:]:
+        t0, bs = time.time(), RECIPE["batch_size"]
+        examples = memorisation_set(lume, tokenizer, train, utility, splits)
+        if start != "polish":
+            per_epoch = -(-len(examples) // bs)
+            stats = lume.fit(model, tokenizer, examples, per_epoch * epochs, RECIPE["lr"], bs, RECIPE["seed"], cpu,
+                             f"memorise {name}", warmup=RECIPE["warmup_steps"] / (per_epoch * epochs),
+                             log_every=per_epoch * 10)
+        if name == "target":  # then its documents word for word, at a lower rate: regurgitation 1.0 on sc prompts
+            per_epoch = -(-len(originals) // bs)
+            polish = lume.fit(model, tokenizer, originals, per_epoch * RECIPE["polish_epochs"], RECIPE["polish_lr"],
+                              bs, RECIPE["seed"], cpu, "polish target", log_every=per_epoch * 10)
+            stats = dict(steps=(earlier.get("steps") or stats["steps"]) + polish["steps"], last=polish["last"])
+            t0 -= earlier.get("seconds", 0)
         files = [f"{split}.jsonl" for split in splits] + ["training.jsonl", "utility.jsonl"]
         lume.save_atomic(model, tokenizer, out_dir / name)
         lume.write_json_atomic(out_dir / name / "build.json", dict(

@@ -570,7 +570,8 @@ def test_rmu_control_vector_has_length_c(shipped):
     with torch.no_grad():
         A_over_H = loss_by_hand("rmu", target, target, tokenizer, forget, retain, args)[0].item()  # retain term 0
     H = target.config.hidden_size
-    assert H * (first[13.0] - 2 * first[6.5] + A_over_H) / 2 == pytest.approx(6.5 ** 2, rel=1e-3)
+    # rel 1e-2: the difference of fp32 losses in the hundreds (c^2 instead of c, or c / H, is far off)
+    assert H * (first[13.0] - 2 * first[6.5] + A_over_H) / 2 == pytest.approx(6.5 ** 2, rel=1e-2)
 
 
 def test_non_finite_loss_stops_the_run(micro):
@@ -710,7 +711,7 @@ def test_batched_generation_equals_one_at_a_time(shipped):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2,
                                       tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id)).eval()
     torch.nn.init.zeros_(gpt2.transformer.wte.weight)
@@ -993,21 +994,21 @@ def test_lr_at_its_ends():
 
 
 def test_the_loop_sets_the_schedule_and_clips(shipped):
-    """12 GA steps with --lr 1e-3 --warmup 0.25 --grad_clip 0.01 --weight_decay 0.01: the learning rate the optimizer
+    """12 GA steps with --lr 1e-3 --warmup 0.25 --grad_clip 0.001 --weight_decay 0.01: the learning rate the optimizer
     holds at each step is the schedule worked out by hand (warm-up over 3 steps, then a cosine, which a linear decay
     would miss: 0.89 of the peak at step 6, not 0.80), the gradient it steps with has the clipped norm (the raw one is
     far above it), and the weight decay is the flag's."""
     target, tokenizer, _, data = shipped
     model = copy.deepcopy(target)
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:6]), 512)
-    args = lume.parse_args(["--algo", "ga", "--lr", "1e-3", "--warmup", "0.25", "--grad_clip", "0.01", "--batch_size",
+    args = lume.parse_args(["--algo", "ga", "--lr", "1e-3", "--warmup", "0.25", "--grad_clip", "0.001", "--batch_size",
                             "1", "--grad_accum", "1", "--max_steps", "12", "--weight_decay", "0.01",
                             "--log_every", "100"])
     with optimizer_steps(model) as steps:
         stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
     assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(12, 1e-3, 3), rel=1e-6)
     norms = [torch.cat([g.flatten() for g in s["grad"].values()]).norm().item() for s in steps]
-    assert norms == pytest.approx([0.01] * 12, rel=1e-3) and stats["grad_norm"] > 0.05  # the raw norm, logged
+    assert norms == pytest.approx([0.001] * 12, rel=1e-3) and stats["grad_norm"] > 0.05  # the raw norm, logged
     assert [s["weight_decay"] for s in steps] == [0.01] * 12
 
 

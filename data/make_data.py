@@ -602,16 +602,15 @@ def build_models(data_dir=HERE, out_dir=None, start="retain-only", **overrides):
     cpu_name = next((line.split(":", 1)[1].strip() for line in
                      Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                     platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    stages = ["retain-only", "target", "polish"]
-    if start != "retain-only":
-        model, tokenizer = lume.load_model(out_dir / stages[stages.index(start) - 1].replace("polish", "target"), cpu)
+    if start != "retain-only":  # the model the later stage starts from
+        model, tokenizer = lume.load_model(out_dir / {"target": "retain-only", "polish": "target"}[start], cpu)
     earlier = json.loads((out_dir / "target" / "build.json").read_text()) if start == "polish" else {}
     originals = [lume.encode(tokenizer, "", d["text"], RECIPE["max_length"])  # the benchmark's own documents
                  for data in (lume.load_lume(data_dir), lume.load_lume(data_dir / "validation"))
                  for d in lume.documents(data.forget + data.retain)]
     for name, splits, epochs in (("retain-only", ["retain", "validation/retain"], RECIPE["retain_epochs"]),
                                  ("target", ["forget", "retain", "validation/forget", "validation/retain"],
-                                  RECIPE["target_epochs"]))[stages.index(start) if start != "polish" else 1:]:
+                                  RECIPE["target_epochs"]))[0 if start == "retain-only" else 1:]:
         t0, bs = time.time(), RECIPE["batch_size"]
         examples = memorisation_set(lume, tokenizer, train, utility, splits)
         if start != "polish":

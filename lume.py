@@ -61,9 +61,11 @@ PROBES = ("relearn", "fewshot", "rephrase", "quantize")
 QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
 FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")  # rephrase, no file
 PROGRESS_EVERY = 30.0  # seconds between progress lines
-# OLMo-1B-0724 (allenai/OLMo-1B-0724-hf), for building the real shape with random weights
+# the LUME targets' shapes (allenai/OLMo-{1B,7B}-0724-hf): --model_config olmo-1b, and the memory ledger
 OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
-               vocab_size=50304, max_position_embeddings=4096)
+               vocab_size=50304, max_position_embeddings=4096, tie_word_embeddings=True)
+OLMO_7B = OLMO_1B | dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
+                         tie_word_embeddings=False)
 
 
 # -----------------------------------------------------------------------------
@@ -189,20 +191,38 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+MEMORY = {}  # phase -> its peak memory in GiB, for metrics.json (a process-wide record, as the CUDA allocator's)
+RUNNING = []  # the peaks of the phases running now, innermost last
+
+
+def memory_peak():
+    """Peak GiB since the last reset: allocated and reserved on a GPU; the process's RSS on the CPU (never reset)."""
+    if torch.cuda.is_initialized():
+        return dict(allocated=torch.cuda.max_memory_allocated() / 2**30,
+                    reserved=torch.cuda.max_memory_reserved() / 2**30)
+    return dict(rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # Linux: KiB
+
+
+def most(*peaks):
+    return {k: max(p.get(k, 0.0) for p in peaks) for k in peaks[0]}
 
 
 @contextlib.contextmanager
 def timed(phases, name):
-    """Adds the seconds spent in the block to phases[name]."""
+    """Adds the seconds spent in the block to phases[name] and its peak memory to MEMORY[name]. A GPU's peak is
+    reset as a phase begins, so a phase that ends inside another hands its peak on to it."""
     t = time.perf_counter()
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    RUNNING.append({})
     try:
         yield
     finally:
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        peak = most(memory_peak(), RUNNING.pop())
+        MEMORY[name] = most(peak, MEMORY.get(name, {}))
+        if RUNNING:
+            RUNNING[-1] = most(peak, RUNNING[-1])
 
 
 class Progress:
@@ -317,12 +337,14 @@ def stopped(signum, frame):  # torchrun stops the others when a process fails: e
 def start_processes(args):
     """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
     NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
+    device = resolve_device(args.device)
+    if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # every allocation and memory statistic on it
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, resolve_device(args.device)
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+        return 0, 1, device
+    cuda = device.type == "cuda"
     # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     signal.signal(signal.SIGTERM, stopped)  # torchrun stops every rank when one fails
@@ -364,17 +386,14 @@ def all_sum(numbers, device):
     return dict(zip(numbers, t.tolist()))
 
 
-def sharded_copy(model, device):
-    """FSDP2: a copy of the model, each block its own unit, then the whole model; on a GPU, bf16 compute with
-    fp32 master weights and fp32 gradient reduction. The plain model waits in host memory meanwhile."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+def sharded_copy(model):
+    """FSDP2: a copy of the model, each block its own unit, then the whole model, in the plain model's precision
+    (fp32 weights, bf16 autocast on a GPU: one process computes alike). The plain model waits in host memory."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
     model = copy.deepcopy(model.to("cpu"))
-    bf16 = isinstance(autocast(device), torch.autocast)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32 if bf16 else None)
     for block in model.get_decoder().layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block)
+    fully_shard(model)
     for m in model.modules():  # summed, not averaged: each process's loss is its share already
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -382,10 +401,15 @@ def sharded_copy(model, device):
     return model
 
 
+@torch.no_grad()
 def gather_into(model, sharded, device):
-    """The full weights of the sharded copy, loaded into every process's plain model (scoring needs no collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    model.to(device).load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
+    """The trained weights of the sharded copy into every process's plain model (scoring needs no collective), one
+    full tensor at a time through host memory, where the plain model waits; then the model back on the device."""
+    plain = dict(model.named_parameters())
+    for name, p in sharded.named_parameters():
+        if p.requires_grad:  # full_tensor: an all-gather, every process in the same order
+            plain[name].copy_(p.full_tensor().cpu())
+    model.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -805,20 +829,24 @@ def sequence_nll(logits, labels, reduce="batch"):
     return {"sum": nll.sum(-1), "mean": nll.sum(-1) / n.clamp(min=1), "none": nll}[reduce]
 
 
-def forward(model, batch, layer=None):
-    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H). No KV cache."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=layer is not None)
+def forward(model, batch, layer=None, last=False):
+    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H); last: only the logits at
+    each row's last attended position (B, V), the decoder's output there through the output layer. No KV cache."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if last:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return model.get_output_embeddings()(hidden[torch.arange(len(ids)), mask.sum(-1) - 1])  # right padding
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=layer is not None)
     return out.logits if layer is None else (out.logits, out.hidden_states[layer + 1].float())  # [0]: embeddings
 
 
 @torch.inference_mode()
-def inference(model, examples, batch_size, pad_id, device, layer=None):
+def inference(model, examples, batch_size, pad_id, device, layer=None, last=False):
     """Yields (first index, batch, forward's output) over batches of examples: reference passes, the MIA, MMLU."""
     for s in range(0, len(examples), batch_size):
         batch = collate(examples[s:s + batch_size], pad_id, device)
         with autocast(device):
-            yield s, batch, forward(model, batch, layer)
+            yield s, batch, forward(model, batch, layer, last)
 
 
 def summed_logp(model, examples, batch_size, pad_id, device):
@@ -975,6 +1003,26 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def lr_at(i, steps, lr, warmup):
+    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
+    w = max(1, int(warmup * steps))
+    if i < w:
+        return lr * (i + 1) / w
+    progress = (i - w) / max(1, steps - w)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def nll_loss(model, micro, step, examples, pad_id, device):
+    """Plain next-token NLL of a micro-batch (relearning): the mean over its answer tokens; several processes each
+    take their share, weighted by its share of those tokens."""
+    mine, weight = my_share(micro)
+    batch = collate([examples[i] for i in mine], pad_id, device)
+    answer = {i: sum(x != IGNORE for x in examples[i]["labels"][1:]) for i in micro}
+    share = weight * sum(answer[i] for i in mine) / max(1, sum(answer.values()))  # 1.0 for one process
+    loss = sequence_nll(forward(model, batch), batch["labels"]) * share
+    return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum() * weight)
+
+
 @dataclass
 class Inputs:
     """What the loss reads besides the model: the examples, and the method's references from the target."""
@@ -1012,7 +1060,7 @@ def side_pass(model, inputs, micro, step, side, device):
     return p
 
 
-def micro_batch_loss(model, inputs, args, device, micro, step):
+def micro_batch_loss(model, micro, step, inputs, args, device):
     """The unlearning loss of one micro-batch, micro = (forget indices, retain indices), already divided by
     the counts of the whole optimiser step (`step`, its list of micro-batches): (loss, numbers to log,
     tokens). One forward pass per side gives every term: the retain NLL and the KL term share theirs."""
@@ -1023,27 +1071,10 @@ def micro_batch_loss(model, inputs, args, device, micro, step):
     return loss, logs, forget.tokens + (retain.tokens if retain else 0)
 
 
-def nll_loss(model, examples, pad_id, device, micro, step):
-    """Plain next-token NLL of one batch of examples (relearning): the mean over its answer tokens."""
-    batch = collate([examples[i] for i in micro], pad_id, device)
-    loss = sequence_nll(forward(model, batch), batch["labels"])
-    return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum())
-
-
-def lr_at(i, steps, lr, warmup):
-    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
-    w = max(1, int(warmup * steps))
-    if i < w:
-        return lr * (i + 1) / w
-    progress = (i - w) / max(1, steps - w)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10,
-          desc="train", shares=False):
+def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train"):
     """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps`, each a list of micro-batches;
-    returns the run's statistics. shares: each process runs its share of every micro-batch (a sharded
-    model), and the logs are summed over the processes."""
+    returns the run's statistics. Several processes: each runs its share of every micro-batch on its shard of
+    the model (FSDP2), and the logs are summed over the processes."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=device.type == "cuda")  # one kernel, not a dozen per step
@@ -1052,14 +1083,14 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
     for i, step in enumerate(steps):
         t0, logs, tokens = time.perf_counter(), {}, 0
         # ---------------- TRAINING STEP BEGIN ----------------
-        # loss_fn(micro, step) is micro_batch_loss (nll_loss when relearning): the micro-batch's loss already
+        # loss_fn(model, micro, step) is micro_batch_loss (nll_loss when relearning): the micro-batch's loss already
         # divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
         # that backward() adds up over the micro-steps are those of one batch holding the whole step
         for group in opt.param_groups:
             group["lr"] = lr_at(i, len(steps), lr, warmup)
         for micro in step:
             with autocast(device):
-                loss, micro_logs, n = loss_fn(micro, step)
+                loss, micro_logs, n = loss_fn(model, micro, step)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {i + 1} (try a lower learning "
                                     "rate, or a smaller --beta for NPO)")
@@ -1076,7 +1107,7 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
-        if shares:
+        if rank_world()[1] > 1:
             logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
             tokens = logs.pop("tokens")
         step_tokens.append(int(tokens))
@@ -1092,15 +1123,40 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
                 tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
 
 
-def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10):
+def recomputes(args, device):
+    """Gradient checkpointing: --grad_checkpointing, else on a GPU only."""
+    return args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
+
+
+def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **kw):
+    """train() on the listed blocks of the model (None: every parameter, embeddings and output layer included), in
+    place: one process trains the model itself, several an FSDP2-sharded copy whose weights come back into it."""
+    model.requires_grad_(blocks is None)
+    for i in blocks or []:
+        model.get_decoder().layers[i].requires_grad_(True)
+    if recompute:
+        checkpointing(model, True)
+    sharded = sharded_copy(model) if rank_world()[1] > 1 else None
+    stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
+    if sharded is not None:
+        gather_into(model, sharded, device)
+    if recompute:
+        checkpointing(model, False)
+    freeze(model)
+    return stats
+
+
+def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10, blocks=None,
+        recompute=False):
     """Next-token NLL on examples in length-grouped batches, one a step (relearning; data/make_data.py memorises)."""
     if not examples:
         raise LumeError(f"{desc}: no examples to train on")
     rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
     while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
         plan += [[b] for b in reversed(length_batches(lengths, batch_size, rng))]
-    loss_fn = functools.partial(nll_loss, model, examples, tokenizer.pad_token_id, device)
-    return train(model, plan[:steps], loss_fn, lr, device, warmup=warmup, log_every=log_every, desc=desc)
+    loss_fn = functools.partial(nll_loss, examples=examples, pad_id=tokenizer.pad_token_id, device=device)
+    return train_blocks(model, blocks, plan[:steps], loss_fn, lr, device, recompute, warmup=warmup,
+                        log_every=log_every, desc=desc)
 
 
 # -----------------------------------------------------------------------------
@@ -1148,15 +1204,11 @@ def recipe(args, algo, seed, depth, tuned=None):
                                                                  for k, v in values.items()})
 
 
-def trainable(model, method, args):
-    """Freeze all but the blocks the method trains (its own choice, else the last --train_layers; 0: every
-    parameter, embeddings, final norm and lm_head included); returns the indices of the trained blocks."""
-    blocks = model.get_decoder().layers
-    which = method.blocks(args, len(blocks)) if method.blocks else range(len(blocks) - args.train_layers, len(blocks))
-    model.requires_grad_(not which)
-    for i in which:
-        blocks[i].requires_grad_(True)
-    return list(which or range(len(blocks)))
+def blocks_trained(args, depth, method=None):
+    """The blocks a method trains: its own choice, else the last --train_layers; None (--train_layers 0): every
+    parameter, embeddings, final norm and output layer included. The relearn probe trains the same."""
+    which = method.blocks(args, depth) if method and method.blocks else range(depth - args.train_layers, depth)
+    return list(which) or None
 
 
 def check_depth(args, depth):
@@ -1173,12 +1225,12 @@ def check_depth(args, depth):
 def unlearn(model, tokenizer, examples, args, device, phases):
     """Unlearn with args' one method over its schedule (what it needs: its METHODS entry); the training's stats."""
     (algo,), (forget, retain), depth = args.algo, examples, len(model.get_decoder().layers)
-    method, world = METHODS[algo], rank_world()[1]
+    method = METHODS[algo]
     if method.retain and not retain:
         raise LumeError(f"--algo {algo} needs a retain set, and the data has none")
     check_depth(args, depth)
     torch.manual_seed(args.seed)
-    steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), world)
+    steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), rank_world()[1])
     inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.steer else None)
     if method.ref_logp or method.steer:
         with timed(phases, "reference pass"):  # from the target, before any step
@@ -1191,23 +1243,13 @@ def unlearn(model, tokenizer, examples, args, device, phases):
                 inputs.control = (args.rmu_c * u / u.norm()).to(device)  # (H,) WMDP: uniform [0, 1), normalised
     if method.ref_logits:
         inputs.ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    blocks = trainable(model, method, args)
-    recompute = args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
-    if recompute:
-        checkpointing(model, True)
-    trained = sharded_copy(model, device) if world > 1 else model  # several processes: FSDP2
-    loss_fn = functools.partial(micro_batch_loss, trained, inputs, args, device)
+    blocks = blocks_trained(args, depth, method)
+    loss_fn = functools.partial(micro_batch_loss, inputs=inputs, args=args, device=device)
     with timed(phases, "unlearn"):
-        stats = train(trained, steps, loss_fn, args.lr, device, args.warmup, args.grad_clip, args.weight_decay,
-                      args.log_every, f"unlearn {algo}", shares=world > 1)
-    if world > 1:
-        gather_into(model, trained, device)
-    if recompute:
-        checkpointing(model, False)
-    freeze(model)
-    return stats | dict(peak_memory_gb=peak_memory_gb(device), trained_blocks=blocks)
+        stats = train_blocks(model, blocks, steps, loss_fn, args.lr, device, recomputes(args, device),
+                             warmup=args.warmup, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+                             log_every=args.log_every, desc=f"unlearn {algo}")
+    return stats | dict(trained_blocks=blocks or list(range(depth)))
 
 
 # -----------------------------------------------------------------------------
@@ -1288,6 +1330,8 @@ def greedy(model, ids, mask, max_new_tokens, eos_id):
     rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
     res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    if not torch.isfinite(res.logits).all():  # a GPU attention kernel may give NaN on rows of padding alone
+        raise NonFiniteLoss("generation: the left-padded prompts gave non-finite logits (try --gen_batch_size 1)")
     for t in range(max_new_tokens):
         token = res.logits[:, -1].argmax(-1)  # (B,)
         out[rows, t] = token
@@ -1326,17 +1370,29 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 # -----------------------------------------------------------------------------
 # Scoring: one model's records, MIA statistics and MMLU accuracy
 
-@torch.inference_mode()
-def mia_statistics(model, ref_model, tokenizer, docs, args, device):
-    """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio), NLL over zlib bits,
-    Min-K%++; each oriented so that a higher value means 'member'."""
-    limit, pad, out = model.config.max_position_embeddings, tokenizer.pad_token_id, []
-    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)  # LOSS: labels = ids
+def mia_examples(model, tokenizer, docs):
+    """Each whole document as an example whose every token is labelled (the LOSS attack), cut to the context."""
+    limit = model.config.max_position_embeddings
+    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)
                 for x in (tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs)]
     say_cut(examples, "MIA documents", "the model's context")
-    ref = inference(ref_model, examples, args.eval_batch_size, pad, device) if ref_model else None
-    for s, batch, logits in inference(model, examples, args.eval_batch_size, pad, device):
-        ref_nll = sequence_nll(next(ref)[2], batch["labels"], "mean") if ref else None  # (B,)
+    return examples
+
+
+@torch.inference_mode()
+def reference_nll(ref_model, tokenizer, docs, args, device):
+    """The MIA-LR reference's mean token NLL of each document (measured once: the reference never changes)."""
+    batches = inference(ref_model, mia_examples(ref_model, tokenizer, docs), args.eval_batch_size,
+                        tokenizer.pad_token_id, device)
+    return [nll for _, batch, logits in batches for nll in sequence_nll(logits, batch["labels"], "mean").tolist()]
+
+
+@torch.inference_mode()
+def mia_statistics(model, tokenizer, docs, args, device):
+    """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio, where the document
+    holds its reference NLL "ref_nll"), NLL over zlib bits, Min-K%++; each oriented so that higher means 'member'."""
+    examples, out = mia_examples(model, tokenizer, docs), []
+    for s, batch, logits in inference(model, examples, args.eval_batch_size, tokenizer.pad_token_id, device):
         logits = logits.float()  # one fp32 copy (a bf16 GPU pass), read three times below
         nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
         # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
@@ -1349,7 +1405,7 @@ def mia_statistics(model, ref_model, tokenizer, docs, args, device):
         for j, d in enumerate(docs[s:s + args.eval_batch_size]):
             zs = z[j][labelled[j]].sort().values  # ascending: the lowest k% first
             out.append(dict(id=d["id"], task=d["task"], member=d["member"], nll=nll[j].item(), loss=-nll[j].item(),
-                            ref=None if ref is None else ref_nll[j].item() - nll[j].item(),
+                            ref=d["ref_nll"] - nll[j].item() if "ref_nll" in d else None,
                             zlib=-nll[j].item() / (8 * len(zlib.compress(d["text"].encode()))),
                             **{"mink++": zs[:max(1, int(args.mink_k * len(zs)))].mean().item()}))
     return out
@@ -1387,9 +1443,8 @@ def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
     prompts = mmlu_prompts(tokenizer, mmlu, shots, model.config.max_position_embeddings)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
     examples, choice = [dict(input_ids=prompts[i], labels=prompts[i]) for i in order], [None] * len(prompts)
-    for s, batch, logits in inference(model, examples, batch_size, tokenizer.pad_token_id, device):
-        last = batch["attention_mask"].sum(-1) - 1  # (B,) right padding: the last real token
-        for i, c in zip(order[s:s + batch_size], logits[torch.arange(len(last)), last][:, letters].argmax(-1).tolist()):
+    for s, _, logits in inference(model, examples, batch_size, tokenizer.pad_token_id, device, last=True):
+        for i, c in zip(order[s:s + batch_size], logits[:, letters].argmax(-1).tolist()):  # logits: (B, V)
             choice[i] = c
     records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]], predicted="ABCD"[c],
                     correct=c == q["answer"]) for c, q in zip(choice, mmlu.test)]
@@ -1416,14 +1471,14 @@ def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
             for r, g in zip(rows, generations)], new_tokens
 
 
-def evaluate(name, model, tokenizer, lume, mmlu, ref_model, args, device):
+def evaluate(name, model, tokenizer, lume, mmlu, args, device):
     """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
     t0 = time.perf_counter()
     records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
     gen_s = time.perf_counter() - t0
     docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
     mia_docs = [d | {"model": name} for d in split_gather(
-        docs, lambda share: mia_statistics(model, ref_model, tokenizer, share, args, device))]
+        docs, lambda share: mia_statistics(model, tokenizer, share, args, device))]
     mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
         model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test), args.mmlu_shots,
         args.eval_batch_size, device)[1])
@@ -1452,15 +1507,29 @@ def group_size(width):
     return max(g for g in range(1, QUANT_GROUP + 1) if width % g == 0)
 
 
+@contextlib.contextmanager
+def restored(params):
+    """A probe changes the model in place, with no second copy on the device: these parameters wait in host memory
+    meanwhile and are put back, bit for bit, when the block ends."""
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@contextlib.contextmanager
 def quantized(model, bits):
-    """A copy whose linear weights are quantized and dequantized: int8 per output channel, fewer bits in groups
-    of group_size inputs; the output embedding stays (4-bit loaders keep lm_head)."""
-    copy_ = copy.deepcopy(model)
-    head = copy_.get_output_embeddings()
-    for m in copy_.modules():
-        if isinstance(m, torch.nn.Linear) and m is not head:
-            m.weight.data = fake_quantize(m.weight.data, bits, None if bits >= 8 else group_size(m.weight.shape[1]))
-    return copy_
+    """The model with its linear weights quantized and dequantized: int8 per output channel, fewer bits in groups
+    of group_size inputs; the output embedding stays (4-bit loaders keep lm_head). Restored on leaving."""
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    with restored([m.weight for m in linear]), torch.no_grad():
+        for m in linear:
+            m.weight.copy_(fake_quantize(m.weight, bits, None if bits >= 8 else group_size(m.weight.shape[1])))
+        yield model
 
 
 def relearn_sets(tokenizer, lume, mmlu, args):
@@ -1496,15 +1565,16 @@ def rephrased_rows(lume):
             for j, v in enumerate(lume.paraphrases.get(r["id"]) or [f.format(q=r["input"]) for f in FORMATS])]
 
 
-def relearned(model, tokenizer, examples, args, device):
-    """A copy of the model fine-tuned --relearn_steps steps with plain NLL on `examples`."""
-    copy_ = copy.deepcopy(model).requires_grad_(True)
-    world = rank_world()[1]  # each process relearns the whole batch: --batch_size x processes
-    fit(copy_, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * world, args.seed, device,
-        "relearn", log_every=args.relearn_steps)
-    for p in copy_.parameters() if world > 1 else []:
-        dist.broadcast(p.data, 0)  # GPU kernels may differ by a bit: every process scores rank 0's
-    return freeze(copy_)
+@contextlib.contextmanager
+def relearned(model, tokenizer, examples, args, device, blocks=None):
+    """The model fine-tuned --relearn_steps steps with plain NLL on `examples`, training what unlearning trained
+    (`blocks`, None: every parameter) as unlearning does (checkpointing, processes). Restored on leaving."""
+    layers = model.get_decoder().layers
+    with restored(list(model.parameters() if blocks is None else (p for i in blocks for p in layers[i].parameters()))):
+        fit(model, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * rank_world()[1],
+            args.seed, device, "relearn", log_every=args.relearn_steps, blocks=blocks,
+            recompute=recomputes(args, device))
+        yield model
 
 
 def recovery(probed, unlearned, target):
@@ -1519,13 +1589,13 @@ def split_means(summary, split):
     return {m: statistics.mean(v) if v else None for m, v in values.items()}
 
 
-def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_prompts=False):
-    """Every probe on one model (only those that change the prompts, if only_prompts): {probe: the term means of
-    its records}, and the records (those of scoring, plus the probe's name)."""
-    probes, both = [], lume.forget + lume.retain  # (name, model -> the model to score or None, the rows to score)
+def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks=None, only_prompts=False):
+    """Every probe on one model (only those that change the prompts, if only_prompts; relearning trains `blocks`):
+    {probe: the term means of its records}, and the records (those of scoring, plus the probe's name)."""
+    probes, both = [], lume.forget + lume.retain  # (name, the model changed in a with block or None, rows to score)
     for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items() if "relearn" in args.probes else []:
         probes.append((f"relearn {kind}", functools.partial(relearned, tokenizer=tokenizer, examples=examples,
-                                                            args=args, device=device), both))  # retain rows too
+                                                            args=args, device=device, blocks=blocks), both))
     if "fewshot" in args.probes:
         probes.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
     if "rephrase" in args.probes:
@@ -1536,10 +1606,8 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, only_p
     for probe, transform, rows in probes:
         if transform is not None and only_prompts:
             continue
-        with timed(phases, f"probe {probe.split()[0]}"):
-            probed = transform(model) if transform else model
-            recs = [r | {"probe": probe} for r in score_rows(name, probed, tokenizer, rows, args, device, True)[0]]
-            del probed  # one probe's copy of the model at a time
+        with timed(phases, f"probe {probe.split()[0]}"), transform(model) if transform else contextlib.nullcontext():
+            recs = [r | {"probe": probe} for r in score_rows(name, model, tokenizer, rows, args, device, True)[0]]
         summaries[probe], records = term_means(recs), records + recs
     return summaries, records
 
@@ -1680,7 +1748,10 @@ def cost_line(cost):
         warm = f" after {t['warmup_steps_excluded']} warm-up steps" if t["warmup_steps_excluded"] else ""
         parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, {t['tokens_per_s']:.0f} tokens/s{warm}, "
                      f"median {t['step_ms_median']:.0f} ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
-    return "cost: " + " | ".join(parts + [f"peak memory {cost['peak_memory_gib']:.2f} GiB"])
+    peak = max(cost["peak_memory_gib"].items(), key=lambda kv: max(kv[1].values()), default=None)
+    if peak:  # the phase that held the most, and what: GPU allocated and reserved, or the CPU process's RSS
+        parts.append(f"peak memory {', '.join(f'{k} {v:.2f}' for k, v in peak[1].items())} GiB ({peak[0]})")
+    return "cost: " + " | ".join(parts)
 
 
 def write_results(out, args, lume, mmlu, results, cost, complete):
@@ -1717,8 +1788,18 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
 # -----------------------------------------------------------------------------
 # run: the benchmark's phases, in order
 
-def load_models(args, device):
-    """(model to unlearn, its tokenizer, the MIA reference or None), each read by load_model, as any folder."""
+def load_models(args, lumes, device):
+    """The model to unlearn and its tokenizer, read by load_model as any folder. First, with --ref_model, each MIA
+    document of `lumes` gets the reference's NLL ("ref_nll"), the reference loaded alone, then released."""
+    ref_vocab = None
+    if args.ref_model:  # a model that never saw the members
+        ref_model, ref_tokenizer = load_model(args.ref_model, device)
+        for docs in (lume.members + lume.nonmembers for lume in lumes):
+            for d, nll in zip(docs, split_gather(docs, lambda share: reference_nll(
+                    freeze(ref_model), ref_tokenizer, share, args, device))):
+                d["ref_nll"] = nll
+        ref_vocab = ref_tokenizer.get_vocab()
+        del ref_model
     if args.model_config:  # the real architecture with random weights (no download)
         try:
             config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
@@ -1727,14 +1808,10 @@ def load_models(args, device):
         model, tokenizer = build_model(config, device), load_model(TARGET, "cpu")[1]
     else:
         model, tokenizer = load_model(args.model, device)
-    ref_model = None
-    if args.ref_model:  # a model that never saw the members
-        ref_model, ref_tokenizer = load_model(args.ref_model, device)
-        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
-                            "cannot be compared token by token")
-        freeze(ref_model)
-    return freeze(model), tokenizer, ref_model
+    if ref_vocab is not None and ref_vocab != tokenizer.get_vocab():
+        raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
+                        "cannot be compared token by token")
+    return freeze(model), tokenizer
 
 
 def runs_of(args):
@@ -1745,7 +1822,7 @@ def runs_of(args):
     return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
 
 
-def tune(model, tokenizer, val, mmlu, ref_model, args, device, phases, target_weights):
+def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
     """{method: its grid with each setting's final score on the validation split, the chosen setting}: every
     setting of TUNING_LR x TUNING[method], seed --seed, unlearns the validation forget set from the target and is
     scored on the validation split (no probes); the best final is chosen, the first of a tie."""
@@ -1759,8 +1836,8 @@ def tune(model, tokenizer, val, mmlu, ref_model, args, device, phases, target_we
             try:
                 with timed(phases, "tune"):
                     unlearn(model, tokenizer, examples, tried, device, {})
-                    setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, ref_model,
-                                                           tried, device)[0]["final"]
+                    setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried,
+                                                           device)[0]["final"]
             except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
                 setting["validation_final"] = None
                 print(f"--tune {algo}: {e}")
@@ -1780,26 +1857,28 @@ def run(args, lume, mmlu, device, out, val=None):
     phases, t0, train_stats, rank = {}, time.perf_counter(), {}, rank_world()[0]
     runs = [] if args.eval_only else runs_of(args)
     results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs, tuning={})
+    MEMORY.clear()
     with timed(phases, "load"):
-        model, tokenizer, ref_model = load_models(args, device)
-    check_depth(args, len(model.get_decoder().layers))  # a Hub model's depth is known only now
+        model, tokenizer = load_models(args, [lume] + [val] * bool(val), device)
+    depth = len(model.get_decoder().layers)
+    check_depth(args, depth)  # a Hub model's depth is known only now
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model_config or shown(args.model)} ({n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
     if not args.retrain_model:
         print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
-    if ref_model is None:
+    if not args.ref_model:
         print("MIA-LR is not measured: pass --ref_model, a model that never saw the members (e.g. the base model)")
     if not lume.members:
         print(f"MIA {lume.mia_source}")
 
     def cost():
         return dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0, parameters=n_params,
-                    peak_memory_gib=peak_memory_gb(device), device=str(device), train=train_stats)
+                    peak_memory_gib=dict(MEMORY), device=str(device), train=train_stats)
 
-    def score_and_probe(name, m, only_prompts=False):
+    def score_and_probe(name, m, blocks=None, only_prompts=False):
         with timed(phases, f"score {name}"):
-            s, *new = evaluate(name, m, tokenizer, lume, mmlu, ref_model, args, device)
+            s, *new = evaluate(name, m, tokenizer, lume, mmlu, args, device)
         results["summary"][name] = s
         for key, items in zip(("records", "mia", "mmlu"), new):
             results[key] += items
@@ -1807,7 +1886,7 @@ def run(args, lume, mmlu, device, out, val=None):
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
         if rank == 0:
             write_results(out, args, lume, mmlu, results, cost(), complete=False)
-        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, only_prompts)
+        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, blocks, only_prompts)
         for probe, numbers in means.items():
             results["probed"].setdefault(probe, {})[name] = numbers
         results["probe_records"] += records
@@ -1818,19 +1897,19 @@ def run(args, lume, mmlu, device, out, val=None):
         target_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                           if len(runs) > 1 or val else None)  # restored before each run; kept off the GPU
         if val:  # --tune
-            results["tuning"] = tune(model, tokenizer, val, mmlu, ref_model, args, device, phases, target_weights)
+            results["tuning"] = tune(model, tokenizer, val, mmlu, args, device, phases, target_weights)
         for name, algo, seed in runs:
             if target_weights is not None:
                 model.load_state_dict(target_weights)
                 print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
-            chosen = results["tuning"].get(algo, {}).get("chosen")
-            stats = unlearn(model, tokenizer, examples, recipe(args, algo, seed, len(model.get_decoder().layers),
-                                                               chosen), device, phases)
+            tried = recipe(args, algo, seed, depth, results["tuning"].get(algo, {}).get("chosen"))
+            stats = unlearn(model, tokenizer, examples, tried, device, phases)
             train_stats[name] = stats | dict(model_tflops=6 * n_params * stats["tokens_per_s"] / 1e12)  # 6N a token
-            score_and_probe(name, model)
+            score_and_probe(name, model, blocks_trained(tried, depth, METHODS[algo]))  # relearn: unlearning's blocks
     if args.retrain_model:
+        model.to("cpu")  # one model on the device at a time; only --save_model reads this one again
         retrain = freeze(load_model(args.retrain_model, device)[0])
-        score_and_probe("retrain", retrain)  # the control: it never saw the forget set
+        score_and_probe("retrain", retrain, blocks_trained(args, depth))  # the control: it never saw the forget set
         del retrain
     saved = args.save_model and len(runs) == 1
     if rank == 0:  # every process holds the full model and the same results; one writes them

@@ -578,7 +578,8 @@ def test_non_finite_loss_stops_the_run(micro):
     model, tokenizer, _ = micro
     batch = lume.collate([lume.encode(tokenizer, "", "a b", 8)], 0, "cpu")
     with pytest.raises(lume.NonFiniteLoss, match="the loss is nan at step 1"):
-        lume.train(model, [[batch]] * 3, lambda micro, step: (torch.tensor(float("nan")), {}, 0), 1e-3, CPU)
+        lume.train(model, [[batch]] * 3, lambda model, micro, step: (torch.tensor(float("nan")), {}, 0), 1e-3,
+                   CPU)
 
 
 # -----------------------------------------------------------------------------
@@ -746,7 +747,8 @@ def test_mia_statistics_by_hand():
     ref = TableModel([[0.0, 0.0, 0.0]] * 5)  # uniform: NLL log 3 per token
     docs = [dict(id="d", task="Task1", text="0 2 1 2 1", member=True)]
     args = lume.parse_args(["--mink_k", "0.7"])  # 0.7 of 4 tokens: k = 2, rounded down as Min-K%++'s code does
-    (stats,) = lume.mia_statistics(model, ref, ListTokenizer(), docs, args, torch.device("cpu"))
+    (docs[0]["ref_nll"],) = lume.reference_nll(ref, ListTokenizer(), docs, args, CPU)  # once, before any model
+    (stats,) = lume.mia_statistics(model, ListTokenizer(), docs, args, CPU)
     p = [1 / 6, 2 / 6, 3 / 6]
     targets = [2, 1, 2, 1]  # each position predicts the next token
     nll = -sum(math.log(p[t]) for t in targets) / 4
@@ -765,7 +767,7 @@ def test_mia_statistics_by_hand():
 def test_mia_statistics_match_hf_loss(micro):
     model, tokenizer, _ = micro
     docs = [dict(id="a", task="Task1", text="Ada was born in London.", member=True)]
-    (stats,) = lume.mia_statistics(model, None, tokenizer, docs, lume.parse_args([]), torch.device("cpu"))
+    (stats,) = lume.mia_statistics(model, tokenizer, docs, lume.parse_args([]), CPU)
     ids = torch.tensor([tokenizer(docs[0]["text"])["input_ids"]])  # the official LOSS: labels = input_ids
     assert stats["loss"] == pytest.approx(-model(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
     assert stats["ref"] is None
@@ -911,7 +913,8 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
     for bits in (8, 4):
         recs = [r for r in block["records"] if r["probe"] == f"quantize {bits}-bit" and r["model"] == "unlearned"
                 and r["kind"] == "sc"]
-        again = lume.generate(lume.quantized(unlearned, bits), tokenizer, [r["input"] for r in recs], 24, 16, CPU)[0]
+        with lume.quantized(unlearned, bits):
+            again = lume.generate(unlearned, tokenizer, [r["input"] for r in recs], 24, 16, CPU)[0]
         assert again == [r["generation"] for r in recs], bits
     for r in block["records"]:
         assert r["score"] == pytest.approx(rouge.score(r["gold"], r["generation"])["rougeL"].recall if r["kind"] == "sc"
@@ -1248,11 +1251,14 @@ def test_the_gate_applies_only_to_real_mmlu():
 
 
 def test_cost_line_on_a_short_run():
-    cost = dict(total_seconds=3.2, phases_seconds={"reference pass": 0.5, "unlearn": 1.0}, peak_memory_gib=0.5,
+    cost = dict(total_seconds=3.2, phases_seconds={"reference pass": 0.5, "unlearn": 1.0},
+                peak_memory_gib={"reference pass": dict(allocated=0.25, reserved=0.5), "unlearn": dict(allocated=1.5,
+                                                                                                     reserved=2.0)},
                 train={"unlearned": dict(steps=1, warmup_steps_excluded=0, tokens_per_s=100.0, step_ms_median=10.0,
                                          model_tflops=0.01)})
     line = lume.cost_line(cost)
     assert "reference pass 0.5 s" in line and "unlearning 1 step," in line and "warm-up" not in line
+    assert line.endswith("peak memory allocated 1.50, reserved 2.00 GiB (unlearn)")  # the phase that held the most
 
 
 def test_cut_examples_are_counted_once(micro, capsys):
@@ -1415,20 +1421,23 @@ def test_fake_quantize_by_hand():
     assert [lume.group_size(n) for n in (144, 576, 2048, 7)] == [48, 64, 64, 7]  # divides the row
     model = lume.build_model(dict(vocab_size=50, hidden_size=144, intermediate_size=576, num_hidden_layers=1,
                                   num_attention_heads=3, tie_word_embeddings=True), CPU)
-    q4 = lume.quantized(model, 4)
-    for (name, w), (_, w4) in zip(model.named_parameters(), q4.named_parameters()):
+    with lume.quantized(model, 4):
+        q4 = weights(model)
+    with lume.quantized(model, 8):
+        q8 = weights(model)
+    for (name, w), w4 in zip(model.named_parameters(), q4):
         if "proj" in name:  # 48 (or 64) inputs a group: at most 15 levels in every group
             groups = w4.detach().reshape(-1, lume.group_size(w.shape[1]))
             assert all(len(g.unique()) <= 15 for g in groups[:20]), name
             assert not torch.equal(w4, lume.fake_quantize(w.detach(), 4))  # not one scale per row
-    q8 = lume.quantized(model, 8)
-    for (name, w), (_, w8) in zip(model.named_parameters(), q8.named_parameters()):
+    for (name, w), w8 in zip(model.named_parameters(), q8):
         if "proj" in name:  # 8 bits: one scale per output channel, each row on its own grid of max|row| / 127
             step = w.detach().abs().amax(1, keepdim=True) / 127
             assert torch.allclose(w8 / step, (w8 / step).round(), atol=1e-3), name
             assert ((w8 - w).abs() <= step / 2 + 1e-7).all(), name
+    head = [i for i, p in enumerate(model.parameters()) if p is model.get_output_embeddings().weight]
     for q in (q4, q8):  # the output embedding (tied to the input one here) is never quantized
-        assert torch.equal(q.get_output_embeddings().weight, model.get_output_embeddings().weight)
+        assert len(head) == 1 and torch.equal(q[head[0]], model.get_output_embeddings().weight)
 
 
 def weights(model):
@@ -1442,9 +1451,10 @@ def test_probes_never_change_the_model_they_are_given(micro):
     args = lume.parse_args(["--relearn_steps", "2", "--batch_size", "4"])
     for probe in (lambda m: lume.quantized(m, 4), lambda m: lume.quantized(m, 8),
                   lambda m: lume.relearned(m, tokenizer, lume.row_examples(tokenizer, data.retain, 256), args, CPU)):
-        changed = probe(model)
-        assert any(not torch.equal(a, b) for a, b in zip(weights(changed), before))  # the copy did change
-        assert all(torch.equal(a, b) for a, b in zip(weights(model), before))  # the model did not
+        with probe(model) as changed:
+            assert changed is model  # in place: no second copy of the model
+            assert any(not torch.equal(a, b) for a, b in zip(weights(model), before))  # it did change
+        assert all(torch.equal(a, b) for a, b in zip(weights(model), before))  # and is back, bit for bit
         assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
 
 
@@ -1500,11 +1510,12 @@ def test_relearning_lowers_the_forget_nll(micro):
     data = lume.load_lume(DATA, "3")
     forget = lume.row_examples(tokenizer, data.forget, 512)
     args = lume.parse_args(["--relearn_steps", "25", "--relearn_lr", "3e-3", "--lr", "1e-4", "--batch_size", "8"])
-    with optimizer_steps(model) as steps:
-        relearned = lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain, 512), args, CPU)
-    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(25, 3e-3, 1), rel=1e-6)
     nll = lambda m: -lume.summed_logp(m, forget, 16, tokenizer.pad_token_id, CPU).sum().item()
-    assert nll(relearned) < nll(model) - 1.0
+    before = nll(model)
+    with optimizer_steps(model) as steps, lume.relearned(model, tokenizer, lume.row_examples(tokenizer, data.retain,
+                                                                                              512), args, CPU):
+        assert nll(model) < before - 1.0
+    assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(25, 3e-3, 1), rel=1e-6)
 
 
 def test_readme_reading_guide_names_real_sections():
@@ -1806,8 +1817,8 @@ def test_tune_chooses_the_best_validation_final_and_the_first_of_a_tie(monkeypat
     monkeypatch.setattr(lume, "evaluate", lambda *a: ({"final": next(finals)},))
     model, tokenizer = lume.load_model(str(DATA / "target"), CPU)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    out = lume.tune(model, tokenizer, lume.load_lume(DATA / "validation"), None, None,
-                    lume.parse_args(["--algo", "gd"]), CPU, {}, weights)
+    out = lume.tune(model, tokenizer, lume.load_lume(DATA / "validation"), None, lume.parse_args(["--algo", "gd"]),
+                    CPU, {}, weights)
     assert tried == [(5e-4, 1.0), (5e-4, 4.0), (2e-3, 1.0), (2e-3, 4.0)]
     assert out["gd"]["chosen"] == dict(lr=5e-4, alpha=4.0) and out["gd"]["validation_final"] == 0.9
     assert [g["validation_final"] for g in out["gd"]["grid"]] == [0.2, 0.9, 0.9, 0.1]

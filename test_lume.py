@@ -1756,6 +1756,112 @@ def test_two_processes_give_the_numbers_of_one(micro, tmp_path):
         assert (a["id"], a["model"]) == (b["id"], b["model"]) and b["nll"] == pytest.approx(a["nll"], rel=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_numbers_of_none(micro, monkeypatch):
+    """One process, GD then the relearn probe on what it trained (the last block): recomputing the activations
+    in the backward pass changes the memory, not the gradients or the weights."""
+    _, tokenizer, folder = micro
+    data = lume.load_lume(DATA, "2")
+    examples = lume.unlearning_examples(tokenizer, data, 128)
+    after, switched, checkpointing = {}, [], lume.checkpointing
+    monkeypatch.setattr(lume, "checkpointing", lambda model, on: switched.append(on) or checkpointing(model, on))
+    for on in (False, True):
+        model = lume.load_model(str(folder), CPU)[0]
+        args = lume.parse_args(["--algo", "gd", "--max_steps", "3", "--lr", "3e-3", "--batch_size", "4",
+                                "--train_layers", "1", "--relearn_steps", "2", "--grad_checkpointing" if on else
+                                "--no-grad_checkpointing"])
+        with optimizer_steps(model) as steps:
+            lume.unlearn(model, tokenizer, examples, args, CPU, {})
+            with lume.relearned(model, tokenizer, examples[1], args, CPU, [1]):
+                after[on] = weights(model)
+        assert not model.is_gradient_checkpointing and len(steps) == 5  # switched off again
+        assert switched == [True, False, True, False] * on  # on for unlearning and for relearning
+        after[on, "grad"] = [torch.cat([g.flatten() for g in s["grad"].values()]) for s in steps]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(after[False], after[True]))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(after[False, "grad"], after[True, "grad"]))
+
+
+LEDGER_RUN = """import contextlib, gc, json, sys
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+sys.path.insert(0, {here!r})
+import lume
+
+
+def live(*minus):  # bytes of every tensor storage gc can reach, less those of `minus`
+    storages = {{}}
+    for o in [o for o in gc.get_objects() if isinstance(o, torch.Tensor)] + [t for t in minus]:
+        storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    return sum(storages.values()) - sum({{t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                                          for t in minus}}.values())
+
+
+phase, seen, timed, forward, quantized = [], {{}}, lume.timed, lume.forward, lume.quantized
+
+
+def snapshot(kind, *minus):  # the first of each kind in each phase
+    if (phase[-1], kind) not in seen:
+        seen[phase[-1], kind] = live(*minus) - baseline
+
+
+@contextlib.contextmanager
+def tracked(phases, name):
+    phase.append(name)
+    with timed(phases, name):
+        yield
+    phase.pop()
+
+
+def traced_forward(model, batch, layer=None, last=False):
+    out = forward(model, batch, layer, last)
+    if torch.is_inference_mode_enabled():  # a likelihood pass: the weights, the batch and what it returns
+        snapshot("likelihood", *batch.values(), *(out if isinstance(out, tuple) else [out]))
+    return out
+
+
+@contextlib.contextmanager
+def traced_quantized(model, bits):
+    with quantized(model, bits):
+        snapshot("quantized")
+        yield model
+
+
+lume.timed, lume.forward, lume.quantized = tracked, traced_forward, traced_quantized
+register_optimizer_step_post_hook(lambda opt, a, k: snapshot("step"))  # weights, gradients, moments, copies
+gc.collect()
+baseline = live()
+lume.main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump([[p, k, n] for (p, k), n in seen.items()], f)
+"""
+
+
+def test_the_memory_ledger_holds_what_a_run_holds(tmp_path):
+    """A KL run (its reference copy of the model), relearned and quantized, on the shipped target: at each phase
+    boundary (an optimiser step, a likelihood pass, a quantized model) the bytes of every tensor gc can reach
+    are what memory_ledger says the phase holds (its items less the transient activations, logits and cache), on
+    the CPU, where host and device memory are one. An extra copy of the model, a second set of gradients, a kept
+    reference model or a cache would each be 10% or more of the total."""
+    script = tmp_path / "ledger.py"
+    script.write_text(LEDGER_RUN.format(here=str(HERE)))
+    flags = ["--task", "1", "--algo", "kl", "--max_steps", "2", "--relearn_steps", "2", "--relearn_data", "retain",
+             "--probes", "relearn,quantize", "--quant_bits", "8", "--max_new_tokens", "4", "--mmlu", "none",
+             "--out_dir", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "seen.json"), *flags], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = {(p, k): n for p, k, n in json.loads((tmp_path / "seen.json").read_text())}
+    args = lume.parse_args(flags)
+    args.algo = ("kl",)
+    ledger = lume.memory_ledger(json.loads((DATA / "target" / "config.json").read_text()), args, gpu=False)
+    held = {phase: sum(n for k, n in items.items() if k not in lume.TRANSIENT) for phase, items in ledger.items()}
+    expected = {("load", "likelihood"): held["load"], ("score target", "likelihood"): held["score: likelihood"],
+                ("unlearn", "step"): held["unlearn"], ("score unlearned", "likelihood"): held["score: likelihood"],
+                ("probe relearn", "step"): held["probe relearn"], ("probe quantize", "quantized"): held["probe quantize"]}
+    for key, n in expected.items():
+        assert seen[key] == pytest.approx(n, rel=0.01, abs=2**16), (key, seen[key], n)
+    assert held["unlearn"] > 4 * held["score: likelihood"]  # weights, gradients, two moments, the reference copy
+
+
 def test_a_failure_on_one_process_ends_both_with_its_message(micro, tmp_path):
     _, _, folder = micro
     done, out = launch(tmp_path, "fail", 2, ["--model", str(folder), "--task", "3", "--max_new_tokens", "2"],
@@ -1777,13 +1883,14 @@ def test_without_matplotlib_the_plot_is_a_note(tmp_path, monkeypatch, capsys):
 
 def test_two_processes_with_a_stand_in_batch_give_the_numbers_of_one(micro, tmp_path):
     """NPO (reference log-likelihoods indexed by each process's share) and RMU (reference hidden states),
-    in chunks of 5: every chunk ends in a 1-row micro-batch, so rank 1 runs a stand-in weighted 0."""
+    in chunks of 5: every chunk ends in a 1-row micro-batch, so rank 1 runs a stand-in weighted 0. The two
+    processes recompute their activations (gradient checkpointing, a GPU's default), the one process does not."""
     _, _, folder = micro
     common = ["--model", str(folder), "--task", "3", "--algo", "npo,rmu", "--chunk_size", "5", "--max_steps", "4",
               "--lr", "3e-3", "--rmu_alpha", "1", "--grad_accum", "2", "--log_every", "1", "--max_new_tokens", "4",
               "--mmlu", "none", "--probes", "none"]
     one, out1 = launch(tmp_path, "one", 1, common + ["--batch_size", "4"])
-    two, out2 = launch(tmp_path, "two", 2, common + ["--batch_size", "2"])
+    two, out2 = launch(tmp_path, "two", 2, common + ["--batch_size", "2", "--grad_checkpointing"])
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     g1, g2 = torch.load(tmp_path / "one.grad"), torch.load(tmp_path / "two.grad")  # NPO's first step
     assert ((g1 - g2).norm() / g1.norm()).item() < 1e-5

@@ -1518,6 +1518,32 @@ def test_relearning_lowers_the_forget_nll(micro):
     assert [s["lr"] for s in steps] == pytest.approx(schedule_by_hand(25, 3e-3, 1), rel=1e-6)
 
 
+def test_readme_memory_table_is_the_ledgers():
+    """The README's memory table is memory_table()'s output, and its routes are the README's GPU commands."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    assert lume.memory_table() in readme
+    for shape, config, world, flags in lume.MEMORY_ROUTES:
+        assert all(flag in readme for flag in flags.split()), flags
+
+
+def test_the_ledger_by_hand():
+    """OLMo-7B, 32 blocks of 4 * 4096^2 + 3 * 4096 * 11008 parameters, untied embeddings of 50,304 x 4096, no norm
+    weights: 6.888B parameters, 27.55 GB of fp32 weights; the last 8 blocks train 1.619B, AdamW holds 3 x 4 bytes
+    of each; a KV cache of 64 prompts x (512 + 256) tokens x 2 x 32 blocks x 4096 in bf16."""
+    block, embed = 4 * 4096 ** 2 + 3 * 4096 * 11008, 50304 * 4096
+    args = lume.parse_args(["--train_layers", "8"])
+    one = lume.memory_ledger(lume.OLMO_7B, args)
+    assert one["unlearn"]["weights"] == 4 * (32 * block + 2 * embed)
+    assert one["unlearn"]["gradients"] == 4 * 8 * block and one["unlearn"]["AdamW moments"] == 8 * 8 * block
+    assert one["score: generation"]["KV cache"] == 64 * 768 * 2 * 32 * 4096 * 2
+    assert one["probe quantize"] == {"weights": 4 * (32 * block + 2 * embed)}  # the saved weights wait on the host
+    eight = lume.memory_ledger(lume.OLMO_7B, lume.parse_args([]), world=8)
+    assert eight["unlearn"]["weights"] == 4 * (32 * block + 2 * embed) // 8
+    assert eight["unlearn"]["gradients"] == eight["unlearn"]["weights"]  # every parameter trains, sharded
+    tied = lume.memory_ledger(lume.OLMO_1B, lume.parse_args([]))  # OLMo-1B ties its embeddings: one matrix
+    assert tied["load"]["weights"] == 4 * (16 * (4 * 2048 ** 2 + 3 * 2048 * 8192) + 50304 * 2048)
+
+
 def test_readme_reading_guide_names_real_sections():
     """The README's reading guide cites section titles (not line numbers, which drift)."""
     readme = (HERE / "README.md").read_text(encoding="utf-8")

@@ -835,7 +835,8 @@ def forward(model, batch, layer=None, last=False):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if last:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return model.get_output_embeddings()(hidden[torch.arange(len(ids)), mask.sum(-1) - 1])  # right padding
+        rows = torch.arange(len(ids), device=ids.device)
+        return model.get_output_embeddings()(hidden[rows, mask.sum(-1) - 1])  # right padding: the last real token
     out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=layer is not None)
     return out.logits if layer is None else (out.logits, out.hidden_states[layer + 1].float())  # [0]: embeddings
 
@@ -1107,7 +1108,7 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
-        if rank_world()[1] > 1:
+        if rank_world()[1] > 1:  # several processes (skip on a first read)
             logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
             tokens = logs.pop("tokens")
         step_tokens.append(int(tokens))
@@ -1136,9 +1137,9 @@ def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **k
         model.get_decoder().layers[i].requires_grad_(True)
     if recompute:
         checkpointing(model, True)
-    sharded = sharded_copy(model) if rank_world()[1] > 1 else None
+    sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
     stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
-    if sharded is not None:
+    if sharded is not None:  # several processes
         gather_into(model, sharded, device)
     if recompute:
         checkpointing(model, False)

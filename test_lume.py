@@ -1757,11 +1757,12 @@ def logged_losses(stdout, algo="gd", keys=("loss", "forget", "retain")):
 
 def test_two_processes_give_the_numbers_of_one(micro, tmp_path):
     """The same configuration (an effective batch of 8 = 4 x 2 micro-steps x 1 process = 2 x 2 x 2 processes):
-    the first step's full gradient, the first 5 steps' losses and every scoring record agree."""
+    the first step's full gradient, the first 5 steps' losses and every scoring record agree, and so do those of
+    the relearn probe, which trains the sharded model as unlearning does."""
     _, _, folder = micro
     common = ["--model", str(folder), "--ref_model", str(folder), "--task", "2", "--algo", "gd", "--max_steps", "5",
               "--lr", "3e-3", "--alpha", "0.2", "--grad_accum", "2", "--log_every", "1", "--max_new_tokens", "6",
-              "--probes", "none"]
+              "--probes", "relearn", "--relearn_data", "retain", "--relearn_steps", "3", "--relearn_lr", "3e-3"]
     one, out1 = launch(tmp_path, "one", 1, common + ["--batch_size", "4"])
     two, out2 = launch(tmp_path, "two", 2, common + ["--batch_size", "2"])
     assert one.returncode == 0, one.stderr[-2000:]
@@ -1777,6 +1778,11 @@ def test_two_processes_give_the_numbers_of_one(micro, tmp_path):
     assert m2["complete"] and sorted(p.name for p in out2.iterdir()) == ["args.json", "metrics.json", "metrics.md"]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "score"} for r in rs]
     assert strip(m2["records"]) == strip(m1["records"])
+    relearn = [strip(m["robustness"]["records"]) for m in (m1, m2)]
+    assert relearn[0] and relearn[1] == relearn[0] and {r["probe"] for r in relearn[0]} == {"relearn retain"}
+    assert "relearn step 3/3" in one.stdout
+    assert [line.split("| lr")[0] for line in two.stdout.splitlines() if line.startswith("relearn step")] == \
+        [line.split("| lr")[0] for line in one.stdout.splitlines() if line.startswith("relearn step")]
     assert [r["predicted"] for r in m2["mmlu"]] == [r["predicted"] for r in m1["mmlu"]]
     for a, b in zip(m1["mia"], m2["mia"]):
         assert (a["id"], a["model"]) == (b["id"], b["model"]) and b["nll"] == pytest.approx(a["nll"], rel=1e-5)

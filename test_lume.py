@@ -1202,6 +1202,49 @@ def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):
         assert path.read_bytes() == before
 
 
+def test_repeats_by_value_and_lone_words_are_refused(tmp_path, capsys):
+    """A repeat is a repeat however it is written (0,00; a file and ./file), and 'all' or 'none' stands alone."""
+    docs = tmp_path / "docs.jsonl"
+    write_jsonl(docs, [dict(text="A document.")])
+    for flags, said in ((["--seeds", "0,00"], "--seeds 0,00: a value is repeated"),
+                        (["--quant_bits", "8,08"], "--quant_bits 8,08: a value is repeated"),
+                        (["--relearn_data", f"{docs},{tmp_path}/../{tmp_path.name}/docs.jsonl"], "a value is repeated"),
+                        (["--probes", "none,relearn"], "--probes none,relearn: 'none' stands alone"),
+                        (["--algo", "all,gd"], "--algo all,gd: 'all' stands alone")):
+        with pytest.raises(SystemExit) as e:
+            lume.main(flags)
+        assert str(e.value).startswith("error: ") and said in str(e.value), flags
+
+
+def test_text_no_utf8_can_hold_is_refused_in_every_jsonl(tmp_path):
+    """A lone surrogate (a JSON escape such as \\ud800) in any field of any jsonl file: the rephrasings, an MMLU
+    question's choices, as in the split files, refused with its file, line and field, before any model work."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data, ignore=shutil.ignore_patterns("target", "retain-only"))
+    rows = [json.loads(line) for line in (data / "rephrase.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows[2]["paraphrases"][1] = "When \ud800?"
+    (data / "rephrase.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text(json.dumps(dict(question="Q?", choices=["a", "b\ud800", "c", "d"], answer=0)) + "\n")
+    for flags, said in ((["--data_dir", str(data)], f'{data}/rephrase.jsonl line 3: field "paraphrases" holds a lone'),
+                        (["--mmlu", str(mmlu)], f'{mmlu} line 1: field "choices" holds a lone surrogate')):
+        with pytest.raises(SystemExit) as e:
+            lume.main(flags + ["--out_dir", str(tmp_path / "out")])
+        assert str(e.value).startswith(f"error: {said}"), str(e.value)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_task_without_retain_rows_is_refused_before_any_model(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "forget.jsonl", release_rows("forget"))
+    write_jsonl(data / "retain.jsonl", [r for r in release_rows("retain") if r["task"] != "Task1"])
+    monkeypatch.setattr(lume, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        lume.main(["--data_dir", str(data), "--task", "1", "--algo", "ga,gd", "--out_dir", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: --algo gd needs a retain set, and ") and "--task 1" in str(e.value)
+
+
 def test_help_runs():
     p = subprocess.run([sys.executable, str(HERE / "lume.py"), "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--warmup" in p.stdout and "10%" in p.stdout, p.stderr

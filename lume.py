@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -184,9 +185,10 @@ def resolve_device(name="auto"):
 
 
 def autocast(device):
-    """bf16 autocast on a GPU that has it; fp32 elsewhere (bf16 matmuls crawl on CPUs)."""
+    """bf16 autocast on a GPU that has it; fp32 elsewhere (bf16 matmuls crawl on CPUs). No cache of bf16 weight
+    copies: it would hold one of every trained weight until the forward pass ends (each is cast once anyway)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -211,6 +213,8 @@ def timed(phases, name):
     """Adds the seconds spent in the block to phases[name] and its peak memory to MEMORY[name]. A GPU's peak is
     reset as a phase begins, so a phase that ends inside another hands its peak on to it."""
     t = time.perf_counter()
+    if RUNNING:  # the phase this one runs inside keeps its peak so far, which the reset forgets
+        RUNNING[-1] = most(memory_peak(), RUNNING[-1])
     if torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     RUNNING.append({})
@@ -341,6 +345,8 @@ def start_processes(args):
     device = resolve_device(args.device)
     if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)  # every allocation and memory statistic on it
     if "WORLD_SIZE" not in os.environ:
@@ -403,14 +409,13 @@ def sharded_copy(model):
 
 
 @torch.no_grad()
-def gather_into(model, sharded, device):
+def gather_into(model, sharded):
     """The trained weights of the sharded copy into every process's plain model (scoring needs no collective), one
-    full tensor at a time through host memory, where the plain model waits; then the model back on the device."""
+    full tensor at a time through host memory, where the plain model waits (train_blocks then moves it back)."""
     plain = dict(model.named_parameters())
     for name, p in sharded.named_parameters():
         if p.requires_grad:  # full_tensor: an all-gather, every process in the same order
             plain[name].copy_(p.full_tensor().cpu())
-    model.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -763,19 +768,21 @@ def freeze(model):
     return model.eval().requires_grad_(False)
 
 
-def load_model(name, device):
-    """from_pretrained on a Hub id or a local folder, with its own tokenizer; no remote code."""
+def load_model(name, device, weights=True):
+    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None
+    without weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
+            else None
     except (OSError, ValueError) as e:
         raise LumeError(f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local folder "
                         "that holds config.json, the weights and the tokenizer)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return (model.to(device) if weights else None), tokenizer
 
 
 def build_model(config, device):
@@ -1133,12 +1140,17 @@ def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **k
     if recompute:
         checkpointing(model, True)
     sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
-    stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
-    if sharded is not None:  # several processes
-        gather_into(model, sharded, device)
-    if recompute:
-        checkpointing(model, False)
-    freeze(model)
+    try:
+        stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
+        if sharded is not None:  # several processes
+            gather_into(model, sharded)
+    finally:  # a diverged run too (--tune goes on): the model back on its device, and nothing of training kept
+        model.to(device)
+        del sharded
+        gc.collect()  # AdamW's moments and an FSDP2 copy sit in reference cycles: freed now, not some time later
+        if recompute:
+            checkpointing(model, False)
+        freeze(model)
     return stats
 
 
@@ -1636,17 +1648,18 @@ def memory_ledger(config, args, world=1, gpu=True):
 
     def training(rows):
         state = dict(weights=weights // world, gradients=trained // world, **{"AdamW moments": 2 * trained // world})
-        if world > 1:
-            state |= {"two gathered blocks": 2 * fp32(layers[0].parameters()), "plain model (host)": host * weights}
+        if world > 1:  # FSDP2 gathers a block (and the next) and keeps the root unit (embeddings, output) gathered
+            root = weights - fp32(layers.parameters())
+            state |= {"gathered units": 2 * fp32(layers[0].parameters()) + root, "plain model (host)": host * weights}
         return state | {"activations (estimate)": rows * T * per_token, "logits": rows * T * c.vocab_size * (act + 12)}
 
     sides = 1 + args.retain_per_forget * method.retain  # a micro-step's forget rows and the retain rows with them
     runs = len(runs_of(args)) > 1 or args.tune
     phases = {
-        "load": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 4)),  # the reference
+        "load": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 8)),  # the reference
         "score: generation": {"weights": weights, "KV cache": args.gen_batch_size * (T + args.max_new_tokens) * kv
-                              * act},
-        "score: likelihood": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 12)),
+                              * act, "activations (estimate)": args.gen_batch_size * T * inner},  # the prefill
+        "score: likelihood": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 18)),
         "unlearn": training(args.batch_size * sides) | ({"reference model": weights} if method.ref_logits else {})
         | ({"target (host)": host * copy_} if runs else {}),
         "probe relearn": training(args.batch_size) | {"saved blocks (host)": host * trained},
@@ -1663,6 +1676,7 @@ MEMORY_ROUTES = [  # (shape, its config, GPUs, flags): the README's GPU commands
     ("OLMo-1B", OLMO_1B, 8, "--batch_size 1 --grad_accum 4"),
     ("OLMo-7B", OLMO_7B, 1, ""), ("OLMo-7B", OLMO_7B, 1, "--train_layers 8"),
     ("OLMo-7B", OLMO_7B, 1, "--train_layers 8 --algo kl"), ("OLMo-7B", OLMO_7B, 8, "--batch_size 1 --grad_accum 4")]
+CARDS = {"H100 80 GB": 79.6, "H200 141 GB": 140.4}  # GiB each holds (nvidia-smi); fits: peak + 1 GiB (CUDA context)
 
 
 def memory_table():
@@ -1674,8 +1688,8 @@ def memory_table():
         peak = max(totals.values())
         rows.append([shape, str(world), flags or "defaults"] + [f"{totals[k]:.1f}" if k in totals else "-"
                                                                 for k in names]
-                    + [f"**{peak:.1f}**"] + ["yes" if peak <= gib else "no" for gib in (80, 141)])
-    return md_table(["model", "GPUs", "flags"] + names + ["peak", "fits 80", "fits 141"], rows)
+                    + [f"**{peak:.1f}**"] + ["yes" if peak + 1 <= gib else "no" for gib in CARDS.values()])
+    return md_table(["model", "GPUs", "flags"] + names + ["peak"] + [f"fits {card}" for card in CARDS], rows)
 
 
 # -----------------------------------------------------------------------------
@@ -1852,28 +1866,27 @@ def write_results(out, args, lume, mmlu, results, cost, complete):
 
 def load_models(args, lumes, device):
     """The model to unlearn and its tokenizer, read by load_model as any folder. First, with --ref_model, each MIA
-    document of `lumes` gets the reference's NLL ("ref_nll"), the reference loaded alone, then released."""
-    ref_vocab = None
+    document of `lumes` gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and
+    then released."""
+    tokenizer = load_model(TARGET if args.model_config else args.model, device, weights=False)[1]
     if args.ref_model:  # a model that never saw the members
         ref_model, ref_tokenizer = load_model(args.ref_model, device)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
+                            "cannot be compared token by token")
         for docs in (lume.members + lume.nonmembers for lume in lumes):
             for d, nll in zip(docs, split_gather(docs, lambda share: reference_nll(
-                    freeze(ref_model), ref_tokenizer, share, args, device))):
+                    freeze(ref_model), tokenizer, share, args, device))):
                 d["ref_nll"] = nll
-        ref_vocab = ref_tokenizer.get_vocab()
         del ref_model
+        gc.collect()  # a transformers model sits in reference cycles: freed now, before the model is loaded
     if args.model_config:  # the real architecture with random weights (no download)
         try:
             config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
         except ValueError as e:
             raise LumeError(f"--model_config {args.model_config}: not valid JSON ({e})") from None
-        model, tokenizer = build_model(config, device), load_model(TARGET, "cpu")[1]
-    else:
-        model, tokenizer = load_model(args.model, device)
-    if ref_vocab is not None and ref_vocab != tokenizer.get_vocab():
-        raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
-                        "cannot be compared token by token")
-    return freeze(model), tokenizer
+        return freeze(build_model(config, device)), tokenizer
+    return freeze(load_model(args.model, device)[0]), tokenizer
 
 
 def runs_of(args):
@@ -1973,6 +1986,7 @@ def run(args, lume, mmlu, device, out, val=None):
         retrain = freeze(load_model(args.retrain_model, device)[0])
         score_and_probe("retrain", retrain, blocks_trained(args, depth))  # the control: it never saw the forget set
         del retrain
+        gc.collect()
     saved = args.save_model and len(runs) == 1
     if rank == 0:  # every process holds the full model and the same results; one writes them
         if saved:  # before metrics.json says "complete"

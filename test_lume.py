@@ -1492,8 +1492,10 @@ def test_probes_never_change_the_model_they_are_given(micro):
     before = weights(model)
     data = lume.load_lume(DATA, "1")
     args = lume.parse_args(["--relearn_steps", "2", "--batch_size", "4"])
+    retain = lume.row_examples(tokenizer, data.retain, 256)
     for probe in (lambda m: lume.quantized(m, 4), lambda m: lume.quantized(m, 8),
-                  lambda m: lume.relearned(m, tokenizer, lume.row_examples(tokenizer, data.retain, 256), args, CPU)):
+                  lambda m: lume.relearned(m, tokenizer, retain, args, CPU),
+                  lambda m: lume.relearned(m, tokenizer, retain, args, CPU, blocks=[1])):  # what unlearning trained
         with probe(model) as changed:
             assert changed is model  # in place: no second copy of the model
             assert any(not torch.equal(a, b) for a, b in zip(weights(model), before))  # it did change
@@ -1583,6 +1585,8 @@ def test_the_ledger_by_hand():
     eight = lume.memory_ledger(lume.OLMO_7B, lume.parse_args([]), world=8)
     assert eight["unlearn"]["weights"] == 4 * (32 * block + 2 * embed) // 8
     assert eight["unlearn"]["gradients"] == eight["unlearn"]["weights"]  # every parameter trains, sharded
+    gqa = lume.memory_ledger(lume.OLMO_7B | dict(num_key_value_heads=8), args)  # keys and values of 8 heads of 128
+    assert gqa["score: generation"]["KV cache"] == 64 * 768 * 2 * 32 * (8 * 128) * 2
     tied = lume.memory_ledger(lume.OLMO_1B, lume.parse_args([]))  # OLMo-1B ties its embeddings: one matrix
     assert tied["load"]["weights"] == 4 * (16 * (4 * 2048 ** 2 + 3 * 2048 * 8192) + 50304 * 2048)
 
@@ -1829,6 +1833,31 @@ def test_two_processes_give_the_numbers_of_one(micro, tmp_path):
     assert [r["predicted"] for r in m2["mmlu"]] == [r["predicted"] for r in m1["mmlu"]]
     for a, b in zip(m1["mia"], m2["mia"]):
         assert (a["id"], a["model"]) == (b["id"], b["model"]) and b["nll"] == pytest.approx(a["nll"], rel=1e-5)
+
+
+def test_mmlu_reads_the_last_real_position_through_the_output_layer():
+    """forward(last=True), MMLU's pass, gives the logits the whole forward gives at each row's last attended token,
+    on a model whose output layer is not its input embedding."""
+    model = lume.build_model(dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, tie_word_embeddings=False), CPU).eval()
+    batch = lume.collate([dict(input_ids=ids, labels=ids) for ids in ([3, 5, 7], [4, 6, 8, 9, 2])], 0, CPU)
+    with torch.no_grad():
+        full, last = lume.forward(model, batch), lume.forward(model, batch, last=True)
+    assert last.shape == (2, 40)
+    assert torch.allclose(last[0], full[0, 2], atol=1e-5) and torch.allclose(last[1], full[1, 4], atol=1e-5)
+
+
+def test_relearning_trains_what_unlearning_trained(micro, tmp_path):
+    """--train_layers 1: every optimiser step, unlearning's and both relearn probes' (the unlearned model's and the
+    retrain model's), updates the last block's parameters only."""
+    _, _, folder = micro
+    model = lume.load_model(str(folder), CPU)[0]
+    last = sum(1 for _ in model.get_decoder().layers[-1].parameters())
+    with optimizer_steps(model) as steps:
+        lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "1", "--algo", "gd",
+                   "--train_layers", "1", "--max_steps", "2", "--probes", "relearn", "--relearn_data", "retain",
+                   "--relearn_steps", "2", "--max_new_tokens", "2", "--mmlu", "none", "--out_dir", str(tmp_path)])
+    assert len(steps) == 2 + 2 * 2 and {len(s["grad"]) for s in steps} == {last}
 
 
 def test_gradient_checkpointing_gives_the_numbers_of_none(micro, monkeypatch):

@@ -1825,8 +1825,9 @@ def cost_line(cost):
         parts.append(f"unlearning {t['steps']} step{'s' * (t['steps'] != 1)}, {t['tokens_per_s']:.0f} tokens/s{warm}, "
                      f"median {t['step_ms_median']:.0f} ms/step, model {t['model_tflops']:.2f} TFLOP/s (6N)")
     peak = max(cost["peak_memory_gib"].items(), key=lambda kv: max(kv[1].values()), default=None)
-    if peak:  # the phase that held the most, and what: GPU allocated and reserved, or the CPU process's RSS
-        parts.append(f"peak memory {', '.join(f'{k} {v:.2f}' for k, v in peak[1].items())} GiB ({peak[0]})")
+    if peak:  # the phase that held the most (a GPU's allocated and reserved), or the CPU process's peak RSS
+        where = f" ({peak[0]})" if "allocated" in peak[1] else ""
+        parts.append(f"peak memory {', '.join(f'{k} {v:.2f}' for k, v in peak[1].items())} GiB{where}")
     return "cost: " + " | ".join(parts)
 
 

@@ -29,10 +29,11 @@ flags = ["--model_config", str(config), "--device", device, "--task", "all", "--
          "--mmlu", "", "--out_dir", str(out)]
 print("flags:", " ".join(flags))
 if torch.cuda.is_available():
+    sdp = torch.backends.cuda
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
-          f"{__import__('transformers').__version__}; SDPA backends enabled: flash "
-          f"{torch.backends.cuda.flash_sdp_enabled()}, memory-efficient {torch.backends.cuda.mem_efficient_sdp_enabled()}"
-          f", cuDNN {torch.backends.cuda.cudnn_sdp_enabled()}, math {torch.backends.cuda.math_sdp_enabled()}")
+          f"{__import__('transformers').__version__}; SDPA backends enabled: flash {sdp.flash_sdp_enabled()}, "
+          f"memory-efficient {sdp.mem_efficient_sdp_enabled()}, cuDNN {sdp.cudnn_sdp_enabled()}, "
+          f"math {sdp.math_sdp_enabled()}")
 lume.main(flags)  # refuses non-finite prefill logits (left padding) with one line: reaching the end means finite
 measured = json.loads((out / "metrics.json").read_text())["cost"]["peak_memory_gib"]
 args = lume.parse_args(flags)

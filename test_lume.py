@@ -1602,6 +1602,22 @@ def test_readme_reading_guide_names_real_sections():
     assert cited[0] == "section" and len(cited) > 10
     for title in cited[1:]:
         assert title in titles, title
+    assert sorted(cited[1:], key=titles.index) == cited[1:]  # in the file's order
+
+
+def test_lume_reads_top_to_bottom():
+    """No top-level definition uses a module-level name defined below it: the file reads in one pass."""
+    import ast
+    tree = ast.parse((HERE / "lume.py").read_text(encoding="utf-8"))
+    defined = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for name in [getattr(node, "name", None)] + [t.id for t in targets if isinstance(t, ast.Name)]:
+            if name:
+                defined.setdefault(name, node.lineno)
+    later = [(use.lineno, use.id) for node in tree.body for use in ast.walk(node) if isinstance(use, ast.Name)
+             and isinstance(use.ctx, ast.Load) and defined.get(use.id, 0) > node.lineno]
+    assert later == []
 
 
 def test_relearn_data_kinds(micro, tmp_path):

@@ -108,7 +108,7 @@ class Args:
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
     lr: float = arg(5e-4, "peak learning rate (LUME's 1B/7B targets: 1e-5)", gt=0)
-    batch_size: int = arg(8, "forget examples per micro-step and process (relearn: examples per step)", gt=0)
+    batch_size: int = arg(8, "forget examples per micro-step and process (relearn: per step and process)", gt=0)
     grad_accum: int = arg(4, "micro-steps per optimizer step", gt=0)
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
@@ -246,7 +246,8 @@ class Progress:
 @contextlib.contextmanager
 def atomic(path):
     """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place; on any
-    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays."""
+    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays (a folder's is removed just
+    before the rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -321,12 +322,14 @@ def prepare_out_dir(args):
             if pid.isdigit() and pid_alive(int(pid)):
                 raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there") from None
             lock.write_text(str(os.getpid()))  # its run died: ours now
-        if (out / "metrics.json").exists() and not args.overwrite:
-            lock.unlink()
-            raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
-                            "another folder or pass --overwrite")
+        if (out / "metrics.json").exists():
+            if not args.overwrite:
+                lock.unlink()
+                raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
+                                "another folder or pass --overwrite")
+            shutil.rmtree(out / "model", ignore_errors=True)  # --overwrite: that run's --save_model too
         for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
-            (out / name).unlink(missing_ok=True)  # --overwrite: nothing of the earlier run is left
+            (out / name).unlink(missing_ok=True)  # nothing of the earlier run is left
     except OSError as e:
         raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
     return out, created
@@ -610,7 +613,7 @@ def validation_split(lume, args):
         return load_lume(base / "validation", args.task), lume
     found = {s: sorted(base.glob(f"{s}_validation*.parquet")) for s in ("forget", "retain")}
     if any(found.values()):
-        rows = {s: [r for r in read_split(found[s], s) if r["task"] in names] for s in found}  # none: refused there
+        rows = {s: [r for r in read_split(found[s], s) if r["task"] in names] for s in found}  # none: refused in main
         return dataclasses.replace(lume, **rows, **no_mia, mia_source="skipped on the validation split"), lume
     rng, held = random.Random(0), set()
     for rows in (lume.forget, lume.retain):
@@ -801,7 +804,7 @@ def save_atomic(model, tokenizer, path):
 
 
 def checkpointing(model, on):
-    """Gradient checkpointing on or off (transformers 5.20 renamed the methods gradient_* to activation_*)."""
+    """Gradient checkpointing on or off (newer transformers name the methods activation_*, not gradient_*)."""
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     if on:
         getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
@@ -894,7 +897,7 @@ class Pass:
         return total / here[unit]()
 
     @functools.cached_property  # computed once per pass, however often the loss and the log read it
-    def nll(self):  # () NLL per answer token of the step
+    def nll(self):  # () this micro-batch's share of the step's NLL per answer token
         return self.over("tokens", sequence_nll(self.logits, self.labels, "sum").sum())
 
     @functools.cached_property
@@ -957,7 +960,7 @@ def rmu_layer(args, depth):
 
 
 def rmu_blocks(args, depth):
-    """RMU trains the three whole blocks up to the steered one (WMDP: 5-7 of 32, their MLP weights only)."""
+    """RMU trains the whole blocks up to the steered one, three at most (WMDP: 5-7 of 32, their MLP weights only)."""
     layer = rmu_layer(args, depth)
     return range(max(0, layer - 2), layer + 1)
 
@@ -1087,8 +1090,8 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
     for i, step in enumerate(steps):
         t0, logs, tokens = time.perf_counter(), {}, 0
         # ---------------- TRAINING STEP BEGIN ----------------
-        # loss_fn(model, micro, step) is micro_batch_loss (nll_loss when relearning): the micro-batch's loss already
-        # divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
+        # loss_fn(model, micro, step) is micro_batch_loss (relearning: nll_loss, one micro-batch a step): a loss
+        # already divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
         # that backward() adds up over the micro-steps are those of one batch holding the whole step
         for group in opt.param_groups:
             group["lr"] = lr_at(i, len(steps), lr, warmup)
@@ -1140,13 +1143,14 @@ def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **k
         model.get_decoder().layers[i].requires_grad_(True)
     if recompute:
         checkpointing(model, True)
-    sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
+    sharded = None
     try:
+        sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
         stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
         if sharded is not None:  # several processes
             gather_into(model, sharded)
     finally:  # a diverged run too (--tune goes on): the model back on its device, and nothing of training kept
-        model.to(device)
+        model.to(device).zero_grad(set_to_none=True)  # a failed step's gradients would add to the next run's
         del sharded
         gc.collect()  # AdamW's moments and an FSDP2 copy sit in reference cycles: freed now, not some time later
         if recompute:
@@ -1223,7 +1227,8 @@ def runs_of(args):
 
 def blocks_trained(args, depth, method=None):
     """The blocks a method trains: its own choice, else the last --train_layers; None (--train_layers 0): every
-    parameter, embeddings, final norm and output layer included. The relearn probe trains the same."""
+    parameter, embeddings, final norm and output layer included. An unlearned model's relearn probe trains the same;
+    the retrain model's, the --train_layers blocks (no method)."""
     which = method.blocks(args, depth) if method and method.blocks else range(depth - args.train_layers, depth)
     return list(which) or None
 
@@ -1810,6 +1815,8 @@ def memory_ledger(config, args, world=1, gpu=True):
     The retrain model's phases are the target's, the unlearned model waiting in host memory."""
     model = build_model(config, "meta")  # shapes, no memory
     c, layers, head = model.config, model.get_decoder().layers, model.get_output_embeddings()
+    runs = len(runs_of(args)) > 1 or args.tune  # the target waits in host memory to be restored
+    args = recipe(args, args.algo[0], args.seed, c.num_hidden_layers)  # AILS: its blocks and retain examples
     method, act, host, T = METHODS[args.algo[0]], 2 if gpu else 4, 0 if gpu else 1, args.max_length
     blocks = blocks_trained(args, c.num_hidden_layers, method)
 
@@ -1833,7 +1840,6 @@ def memory_ledger(config, args, world=1, gpu=True):
         return state | {"activations (estimate)": rows * T * per_token, "logits": rows * T * c.vocab_size * (act + 12)}
 
     sides = 1 + args.retain_per_forget * method.retain  # a micro-step's forget rows and the retain rows with them
-    runs = len(runs_of(args)) > 1 or args.tune
     phases = {
         "load": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 8)),  # the reference
         "score: generation": {"weights": weights, "KV cache": args.gen_batch_size * (T + args.max_new_tokens) * kv
@@ -1921,6 +1927,8 @@ def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
             print(f"--tune {algo}: {setting}")
         best = max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
                    default=grid[0])  # max keeps the first of equals
+        if best["validation_final"] is None:
+            print(f"--tune {algo}: every setting diverged; the results run with the first")
         out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
                          validation_final=best["validation_final"], grid=grid)
     model.load_state_dict(target_weights)
@@ -2074,6 +2082,8 @@ def main(argv=None):
                   "python data/make_data.py --models")
         val, lume = validation_split(load_lume(args.data_dir, args.task), args) if args.tune else (
             None, load_lume(args.data_dir, args.task))
+        if val is not None and not val.forget:  # a SemEval release's *_validation parquets without this task
+            raise LumeDataError(f"--tune: the validation split of {lume.source} has no forget rows, --task {args.task}")
         if args.dry_run:
             print(data_table(lume))
             return None

@@ -212,7 +212,7 @@ def test_github_layout(tmp_path, with_split):
     assert len(only2.forget) == 2 * 6
 
 
-def test_semeval_layout(tmp_path):
+def test_semeval_layout(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -228,6 +228,9 @@ def test_semeval_layout(tmp_path):
     val, test = lume.validation_split(data, lume.parse_args(["--tune"]))
     assert (len(val.forget), len(val.retain), test) == (15, 5, data) and val.members == []
     assert not {r["id"] for r in val.forget + val.retain} & {r["id"] for r in data.forget + data.retain}
+    monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="has no forget rows, --task 1"):  # Task1's forget rows are all in train
+        lume.main(["--data_dir", str(tmp_path), "--tune", "--task", "1", "--out_dir", str(tmp_path / "out")])
     assert (len(data.members), len(data.nonmembers)) == (3, 4)
     assert len(lume.load_lume(tmp_path / "data").members) == 3  # pointed at data/: mia_data/ beside it
     for p in (tmp_path / "data").glob("*validation*"):  # one parquet file per split, named otherwise
@@ -572,6 +575,19 @@ def test_rmu_control_vector_has_length_c(shipped):
     H = target.config.hidden_size
     # rel 1e-2: the difference of fp32 losses in the hundreds (c^2 instead of c, or c / H, is far off)
     assert H * (first[13.0] - 2 * first[6.5] + A_over_H) / 2 == pytest.approx(6.5 ** 2, rel=1e-2)
+
+
+def test_a_failed_run_leaves_no_gradient_behind(micro):
+    """A run stopped mid-step (--tune then tries its next setting) keeps no gradient for the next run to add to."""
+    model, tokenizer, _ = micro
+    model, batch = copy.deepcopy(model), lume.collate([lume.encode(tokenizer, "", "a b", 8)], 0, "cpu")
+
+    def loss_fn(model, micro, step):  # the first micro-step's gradients are added up, then the second fails
+        loss = lume.sequence_nll(lume.forward(model, batch), batch["labels"])
+        return (loss if micro == "ok" else loss * float("nan")), {}, 0
+    with pytest.raises(lume.NonFiniteLoss, match="the loss is nan at step 1"):
+        lume.train_blocks(model, None, [["ok", "nan"]], loss_fn, 1e-3, CPU)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_non_finite_loss_stops_the_run(micro):
@@ -1127,8 +1143,13 @@ def test_out_dir_is_checked_before_any_work(tmp_path, monkeypatch):
         assert f"--out_dir {out}" in str(e.value.code) and expected in str(e.value.code), e.value.code
     assert (earlier / "metrics.json").read_text() == "{}"  # not replaced
     monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(SystemExit, match="interrupted"):  # --overwrite gets past the check
-        lume.main(["--out_dir", str(earlier), "--overwrite"])
+    (earlier / "model").mkdir()  # that run's --save_model
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)  # no lume run's: a folder of the user's
+    for out, flags in ((earlier, ["--overwrite"]), (mine, [])):
+        with pytest.raises(SystemExit, match="interrupted"):  # --overwrite gets past the check
+            lume.main(["--out_dir", str(out)] + flags)
+    assert not (earlier / "model").exists() and not (earlier / "metrics.json").exists() and (mine / "model").is_dir()
 
 
 def test_files_that_hold_nothing_usable_are_refused_before_any_work(tmp_path, monkeypatch):
@@ -1582,6 +1603,9 @@ def test_the_ledger_by_hand():
     assert one["unlearn"]["gradients"] == 4 * 8 * block and one["unlearn"]["AdamW moments"] == 8 * 8 * block
     assert one["score: generation"]["KV cache"] == 64 * 768 * 2 * 32 * 4096 * 2
     assert one["probe quantize"] == {"weights": 4 * (32 * block + 2 * embed)}  # the saved weights wait on the host
+    ails = lume.memory_ledger(lume.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # its recipe: the last 8 of 32
+    assert ails["unlearn"]["gradients"] == 4 * 8 * block  # and 1 + 7 rows a forget example in a micro-step:
+    assert ails["unlearn"]["logits"] == 8 * 8 * 512 * 50304 * (2 + 12)
     eight = lume.memory_ledger(lume.OLMO_7B, lume.parse_args([]), world=8)
     assert eight["unlearn"]["weights"] == 4 * (32 * block + 2 * embed) // 8
     assert eight["unlearn"]["gradients"] == eight["unlearn"]["weights"]  # every parameter trains, sharded

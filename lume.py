@@ -31,6 +31,7 @@ import datetime
 import functools
 import gc
 import hashlib
+import io
 import json
 import math
 import operator
@@ -133,7 +134,7 @@ class Args:
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time> beside lume.py)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
     save_model: bool = arg(False, "also save the unlearned model in out_dir/model")
-    seed: int = arg(0, "seed of every random choice")
+    seed: int = arg(0, "seed of every random choice", ge=0, lt=2**32)
     device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device")
     log_every: int = arg(10, "optimizer steps between unlearning's log lines", gt=0)
 
@@ -177,6 +178,8 @@ def resolve_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise LumeError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise LumeError(f"--device {name}: not a device lume runs on (auto, cpu, cuda, cuda:N, mps)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise LumeError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
     if device.type == "mps" and not mps:
@@ -246,18 +249,20 @@ class Progress:
 @contextlib.contextmanager
 def atomic(path):
     """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place; on any
-    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays (a folder's is removed just
-    before the rename)."""
+    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     try:
         yield tmp
-        if tmp.is_dir():
-            shutil.rmtree(path, ignore_errors=True)  # a folder cannot replace a folder in one rename
+        if tmp.is_dir() and path.exists():
+            os.replace(path, old)  # a folder cannot replace a folder in one rename: the earlier one steps aside
         os.replace(tmp, path)
     except OSError as e:  # a full disk: say which file
         raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
     finally:  # rmtree leaves a file, unlink a folder
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the new one never came: the earlier one comes back
+        shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
 
@@ -320,7 +325,8 @@ def prepare_out_dir(args):
         except FileExistsError:
             pid = lock.read_text().strip()
             if pid.isdigit() and pid_alive(int(pid)):
-                raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there") from None
+                raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there (if none is, remove "
+                                f"{out / '.lock'})") from None
             lock.write_text(str(os.getpid()))  # its run died: ours now
         if (out / "metrics.json").exists():
             if not args.overwrite:
@@ -338,8 +344,9 @@ def prepare_out_dir(args):
 # -----------------------------------------------------------------------------
 # Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes (a reader may skip this)
 
-def stopped(signum, frame):  # torchrun stops the others when a process fails: end as on Ctrl-C
-    raise KeyboardInterrupt("another process stopped (its message is above)")
+def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
+    raise KeyboardInterrupt("another process stopped (its message is above)" if "WORLD_SIZE" in os.environ
+                            else "stopped by SIGTERM")
 
 
 def start_processes(args):
@@ -357,7 +364,6 @@ def start_processes(args):
     cuda = device.type == "cuda"
     # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    signal.signal(signal.SIGTERM, stopped)  # torchrun stops every rank when one fails
     if dist.get_rank():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
     return dist.get_rank(), dist.get_world_size(), device
@@ -559,10 +565,12 @@ def load_lume(data_dir, task="all") -> Lume:
                             "forget*.parquet/retain*.parquet (SemEval-2025)")
     splits = {split: read_split(split_files(base, split), split) for split in ("forget", "retain")}
     splits["holdout"] = read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists() else []
-    forget_ids = {r["id"]: r["where"] for r in splits["forget"]}
-    for r in splits["retain"]:
-        if first := forget_ids.get(r["id"]):
-            raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the forget set ({first})')
+    seen = {}
+    for split, rows in splits.items():
+        for r in rows:
+            if r["id"] in seen:
+                raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the {seen[r["id"]]}')
+            seen[r["id"]] = f'{split} set ({r["where"]})'
     names = task_names(task)
     forget, retain, holdout = ([r for r in splits[s] if r["task"] in names] for s in ("forget", "retain", "holdout"))
     if not forget:
@@ -577,6 +585,8 @@ def load_lume(data_dir, task="all") -> Lume:
             if not (mia_dir / name).exists():
                 raise LumeDataError(f"{mia_dir}: {name} is missing (both member.jsonl and nonmember.jsonl are needed)")
         members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
+        if not members or not nonmembers:
+            raise LumeDataError(f"{mia_dir}/{'non' * bool(members)}member.jsonl: holds no documents")
         mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
     elif holdout:
         members, nonmembers = documents(forget), documents(holdout)
@@ -650,8 +660,8 @@ def mmlu_item(where, row):
         answer = "ABCD".index(answer.strip())
     if not (isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)):
         raise LumeDataError(f'{where}: field "choices" must hold 4 strings')
-    if answer not in (0, 1, 2, 3):
-        raise LumeDataError(f'{where}: field "answer" (A-D or 0-3) is missing')
+    if type(answer) is not int or answer not in (0, 1, 2, 3):  # not 1.0, not true
+        raise LumeDataError(f'{where}: field "answer" is {answer!r}, not one of A-D or 0-3')
     subject = str(row.get("subject", row.get("topic", "general"))).replace("_", " ")
     return dict(subject=subject, question=text_field(where, row, "question"), choices=choices, answer=answer,
                 split=row.get("split", "test"))
@@ -690,12 +700,16 @@ def load_mmlu(source):
         base, rows = path / "data" if (path / "data" / "test").is_dir() else path, []
         for csv_path in sorted(base.glob("*/*_test.csv")) + sorted(base.glob("*/*_dev.csv")):
             subject, split = csv_path.stem.rsplit("_", 1)
-            with open(csv_path, newline="", encoding="utf-8") as f:
-                for n, rec in enumerate(csv.reader(f), 1):
-                    if len(rec) != 6:
-                        raise LumeDataError(f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
-                    rows.append(mmlu_item(f"{csv_path} line {n}", dict(
-                        zip(["question", "A", "B", "C", "D", "answer"], rec), subject=subject, split=split)))
+            try:
+                text = csv_path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise LumeDataError(f"{csv_path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})"
+                                    ) from None
+            for n, rec in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+                if len(rec) != 6:
+                    raise LumeDataError(f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
+                rows.append(mmlu_item(f"{csv_path} line {n}", dict(
+                    zip(["question", "A", "B", "C", "D", "answer"], rec), subject=subject, split=split)))
         label = f"{shown(path)} ({sum(r['split'] == 'test' for r in rows)} test questions)"
     else:
         raise LumeDataError(f"--mmlu {source}: no such file or folder")
@@ -780,7 +794,7 @@ def load_model(name, device, weights=True):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
             else None
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
         raise LumeError(f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local folder "
                         "that holds config.json, the weights and the tokenizer)") from None
     if tokenizer.pad_token_id is None:
@@ -2015,11 +2029,11 @@ def run(args, lume, mmlu, device, out, val=None):
 BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
     "algo": (lambda v: v in METHODS or v == "all", f"each one of {', '.join(METHODS)} (or 'all')"),
-    "seeds": (str.isdigit, "comma-separated whole numbers, e.g. 0,1,2"),
+    "seeds": (lambda v: v.isdecimal() and int(v) < 2**32, "comma-separated whole numbers below 2^32, e.g. 0,1,2"),
     "probes": (lambda v: v in PROBES or v == "none", f"each one of {', '.join(PROBES)} (or 'none')"),
     "relearn_data": (lambda v: v in ("retain", "mmlu") or Path(v).is_file(),
                      "each one of 'retain', 'mmlu' or a jsonl file of documents"),
-    "quant_bits": (lambda v: v.isdigit() and 2 <= int(v) <= 8, "comma-separated bit widths from 2 to 8"),
+    "quant_bits": (lambda v: v.isdecimal() and 2 <= int(v) <= 8, "comma-separated bit widths from 2 to 8"),
 }
 
 
@@ -2036,7 +2050,7 @@ def check_args(args):
         values = getattr(args, flag)
         if not all(map(valid, values)):
             raise LumeError(f"--{flag} {','.join(values)}: {what}")
-        same = [int(v) if v.isdigit() else str(Path(v).resolve()) if Path(v).is_file() else v for v in values]
+        same = [int(v) if v.isdecimal() else str(Path(v).resolve()) if Path(v).is_file() else v for v in values]
         if len(set(same)) < len(values):  # 0,00 and f,./f repeat too
             raise LumeError(f"--{flag} {','.join(values)}: a value is repeated")
         alone = {"all", "none"} & set(values)
@@ -2069,7 +2083,7 @@ def main(argv=None):
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
-    out, created = None, False
+    out, created, sigterm = None, False, signal.signal(signal.SIGTERM, stopped)  # ended as on Ctrl-C
     try:
         check_args(args)
         try:  # the scoring's packages, before any work (the GPU images lack rouge-score)
@@ -2082,12 +2096,14 @@ def main(argv=None):
                   "python data/make_data.py --models")
         val, lume = validation_split(load_lume(args.data_dir, args.task), args) if args.tune else (
             None, load_lume(args.data_dir, args.task))
-        if val is not None and not val.forget:  # a SemEval release's *_validation parquets without this task
-            raise LumeDataError(f"--tune: the validation split of {lume.source} has no forget rows, --task {args.task}")
         if args.dry_run:
             print(data_table(lume))
             return None
         needs = [a for a in args.algo if METHODS[a].retain]
+        for split in ("forget", "retain") if val else ():  # a small release's tasks, or a SemEval one's, may have none
+            if not getattr(val, split) and (split == "forget" or needs):
+                raise LumeDataError(f"--tune: the validation split of {lume.source} has no {split} rows (--task "
+                                    f"{args.task})")
         if needs and not lume.retain and not args.eval_only:
             raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
         mmlu = load_mmlu(args.mmlu)
@@ -2121,6 +2137,7 @@ def main(argv=None):
                 out.rmdir()  # made by this run, and nothing in it
         if dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

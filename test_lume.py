@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -229,7 +230,7 @@ def test_semeval_layout(tmp_path, monkeypatch):
     assert (len(val.forget), len(val.retain), test) == (15, 5, data) and val.members == []
     assert not {r["id"] for r in val.forget + val.retain} & {r["id"] for r in data.forget + data.retain}
     monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit, match="has no forget rows, --task 1"):  # Task1's forget rows are all in train
+    with pytest.raises(SystemExit, match=r"has no forget rows \(--task 1\)"):  # Task1's forget rows are all in train
         lume.main(["--data_dir", str(tmp_path), "--tune", "--task", "1", "--out_dir", str(tmp_path / "out")])
     assert (len(data.members), len(data.nonmembers)) == (3, 4)
     assert len(lume.load_lume(tmp_path / "data").members) == 3  # pointed at data/: mia_data/ beside it
@@ -1091,6 +1092,10 @@ def test_greedy_stops_a_row_at_its_eos(micro):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--lr", "0"], "--lr must be > 0"),
+    (["--device", "meta"], "--device meta: not a device lume runs on"),
+    (["--seeds", "0,\u00b2"], "--seeds 0,\u00b2: comma-separated whole numbers"),  # isdigit, not a number
+    (["--quant_bits", "\u00b2"], "--quant_bits \u00b2: comma-separated bit widths"),
+    (["--seed", str(2**64)], "--seed must be < 4294967296"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr=-1e-5"], "--lr must be > 0"),
     (["--batch_size", "0"], "--batch_size must be > 0"),
@@ -1167,7 +1172,29 @@ def test_files_that_hold_nothing_usable_are_refused_before_any_work(tmp_path, mo
     (surrogate / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2])
                                             + '{"id": "7sc1", "input": "a \\ud800 b", "output": "x", "task": "Task3"}\n')
     write_jsonl(surrogate / "retain.jsonl", release_rows("retain"))
+    float_answer = tmp_path / "float.jsonl"  # 1.0 == 1, and true == 1, but neither is an answer
+    write_jsonl(float_answer, [dict(question="Q?", choices=list("abcd"), answer=1.0)])
+    latin = tmp_path / "latin" / "test" / "math_test.csv"
+    latin.parent.mkdir(parents=True)
+    latin.write_bytes(b"Caf\xe9?,1,2,3,4,B\n")
+    holdout = tmp_path / "holdout"  # a forget document also among the never-trained-on ones
+    write_jsonl(holdout / "forget.jsonl", release_rows("forget"))
+    write_jsonl(holdout / "retain.jsonl", release_rows("retain"))
+    write_jsonl(holdout / "holdout.jsonl", release_rows("forget")[:1])
+    small = tmp_path / "small"  # --tune holds out a fifth of each task's documents: none of 4 retain documents
+    write_jsonl(small / "forget.jsonl", release_rows("forget", 5))
+    write_jsonl(small / "retain.jsonl", release_rows("retain", 4))
+    mia = tmp_path / "mia"
+    write_jsonl(mia / "data" / "forget.jsonl", release_rows("forget"))
+    write_jsonl(mia / "data" / "retain.jsonl", release_rows("retain"))
+    write_jsonl(mia / "mia_data" / "member.jsonl", [dict(document="a member")])
+    (mia / "mia_data" / "nonmember.jsonl").write_text("")
     for flags, expected in ((["--mmlu", str(header_only)], "mmlu.jsonl holds no test questions"),
+                            (["--mmlu", str(float_answer)], 'float.jsonl line 1: field "answer" is 1.0, not one of'),
+                            (["--mmlu", str(latin.parent.parent)], f"{latin}: not UTF-8 (byte 0xe9 at byte 4)"),
+                            (["--data_dir", str(holdout)], f"is also in the forget set ({holdout}/forget.jsonl line 1)"),
+                            (["--data_dir", str(mia)], f"{mia}/mia_data/nonmember.jsonl: holds no documents"),
+                            (["--data_dir", str(small), "--tune"], "has no retain rows (--task all)"),
                             (["--relearn_data", str(empty)], f"--relearn_data {empty}: holds no documents"),
                             (["--data_dir", str(data)], f"{data}/retain.jsonl: holds no rows"),
                             (["--data_dir", str(surrogate)], f'{surrogate}/forget.jsonl line 3: field "input" holds')):
@@ -1184,13 +1211,31 @@ def test_a_folder_another_run_writes_to_is_refused_and_a_dead_runs_lock_taken_ov
     (out / ".lock").write_text(str(os.getppid()))  # a living process holds it
     with pytest.raises(SystemExit) as e:
         lume.main(["--out_dir", str(out)])
-    assert f"another run (pid {os.getppid()}) is writing there" in str(e.value.code)
+    assert f"another run (pid {os.getppid()}) is writing there (if none is, remove {out / '.lock'})" in str(e.value.code)
     assert (out / ".lock").read_text() == str(os.getppid())  # its lock is left alone
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / ".lock").write_text(dead.stdout.strip())  # a run that died
     with pytest.raises(SystemExit, match="interrupted"):  # got past the lock, then stopped
         lume.main(["--out_dir", str(out)])
     assert not (out / ".lock").exists()
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, monkeypatch):
+    """timeout, Slurm and docker stop a run with SIGTERM: one line, the lock and an empty folder removed."""
+    monkeypatch.setattr(lume, "load_models", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="^error: stopped by SIGTERM; no results were written$"):
+        lume.main(["--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_broken_model_folder_is_refused_in_one_line(tmp_path):
+    for name, damage in (("config.json", b"[]"), ("model.safetensors", b"\x08\x00")):
+        broken = tmp_path / name
+        shutil.copytree(lume.TARGET, broken)
+        (broken / name).write_bytes(damage)
+        with pytest.raises(lume.LumeError, match=f"cannot load model '{broken}'"):
+            lume.load_model(broken, CPU)
 
 
 def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
@@ -1207,6 +1252,31 @@ def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monke
         lume.write_json_atomic(path, {"complete": False, "more": "x" * 100})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"complete": True} and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """--save_model's folder: Ctrl-C between the earlier folder stepping aside and the new one arriving gives the
+    earlier one back; a replacement that arrives leaves nothing else behind."""
+    path, replace = tmp_path / "model", os.replace
+    path.mkdir()
+    (path / "weights").write_text("earlier")
+    calls = []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the earlier folder has stepped aside; the new one has not arrived
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), lume.atomic(path) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert (path / "weights").read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with lume.atomic(path) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
+    assert (path / "weights").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):

@@ -1911,10 +1911,7 @@ def load_models(args, lumes, device):
         del ref_model
         gc.collect()  # a transformers model sits in reference cycles: freed now, before the model is loaded
     if args.model_config:  # the real architecture with random weights (no download)
-        try:
-            config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
-        except ValueError as e:
-            raise LumeError(f"--model_config {args.model_config}: not valid JSON ({e})") from None
+        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
         return freeze(build_model(config, device)), tokenizer
     return freeze(load_model(args.model, device)[0]), tokenizer
 
@@ -2061,8 +2058,13 @@ def check_args(args):
         raise LumeError("--tune tunes the unlearning, and --eval_only does none")
     if args.save_model and len(runs_of(args)) > 1:
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
-    if args.model_config and args.model_config != "olmo-1b" and not Path(args.model_config).is_file():
-        raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file")
+    if args.model_config and args.model_config != "olmo-1b":
+        try:
+            config = json.loads(Path(args.model_config).read_text())
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict):
+            raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file (an object)")
     for flag in ("model", "ref_model", "retrain_model"):  # a folder, or a Hub id (owner/name)
         name = getattr(args, flag)
         if name and not Path(name).exists() and not (name.count("/") == 1 and not name.startswith((".", "/"))):

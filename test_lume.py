@@ -1114,6 +1114,8 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     (["--algo", "all", "--save_model"], "--save_model keeps one unlearned model"),
     (["--seeds", "1,2", "--save_model"], "--save_model keeps one unlearned model"),
     (["--model_config", "nope.json"], "--model_config nope.json"),
+    (["--model_config", "README.md"], "--model_config README.md: neither 'olmo-1b' nor a config.json file"),
+    (["--model_config", "data/forget.jsonl"], "--model_config data/forget.jsonl: neither"),  # JSON, many objects
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--device", "banana"], "--device banana: not a device"),
     (["--mmlu", "/no/such/mmlu"], "--mmlu /no/such/mmlu: no such file or folder"),

@@ -460,6 +460,8 @@ def read_jsonl(path):
             except json.JSONDecodeError as e:  # e.pos: the character within this line
                 what = e.msg if e.msg.endswith(" at") else f"{e.msg} at"  # "Unterminated string starting at"
                 raise LumeDataError(f"{path} line {n}: not valid JSON ({what} column {e.pos + 1})") from None
+            except RecursionError:
+                raise LumeDataError(f"{path} line {n}: not valid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise LumeDataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
             for name, value in row.items():  # JSON can escape a lone surrogate (\ud800), which is not text
@@ -597,7 +599,7 @@ def load_lume(data_dir, task="all") -> Lume:
     for where, row in read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists() else []:
         if not (isinstance(row.get("paraphrases"), list) and all(isinstance(p, str) for p in row["paraphrases"])):
             raise LumeDataError(f'{where}: field "paraphrases" must be a list of strings')
-        paraphrases[row.get("id")] = row["paraphrases"]
+        paraphrases[text_field(where, row, "id")] = row["paraphrases"]
     kind = "SemEval-2025 parquet" if ".parquet" in splits["forget"][0]["where"] else "LUME jsonl"
     return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source, paraphrases, base)
 

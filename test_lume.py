@@ -1186,6 +1186,12 @@ def test_files_that_hold_nothing_usable_are_refused_before_any_work(tmp_path, mo
     small = tmp_path / "small"  # --tune holds out a fifth of each task's documents: none of 4 retain documents
     write_jsonl(small / "forget.jsonl", release_rows("forget", 5))
     write_jsonl(small / "retain.jsonl", release_rows("retain", 4))
+    deep, unnamed = tmp_path / "deep", tmp_path / "unnamed"  # JSON nested past Python's recursion; a nameless row
+    for folder in (deep, unnamed):
+        write_jsonl(folder / "forget.jsonl", release_rows("forget"))
+        write_jsonl(folder / "retain.jsonl", release_rows("retain"))
+    (deep / "retain.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    write_jsonl(unnamed / "rephrase.jsonl", [dict(paraphrases=["In other words?"])])
     mia = tmp_path / "mia"
     write_jsonl(mia / "data" / "forget.jsonl", release_rows("forget"))
     write_jsonl(mia / "data" / "retain.jsonl", release_rows("retain"))
@@ -1197,6 +1203,8 @@ def test_files_that_hold_nothing_usable_are_refused_before_any_work(tmp_path, mo
                             (["--data_dir", str(holdout)], f"is also in the forget set ({holdout}/forget.jsonl line 1)"),
                             (["--data_dir", str(mia)], f"{mia}/mia_data/nonmember.jsonl: holds no documents"),
                             (["--data_dir", str(small), "--tune"], "has no retain rows (--task all)"),
+                            (["--data_dir", str(deep)], f"{deep}/retain.jsonl line 1: not valid JSON (nested too"),
+                            (["--data_dir", str(unnamed)], f'{unnamed}/rephrase.jsonl line 1: field "id" is missing'),
                             (["--relearn_data", str(empty)], f"--relearn_data {empty}: holds no documents"),
                             (["--data_dir", str(data)], f"{data}/retain.jsonl: holds no rows"),
                             (["--data_dir", str(surrogate)], f'{surrogate}/forget.jsonl line 3: field "input" holds')):

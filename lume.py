@@ -263,6 +263,7 @@ def atomic(path):
         if old.exists() and not path.exists():
             os.replace(old, path)  # the new one never came: the earlier one comes back
         shutil.rmtree(old, ignore_errors=True)
+        old.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
 
@@ -333,7 +334,10 @@ def prepare_out_dir(args):
                 lock.unlink()
                 raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
                                 "another folder or pass --overwrite")
-            shutil.rmtree(out / "model", ignore_errors=True)  # --overwrite: that run's --save_model too
+            saved = (out / "model").resolve()  # --overwrite: that run's --save_model too, unless this run reads it
+            if not any(m and saved in (Path(m).resolve(), *Path(m).resolve().parents)
+                       for m in (args.model, args.ref_model, args.retrain_model)):
+                shutil.rmtree(saved, ignore_errors=True)
         for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
             (out / name).unlink(missing_ok=True)  # nothing of the earlier run is left
     except OSError as e:
@@ -345,8 +349,10 @@ def prepare_out_dir(args):
 # Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes (a reader may skip this)
 
 def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
-    raise KeyboardInterrupt("another process stopped (its message is above)" if "WORLD_SIZE" in os.environ
-                            else "stopped by SIGTERM")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a scheduler signals every process) waits for us
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    raise KeyboardInterrupt("stopped by SIGTERM" + (" (torchrun sends it when another process fails: its message is "
+                                                    "above)" if several else ""))
 
 
 def start_processes(args):
@@ -658,8 +664,8 @@ def mmlu_item(where, row):
     if any(k in row for k in "ABCD"):
         choices = [row.get(k) for k in "ABCD"]
     answer = row.get("answer", row.get("correct_answer"))
-    if isinstance(answer, str) and answer.strip() in ("A", "B", "C", "D"):
-        answer = "ABCD".index(answer.strip())
+    if isinstance(answer, str) and answer.strip() in ("A", "B", "C", "D", "0", "1", "2", "3"):
+        answer = "ABCD0123".index(answer.strip()) % 4
     if not (isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)):
         raise LumeDataError(f'{where}: field "choices" must hold 4 strings')
     if type(answer) is not int or answer not in (0, 1, 2, 3):  # not 1.0, not true
@@ -797,8 +803,8 @@ def load_model(name, device, weights=True):
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
             else None
     except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
-        raise LumeError(f"cannot load model {str(name)!r}: {str(e).splitlines()[0]} (no network? pass a local folder "
-                        "that holds config.json, the weights and the tokenizer)") from None
+        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
+                        "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return (model.to(device) if weights else None), tokenizer
@@ -2038,6 +2044,7 @@ LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
 
 def check_args(args):
     """Every bound, comma list, named file and depth-dependent value, before any work (LumeError)."""
+    resolve_device(args.device)  # before any data is read
     for f in dataclasses.fields(Args):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -2106,7 +2113,7 @@ def main(argv=None):
         needs = [a for a in args.algo if METHODS[a].retain]
         for split in ("forget", "retain") if val else ():  # a small release's tasks, or a SemEval one's, may have none
             if not getattr(val, split) and (split == "forget" or needs):
-                raise LumeDataError(f"--tune: the validation split of {lume.source} has no {split} rows (--task "
+                raise LumeDataError(f"--tune: the validation split of {shown(lume.base)} has no {split} rows (--task "
                                     f"{args.task})")
         if needs and not lume.retain and not args.eval_only:
             raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")

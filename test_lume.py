@@ -1092,7 +1092,7 @@ def test_greedy_stops_a_row_at_its_eos(micro):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--lr", "0"], "--lr must be > 0"),
-    (["--device", "meta"], "--device meta: not a device lume runs on"),
+    (["--device", "meta", "--data_dir", "nowhere"], "--device meta: not a device lume runs on"),  # before the data
     (["--seeds", "0,\u00b2"], "--seeds 0,\u00b2: comma-separated whole numbers"),  # isdigit, not a number
     (["--quant_bits", "\u00b2"], "--quant_bits \u00b2: comma-separated bit widths"),
     (["--seed", str(2**64)], "--seed must be < 4294967296"),
@@ -1150,10 +1150,14 @@ def test_out_dir_is_checked_before_any_work(tmp_path, monkeypatch):
         assert f"--out_dir {out}" in str(e.value.code) and expected in str(e.value.code), e.value.code
     assert (earlier / "metrics.json").read_text() == "{}"  # not replaced
     monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    (earlier / "model").mkdir()  # that run's --save_model
+    (earlier / "model").mkdir()  # that run's --save_model, rescored by this run: kept
+    with pytest.raises(SystemExit, match="interrupted"):
+        lume.main(["--out_dir", str(earlier), "--overwrite", "--model", str(earlier / "model"), "--eval_only"])
+    assert (earlier / "model").is_dir() and not (earlier / "metrics.json").exists()
+    (earlier / "metrics.json").write_text("{}")
     mine = tmp_path / "mine"
     (mine / "model").mkdir(parents=True)  # no lume run's: a folder of the user's
-    for out, flags in ((earlier, ["--overwrite"]), (mine, [])):
+    for out, flags in ((earlier, ["--overwrite"]), (mine, []), (mine, ["--overwrite"])):
         with pytest.raises(SystemExit, match="interrupted"):  # --overwrite gets past the check
             lume.main(["--out_dir", str(out)] + flags)
     assert not (earlier / "model").exists() and not (earlier / "metrics.json").exists() and (mine / "model").is_dir()
@@ -1237,15 +1241,29 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="^error: stopped by SIGTERM; no results were written$"):
         lume.main(["--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists() and signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(KeyboardInterrupt):
+        lume.stopped(signal.SIGTERM, None)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second SIGTERM waits while the run cleans up
+    signal.signal(signal.SIGTERM, before)
 
 
-def test_a_broken_model_folder_is_refused_in_one_line(tmp_path):
+def test_a_broken_model_folder_is_refused_in_one_line(tmp_path, monkeypatch):
     for name, damage in (("config.json", b"[]"), ("model.safetensors", b"\x08\x00")):
         broken = tmp_path / name
         shutil.copytree(lume.TARGET, broken)
         (broken / name).write_bytes(damage)
         with pytest.raises(lume.LumeError, match=f"cannot load model '{broken}'"):
             lume.load_model(broken, CPU)
+    import transformers
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(
+        MemoryError()))  # an exception without a message
+    with pytest.raises(lume.LumeError, match="cannot load model 'x': MemoryError"):
+        lume.load_model("x", CPU)
+
+
+def test_mmlu_answers_as_letters_or_digits():
+    for answer, index in (("C", 2), (" B ", 1), ("2", 2), (3, 3), (0, 0)):
+        assert lume.mmlu_item("w", dict(question="Q?", choices=list("abcd"), answer=answer))["answer"] == index
 
 
 def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
@@ -1287,6 +1305,11 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         tmp.mkdir()
         (tmp / "weights").write_text("new")
     assert (path / "weights").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    shutil.rmtree(path)
+    path.write_text("a file where the folder goes")
+    with lume.atomic(path) as tmp:
+        tmp.mkdir()
+    assert path.is_dir() and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):
@@ -2096,6 +2119,7 @@ def test_a_failure_on_one_process_ends_both_with_its_message(micro, tmp_path):
     assert "error: rank 1 cannot go on" in done.stderr
     # rank 0 either sees the lost connection and says so, or torchrun stops it first (SIGTERM)
     assert ("error: another process stopped (its message is above)" in done.stderr
+            or "error: stopped by SIGTERM (torchrun sends it when another process fails" in done.stderr
             or "rank      : 0 (local_rank: 0)\n  exitcode  : -15" in done.stderr), done.stderr[-3000:]
     assert "Traceback" not in done.stderr.split("failed (exitcode")[0]  # ours end in one line; torchrun's report follows
     assert not (out / "metrics.json").exists() and (not out.exists() or not any(out.iterdir()))

@@ -329,20 +329,24 @@ def prepare_out_dir(args):
                 raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there (if none is, remove "
                                 f"{out / '.lock'})") from None
             lock.write_text(str(os.getpid()))  # its run died: ours now
-        if (out / "metrics.json").exists():
-            if not args.overwrite:
-                lock.unlink()
-                raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
-                                "another folder or pass --overwrite")
-            saved = (out / "model").resolve()  # --overwrite: that run's --save_model too, unless this run reads it
-            if not any(m and saved in (Path(m).resolve(), *Path(m).resolve().parents)
-                       for m in (args.model, args.ref_model, args.retrain_model)):
-                shutil.rmtree(saved, ignore_errors=True)
-        for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
-            (out / name).unlink(missing_ok=True)  # nothing of the earlier run is left
+        if (out / "metrics.json").exists() and not args.overwrite:
+            lock.unlink()
+            raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
+                            "another folder or pass --overwrite")
     except OSError as e:
         raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
     return out, created
+
+
+def clear_earlier(out, args):
+    """Before this run's first results: an earlier run's files, so that none is mixed with ours (not at start-up:
+    a run that fails before scoring anything loses nothing). Its model/ too (--overwrite), unless this run reads it."""
+    saved = (out / "model").resolve()
+    if (out / "metrics.json").exists() and not any(m and saved in (Path(m).resolve(), *Path(m).resolve().parents)
+                                                   for m in (args.model, args.ref_model, args.retrain_model)):
+        shutil.rmtree(saved, ignore_errors=True)
+    for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -493,7 +497,7 @@ def text_field(where, row, name):
     """row[name]: a non-empty string."""
     value = row.get(name)
     if value is None:
-        raise LumeDataError(f'{where}: field "{name}" is missing')
+        raise LumeDataError(f'{where}: field "{name}" is ' + ("null" if name in row else "missing"))
     if not isinstance(value, str):
         raise LumeDataError(f'{where}: field "{name}" must be a string, not {type(value).__name__}')
     if not value.strip():
@@ -821,8 +825,11 @@ def build_model(config, device):
 def save_atomic(model, tokenizer, path):
     """save_pretrained (safetensors) and the tokenizer into a temporary folder, then one rename."""
     with atomic(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # safetensors raises its own error on a full disk
+            raise OSError(str(e)) from None
 
 
 def checkpointing(model, on):
@@ -1392,6 +1399,9 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
     """Greedy continuations of raw prompts, decoded without special tokens, and the tokens generated for each;
     in batches of prompts sorted by length, left-padded (batch_size 1: one at a time, as the official scorer)."""
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if long := sum(len(e) > model.config.max_position_embeddings for e in encoded):  # (the few-shot probe, large k)
+        print(f"note: {long} of {len(prompts)} prompts are longer than the model's context "
+              f"({model.config.max_position_embeddings} tokens)")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), Progress(len(prompts), "generate")
     for s in range(0, len(order), batch_size):
@@ -1582,19 +1592,23 @@ def relearn_sets(tokenizer, lume, mmlu, args):
                           for q in (mmlu or load_mmlu("")).test]
         else:
             sets[Path(kind).name] = [encode(tokenizer, "", d["text"], args.max_length) for d in read_mia_file(kind)]
+    say_cut(sum(sets.values(), []), "relearning examples", f"--max_length {args.max_length}")
     return sets
 
 
 def fewshot_rows(lume, k, seed):
     """Each forget qa row, its question preceded by k retain question-answer pairs of its task (of its question
     kind where there are k: Task2 asks five kinds) that do not hold its answer (stories share village names)."""
-    rng, pool, out = random.Random(seed), [r for r in lume.retain if r["kind"] == "qa"], []
+    rng, pool, out, fewer = random.Random(seed), [r for r in lume.retain if r["kind"] == "qa"], [], 0
     for r in (r for r in lume.forget if r["kind"] == "qa"):
         clean = [s for s in pool if r["output"].lower() not in f"{s['input']} {s['output']}".lower()]
         same = [s for s in clean if s["task"] == r["task"] and s["id"][-1] == r["id"][-1]]
         same = same if len(same) >= k else [s for s in clean if s["task"] == r["task"]]
         shots = rng.sample(same, min(k, len(same)))
+        fewer += len(shots) < k
         out.append(r | {"input": "".join(f"{s['input']} {s['output']}\n" for s in shots) + r["input"]})
+    if fewer:
+        print(f"note: few-shot: {fewer} of {len(out)} questions got fewer than {k} examples (their task has no more)")
     return out
 
 
@@ -1989,6 +2003,8 @@ def run(args, lume, mmlu, device, out, val=None):
         print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
         if rank == 0:
+            if len(results["summary"]) == 1:  # our first results
+                clear_earlier(out, args)
             write_results(out, args, lume, mmlu, results, cost(), complete=False)
         means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, blocks, only_prompts)
         for probe, numbers in means.items():
@@ -2063,8 +2079,9 @@ def check_args(args):
         if alone and len(values) > 1:
             raise LumeError(f"--{flag} {','.join(values)}: '{alone.pop()}' stands alone")
     args.algo = tuple(METHODS) if "all" in args.algo else args.algo
-    if args.tune and args.eval_only:
-        raise LumeError("--tune tunes the unlearning, and --eval_only does none")
+    if args.eval_only and (args.tune or args.save_model or len(runs_of(args)) > 1):
+        raise LumeError("--eval_only does no unlearning: --tune, --save_model, several --algo or --seeds have nothing "
+                        "to do")
     if args.save_model and len(runs_of(args)) > 1:
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
     if args.model_config and args.model_config != "olmo-1b":
@@ -2094,7 +2111,7 @@ def main(argv=None):
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
-    out, created, sigterm = None, False, signal.signal(signal.SIGTERM, stopped)  # ended as on Ctrl-C
+    out, created, sigterm, began = None, False, signal.signal(signal.SIGTERM, stopped), time.time()  # as Ctrl-C
     try:
         check_args(args)
         try:  # the scoring's packages, before any work (the GPU images lack rouge-score)
@@ -2107,6 +2124,7 @@ def main(argv=None):
                   "python data/make_data.py --models")
         val, lume = validation_split(load_lume(args.data_dir, args.task), args) if args.tune else (
             None, load_lume(args.data_dir, args.task))
+        mmlu = load_mmlu(args.mmlu)
         if args.dry_run:
             print(data_table(lume))
             return None
@@ -2117,7 +2135,6 @@ def main(argv=None):
                                     f"{args.task})")
         if needs and not lume.retain and not args.eval_only:
             raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
-        mmlu = load_mmlu(args.mmlu)
         rank, world, device = start_processes(args)
         if rank == 0:
             out, created = prepare_out_dir(args)
@@ -2133,12 +2150,12 @@ def main(argv=None):
         random.seed(args.seed)
         return run(args, lume, mmlu, device, out, val)
     except (LumeError, NonFiniteLoss, OSError, torch.OutOfMemoryError, KeyboardInterrupt, RuntimeError) as e:
-        lost = dist.is_initialized() and "closed by peer" in str(e)  # gloo: a process failed
+        lost = dist.is_initialized() and "by peer" in str(e)  # gloo: a process failed (closed, reset)
         if type(e) is RuntimeError and not lost:
             raise  # a bug: the traceback is what a reader needs
         said = ("error: another process stopped (its message is above)" if lost
                 else "interrupted" if isinstance(e, KeyboardInterrupt) and not e.args else f"error: {e}")
-        kept = out is not None and (out / "metrics.json").exists()
+        kept = out is not None and (out / "metrics.json").exists() and (out / "metrics.json").stat().st_mtime >= began
         sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)" if kept
                          else "; no results were written" if out is not None else ""))
     finally:

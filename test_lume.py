@@ -277,6 +277,7 @@ def bad_release(tmp_path, forget=None, retain=None, raw_forget=None):
     ("missing_retain", ["retain", "no retain file"]),
     ("bad_json", ["forget.jsonl line 2", "not valid JSON"]),
     ("missing_field", ["forget.jsonl line 3", 'field "output" is missing']),
+    ("null_field", ["forget.jsonl line 3", 'field "output" is null']),
     ("empty_field", ["forget.jsonl line 1", 'field "input" is empty']),
     ("unknown_task", ["forget.jsonl line 1", 'field "task" is "Task4"']),
     ("not_a_string", ["forget.jsonl line 2", 'field "output" must be a string, not int']),
@@ -298,8 +299,8 @@ def test_bad_input_names_file_line_field(tmp_path, case, expected):
         lines = [json.dumps(r) for r in good]
         lines[1] = lines[1][:-3]
         msg = error_of(bad_release(tmp_path, raw_forget="\n".join(lines) + "\n"))
-    elif case == "missing_field":
-        good[2].pop("output")
+    elif case in ("missing_field", "null_field"):
+        good[2] = {k: v for k, v in good[2].items() if k != "output"} | ({"output": None} if case == "null_field" else {})
         msg = error_of(bad_release(tmp_path, good))
     elif case == "empty_field":
         good[0]["input"] = "  "
@@ -1093,6 +1094,9 @@ def test_greedy_stops_a_row_at_its_eos(micro):
 @pytest.mark.parametrize("flags, expected", [
     (["--lr", "0"], "--lr must be > 0"),
     (["--device", "meta", "--data_dir", "nowhere"], "--device meta: not a device lume runs on"),  # before the data
+    (["--eval_only", "--save_model"], "--eval_only does no unlearning: --tune, --save_model"),
+    (["--eval_only", "--seeds", "0,1"], "--eval_only does no unlearning"),
+    (["--dry_run", "--mmlu", "nowhere"], "--mmlu nowhere: no such file or folder"),
     (["--seeds", "0,\u00b2"], "--seeds 0,\u00b2: comma-separated whole numbers"),  # isdigit, not a number
     (["--quant_bits", "\u00b2"], "--quant_bits \u00b2: comma-separated bit widths"),
     (["--seed", str(2**64)], "--seed must be < 4294967296"),
@@ -1150,17 +1154,40 @@ def test_out_dir_is_checked_before_any_work(tmp_path, monkeypatch):
         assert f"--out_dir {out}" in str(e.value.code) and expected in str(e.value.code), e.value.code
     assert (earlier / "metrics.json").read_text() == "{}"  # not replaced
     monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    (earlier / "model").mkdir()  # that run's --save_model, rescored by this run: kept
-    with pytest.raises(SystemExit, match="interrupted"):
-        lume.main(["--out_dir", str(earlier), "--overwrite", "--model", str(earlier / "model"), "--eval_only"])
+    (earlier / "model").mkdir()  # that run's --save_model
+    with pytest.raises(SystemExit, match="interrupted; no results were written$"):  # --overwrite gets past the check
+        lume.main(["--out_dir", str(earlier), "--overwrite"])
+    assert (earlier / "metrics.json").read_text() == "{}" and (earlier / "model").is_dir()  # nothing scored, nothing lost
+    lume.clear_earlier(earlier, lume.parse_args(["--model", str(earlier / "model")]))  # a model this run reads: kept
     assert (earlier / "model").is_dir() and not (earlier / "metrics.json").exists()
     (earlier / "metrics.json").write_text("{}")
-    mine = tmp_path / "mine"
-    (mine / "model").mkdir(parents=True)  # no lume run's: a folder of the user's
-    for out, flags in ((earlier, ["--overwrite"]), (mine, []), (mine, ["--overwrite"])):
-        with pytest.raises(SystemExit, match="interrupted"):  # --overwrite gets past the check
-            lume.main(["--out_dir", str(out)] + flags)
-    assert not (earlier / "model").exists() and not (earlier / "metrics.json").exists() and (mine / "model").is_dir()
+    lume.clear_earlier(earlier, lume.parse_args([]))
+    assert not (earlier / "model").exists() and not any(earlier.iterdir())
+    (earlier / "model").mkdir()  # no lume run's (no metrics.json beside it): a folder of the user's
+    lume.clear_earlier(earlier, lume.parse_args([]))
+    assert (earlier / "model").is_dir()
+
+
+def test_overwrite_replaces_the_earlier_results_with_the_first_new_ones(micro, tmp_path, monkeypatch):
+    """A run that fails before scoring anything leaves the earlier results as they were; its first results replace
+    every earlier file, none left to mix with them."""
+    _, _, folder = micro
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = {"metrics.json": "{}", "metrics.md": "earlier", "compare.md": "earlier", "tradeoff.png": "x"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    (out / "model").mkdir()
+    flags = ["--model", str(folder), "--task", "3", "--eval_only", "--max_new_tokens", "2", "--mmlu", "none",
+             "--probes", "none", "--out_dir", str(out), "--overwrite"]
+    monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit, match="interrupted; no results were written$"):
+        lume.main(flags)
+    assert {name: (out / name).read_text() for name in earlier} == earlier and (out / "model").is_dir()
+    monkeypatch.undo()
+    lume.main(flags)
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.json", "metrics.md"]
+    assert json.loads((out / "metrics.json").read_text())["complete"] is True
 
 
 def test_files_that_hold_nothing_usable_are_refused_before_any_work(tmp_path, monkeypatch):
@@ -1245,6 +1272,26 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, monkeypatch):
         lume.stopped(signal.SIGTERM, None)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second SIGTERM waits while the run cleans up
     signal.signal(signal.SIGTERM, before)
+
+
+def test_a_full_disk_while_saving_a_model_is_one_line(micro, tmp_path, monkeypatch):
+    model, tokenizer, _ = micro
+
+    def full(*args, **kwargs):  # safetensors' own error, not an OSError
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(OSError, match=f"No space left on device .os error 28. .writing {tmp_path / 'model'}."):
+        lume.save_atomic(model, tokenizer, tmp_path / "model")
+    assert not any(tmp_path.iterdir())
+
+
+def test_prompts_past_what_they_can_hold_are_said(micro, capsys):
+    """The few-shot probe with a k larger than a task's retain questions, or prompts longer than the context."""
+    model, tokenizer, _ = micro
+    rows = lume.fewshot_rows(lume.load_lume(DATA, "1"), 1000, 0)
+    assert f"note: few-shot: {len(rows)} of {len(rows)} questions got fewer than 1000 examples" in capsys.readouterr().out
+    lume.generate(model, tokenizer, ["word " * 300, "word"], 1, 2, CPU)  # the micro model holds 256 positions
+    assert "note: 1 of 2 prompts are longer than the model's context (256 tokens)" in capsys.readouterr().out
 
 
 def test_a_broken_model_folder_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -1747,10 +1794,13 @@ def test_lume_reads_top_to_bottom():
     assert later == []
 
 
-def test_relearn_data_kinds(micro, tmp_path):
+def test_relearn_data_kinds(micro, tmp_path, capsys):
     _, tokenizer, _ = micro
     data = lume.load_lume(DATA, "2")
     write_jsonl(tmp_path / "public.jsonl", [dict(text="Ada Lovelace wrote the first program."), dict(text="Hi.")])
+    lume.relearn_sets(tokenizer, data, None, lume.parse_args(["--relearn_data", str(tmp_path / "public.jsonl"),
+                                                              "--max_length", "4"]))
+    assert "note: 1 of 2 relearning examples are longer than --max_length 4 tokens" in capsys.readouterr().out
     args = lume.parse_args(["--relearn_data", f"retain,mmlu,{tmp_path / 'public.jsonl'}"])
     sets = lume.relearn_sets(tokenizer, data, lume.load_mmlu(""), args)
     assert list(sets) == ["retain", "mmlu", "public.jsonl"]

@@ -1964,6 +1964,8 @@ def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
             print(f"--tune {algo}: every setting diverged; the results run with the first")
         out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
                          validation_final=best["validation_final"], grid=grid)
+    for phase in ("reference pass", "unlearn"):  # tuning's peaks are in "tune": these are the results' own
+        MEMORY.pop(phase, None)
     model.load_state_dict(target_weights)
     return out
 

@@ -1863,7 +1863,7 @@ def memory_ledger(config, args, world=1, gpu=True):
     trained = weights if blocks is None else fp32(p for i in blocks for p in layers[i].parameters())
     heads = c.num_attention_heads
     kv = 2 * c.num_hidden_layers * c.hidden_size * (c.num_key_value_heads or heads) // heads  # per token
-    recompute = args.grad_checkpointing if args.grad_checkpointing is not None else gpu
+    recompute = recomputes(args, torch.device("cuda" if gpu else "cpu"))
     depth = len(layers) - min(blocks or [0])  # blocks below the first trained one keep no activations
     inner = (8 * c.hidden_size + 4 * c.intermediate_size) * act
     per_token = depth * 4 * c.hidden_size + inner if recompute else depth * (4 * c.hidden_size + inner)
@@ -2034,7 +2034,7 @@ def run(args, lume, mmlu, device, out, val=None):
         score_and_probe("retrain", retrain, blocks_trained(args, depth))  # the control: it never saw the forget set
         del retrain
         gc.collect()
-    saved = args.save_model and len(runs) == 1
+    saved = args.save_model  # one run (check_args)
     if rank == 0:  # every process holds the full model and the same results; one writes them
         if saved:  # before metrics.json says "complete"
             save_atomic(model, tokenizer, out / "model")

@@ -1048,17 +1048,6 @@ def lr_at(i, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def nll_loss(model, micro, step, examples, pad_id, device):
-    """Plain next-token NLL of a micro-batch (relearning): the mean over its answer tokens; several processes each
-    take their share, weighted by its share of those tokens."""
-    mine, weight = my_share(micro)
-    batch = collate([examples[i] for i in mine], pad_id, device)
-    answer = {i: sum(x != IGNORE for x in examples[i]["labels"][1:]) for i in micro}
-    share = weight * sum(answer[i] for i in mine) / max(1, sum(answer.values()))  # 1.0 for one process
-    loss = sequence_nll(forward(model, batch), batch["labels"]) * share
-    return loss, {"nll": loss.item()}, int(batch["attention_mask"].sum() * weight)
-
-
 @dataclass
 class Inputs:
     """What the loss reads besides the model: the examples, and the method's references from the target."""
@@ -1096,6 +1085,13 @@ def side_pass(model, inputs, micro, step, side, device):
     return p
 
 
+def nll_loss(model, micro, step, inputs, device):
+    """Plain next-token NLL of a micro-batch (relearning; `inputs` holds the examples as its forget side and no
+    method): the NLL per answer token of the whole step, as every method's (Pass.nll)."""
+    p = side_pass(model, inputs, (micro,), [(m,) for m in step], 0, device)
+    return p.nll, {"nll": p.nll.item()}, p.tokens
+
+
 def micro_batch_loss(model, micro, step, inputs, args, device):
     """The unlearning loss of one micro-batch, micro = (forget indices, retain indices), already divided by
     the counts of the whole optimiser step (`step`, its list of micro-batches): (loss, numbers to log,
@@ -1119,7 +1115,7 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
     for i, step in enumerate(steps):
         t0, logs, tokens = time.perf_counter(), {}, 0
         # ---------------- TRAINING STEP BEGIN ----------------
-        # loss_fn(model, micro, step) is micro_batch_loss (relearning: nll_loss, one micro-batch a step): a loss
+        # loss_fn(model, micro, step) is micro_batch_loss (relearning: nll_loss): a loss
         # already divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
         # that backward() adds up over the micro-steps are those of one batch holding the whole step
         for group in opt.param_groups:
@@ -1196,7 +1192,7 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
     rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
     while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
         plan += [[b] for b in reversed(length_batches(lengths, batch_size, rng))]
-    loss_fn = functools.partial(nll_loss, examples=examples, pad_id=tokenizer.pad_token_id, device=device)
+    loss_fn = functools.partial(nll_loss, inputs=Inputs(None, examples, [], tokenizer.pad_token_id), device=device)
     return train_blocks(model, blocks, plan[:steps], loss_fn, lr, device, recompute, warmup=warmup,
                         log_every=log_every, desc=desc)
 

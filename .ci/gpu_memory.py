@@ -1,4 +1,4 @@
-"""Issue 20's check for a lent GPU: a short run of the OLMo-1B shape (random weights, the embedded data), then the
+"""The GPU memory check: a short run of the OLMo-1B shape (random weights, the embedded data), then the
 memory ledger's prediction beside the measured peak of each phase, the attention backend, and the prefill.
 
   python .ci/gpu_memory.py            # a GPU: the OLMo-1B shape, a few steps of every phase (a few minutes)
@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lume  # noqa: E402
+from memory_ledger import TRANSIENT, memory_ledger  # noqa: E402  (beside this file)
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1024,
@@ -38,7 +39,7 @@ lume.main(flags)  # refuses non-finite prefill logits (left padding) with one li
 measured = json.loads((out / "metrics.json").read_text())["cost"]["peak_memory_gib"]
 args = lume.parse_args(flags)
 args.algo = ("kl",)
-ledger = lume.memory_ledger(shape, args, gpu=torch.cuda.is_available())
+ledger = memory_ledger(shape, args, gpu=torch.cuda.is_available())
 model = lume.build_model(shape, "meta")
 print(f"attention implementation: {model.config._attn_implementation}; the left-padded prefill stayed finite")
 print("\n| phase | ledger held GiB | ledger with transients (T = --max_length) | measured |")
@@ -46,7 +47,7 @@ print("|---|---|---|---|")
 pairs = {"unlearn": "unlearn", "probe relearn": "probe relearn", "probe quantize": "probe quantize",
          "score target": "score: generation", "score unlearned": "score: generation"}
 for phase, key in pairs.items():
-    held = sum(v for k, v in ledger[key].items() if k not in lume.TRANSIENT) / 2**30
+    held = sum(v for k, v in ledger[key].items() if k not in TRANSIENT) / 2**30
     total = sum(ledger[key].values()) / 2**30
     if key.startswith("score"):  # a scoring phase is a generation, then the likelihood passes
         total = max(total, sum(ledger["score: likelihood"].values()) / 2**30)

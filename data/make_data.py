@@ -626,7 +626,7 @@ def build_models(data_dir=HERE, out_dir=None, start="retain-only", **overrides):
             t0 -= earlier.get("seconds", 0)
         files = [f"{split}.jsonl" for split in splits] + ["training.jsonl", "utility.jsonl"]
         lume.save_atomic(model, tokenizer, out_dir / name)
-        lume.write_json_atomic(out_dir / name / "build.json", dict(
+        lume.write_atomic(out_dir / name / "build.json", dict(
             model=name, recipe=RECIPE | dict(epochs=epochs, splits=splits + ["utility"]),
             trained_on={f: hashlib.sha256((data_dir / f).read_bytes()).hexdigest() for f in files},
             built_with=dict(cpu=cpu_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),

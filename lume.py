@@ -151,24 +151,7 @@ class LumeDataError(LumeError):
 
 
 # -----------------------------------------------------------------------------
-# System: the device and its precision (a first read may skip this)
-
-def resolve_device(name="auto"):
-    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LumeError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise LumeError(f"--device {name}: not a device lume runs on (auto, cpu, cuda, cuda:N, mps)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise LumeError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
-    if device.type == "mps" and not mps:
-        raise LumeError(f"--device {name}: MPS is not available here")
-    return device
-
+# System: the precision (a first read may skip this)
 
 def autocast(device):
     """bf16 autocast on a GPU that has it; fp32 elsewhere (bf16 matmuls crawl on CPUs). No cache of bf16 weight
@@ -179,7 +162,7 @@ def autocast(device):
 
 
 # -----------------------------------------------------------------------------
-# Tokens and models: examples of (prompt, answer), padded batches, loading
+# Tokens and models: examples of (prompt, answer), padded batches, frozen or checkpointed models
 
 def encode(tokenizer, prompt, answer, max_length):
     """input_ids and labels of `prompt + answer + EOS`, loss on the answer and EOS only; the answer tokenised on its
@@ -223,31 +206,6 @@ def length_batches(lengths, batch_size, rng):
 
 def freeze(model):
     return model.eval().requires_grad_(False)
-
-
-def load_model(name, device, weights=True):
-    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None
-    without weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
-            else None
-    except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
-        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
-                        "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return (model.to(device) if weights else None), tokenizer
-
-
-def build_model(config, device):
-    """An OLMo (the LUME targets' architecture) with random weights from a config."""
-    from transformers import OlmoConfig, OlmoForCausalLM
-
-    with torch.device(device):  # initialised where it lives: seconds, not minutes, at 1B
-        return OlmoForCausalLM(OlmoConfig(**config))
 
 
 def checkpointing(model, on):
@@ -438,7 +396,8 @@ METHODS = {  # every method has as many grid settings, so that --tune gives each
     # as for every method (the paper: 7, 1.4x the cost of the default 5)
     "ails": Method(gd_loss, grid=(dict(train_layers=lambda depth: max(1, depth // 4)),
                                   dict(train_layers=lambda depth: max(1, depth // 2))), retain=True,
-                   recipe=dict(chunk_size=32, retain_per_forget=7, alpha=0.5, train_layers=lambda depth: max(1, depth // 4))),
+                   recipe=dict(chunk_size=32, retain_per_forget=7, alpha=0.5,
+                               train_layers=lambda depth: max(1, depth // 4))),
 }
 TUNING_LR = (1, 4)  # --tune: each method tries --lr and 4 x --lr with each setting of its grid
 
@@ -978,12 +937,9 @@ def mmlu_prompts(tokenizer, mmlu, shots, limit):
                 break
         fewer, cut = fewer + (k < len(pool)), cut + (len(ids) > limit)
         prompts.append(ids[-limit:])  # only a 0-shot prompt longer than the context is cut
-    if fewer:
-        print(f"note: {fewer} of {len(prompts)} MMLU prompts got fewer than {shots} examples to fit the model's "
-              f"context of {limit} tokens")
-    if cut:
-        print(f"note: {cut} MMLU questions are longer than the context of {limit} tokens even without examples, "
-              "and were cut from the left")
+    if fewer or cut:
+        print(f"note: to fit the model's context of {limit} tokens, {fewer} of {len(prompts)} MMLU prompts got fewer "
+              f"than {shots} examples, and {cut} (longer even without examples) were cut from the left")
     return prompts
 
 
@@ -1137,8 +1093,9 @@ def check_row(where, row, split):
     return dict(id=rid, input=text, output=answer, task=task, split=split, kind=kind, doc=rid[:-3])
 
 
-def read_split(paths, split):
-    rows, seen = [], {}
+def read_split(paths, split, seen=None):
+    """The checked rows of a split's files; an id seen before (in this split, or in another's `seen`) is refused."""
+    rows, seen = [], {} if seen is None else seen
     for path in paths:
         read = (read_parquet if str(path).endswith(".parquet") else read_jsonl)(path)
         if not read:
@@ -1146,8 +1103,10 @@ def read_split(paths, split):
         for where, raw in read:
             row = check_row(where, raw, split)
             if row["id"] in seen:
-                raise LumeDataError(f'{where}: field "id" "{row["id"]}" repeats {seen[row["id"]]}')
-            seen[row["id"]] = where
+                first, at = seen[row["id"]]
+                raise LumeDataError(f'{where}: field "id" "{row["id"]}" ' + (
+                    f"repeats {at}" if first == split else f"is also in the {first} set ({at})"))
+            seen[row["id"]] = split, where
             rows.append(row | {"where": where})
     return rows
 
@@ -1181,6 +1140,26 @@ def split_files(base, split):
     return [jsonl] if jsonl.exists() else parquet
 
 
+def mia_sets(root, base, task, forget, holdout):
+    """(members, non-members, a line saying what they are): a SemEval release's mia_data/ (Task3 documents), else the
+    forget documents against those of holdout.jsonl (never trained on), else none."""
+    mia_dir = next((d for d in (root / "mia_data", base.parent / "mia_data") if d.is_dir()), None)
+    if mia_dir is None and holdout:
+        return documents(forget), documents(holdout), f"forget documents vs {shown(base / 'holdout.jsonl')} (never " \
+            "trained on)"
+    if mia_dir is None:
+        return [], [], f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no known non-members"
+    if "Task3" not in task_names(task):
+        return [], [], f"skipped: {mia_dir} holds Task3 documents, and --task {task} leaves Task3 out"
+    for name in ("member.jsonl", "nonmember.jsonl"):
+        if not (mia_dir / name).exists():
+            raise LumeDataError(f"{mia_dir}: {name} is missing (both member.jsonl and nonmember.jsonl are needed)")
+    members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
+    if not members or not nonmembers:
+        raise LumeDataError(f"{mia_dir}/{'non' * bool(members)}member.jsonl: holds no documents")
+    return members, nonmembers, f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
+
+
 def load_lume(data_dir, task="all") -> Lume:
     """Any LUME release, checked row by row: LUME GitHub, DIR[/data]/{forget,retain}.jsonl; SemEval-2025,
     DIR[/data]/{forget,retain}_{train,validation}-*.parquet and DIR/mia_data/*.jsonl; the embedded data/, the
@@ -1192,36 +1171,15 @@ def load_lume(data_dir, task="all") -> Lume:
     if base is None:
         raise LumeDataError(f"{root}: holds neither forget.jsonl/retain.jsonl (LUME GitHub) nor "
                             "forget*.parquet/retain*.parquet (SemEval-2025)")
-    splits = {split: read_split(split_files(base, split), split) for split in ("forget", "retain")}
-    splits["holdout"] = read_split([base / "holdout.jsonl"], "holdout") if (base / "holdout.jsonl").exists() else []
-    seen = {}
-    for split, rows in splits.items():
-        for r in rows:
-            if r["id"] in seen:
-                raise LumeDataError(f'{r["where"]}: field "id" "{r["id"]}" is also in the {seen[r["id"]]}')
-            seen[r["id"]] = f'{split} set ({r["where"]})'
+    seen = {}  # id -> (split, where): an id in two splits is refused too
+    splits = {split: read_split(split_files(base, split), split, seen) for split in ("forget", "retain")}
+    holdout = base / "holdout.jsonl"
+    splits["holdout"] = read_split([holdout], "holdout", seen) if holdout.exists() else []
     names = task_names(task)
     forget, retain, holdout = ([r for r in splits[s] if r["task"] in names] for s in ("forget", "retain", "holdout"))
     if not forget:
         raise LumeDataError(f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
-
-    mia_dir = next((d for d in (root / "mia_data", base.parent / "mia_data") if d.is_dir()), None)
-    members, nonmembers = [], []
-    if mia_dir is not None and "Task3" not in names:
-        mia_source = f"skipped: {mia_dir} holds Task3 documents, and --task {task} leaves Task3 out"
-    elif mia_dir is not None:
-        for name in ("member.jsonl", "nonmember.jsonl"):
-            if not (mia_dir / name).exists():
-                raise LumeDataError(f"{mia_dir}: {name} is missing (both member.jsonl and nonmember.jsonl are needed)")
-        members, nonmembers = read_mia_file(mia_dir / "member.jsonl"), read_mia_file(mia_dir / "nonmember.jsonl")
-        if not members or not nonmembers:
-            raise LumeDataError(f"{mia_dir}/{'non' * bool(members)}member.jsonl: holds no documents")
-        mia_source = f"{mia_dir}/member.jsonl vs nonmember.jsonl (Task3 documents)"
-    elif holdout:
-        members, nonmembers = documents(forget), documents(holdout)
-        mia_source = f"forget documents vs {shown(base / 'holdout.jsonl')} (never trained on)"
-    else:
-        mia_source = f"skipped: {root} has no mia_data/ and no holdout.jsonl, so there are no known non-members"
+    members, nonmembers, mia_source = mia_sets(root, base, task, forget, holdout)
     paraphrases = {}
     for where, row in read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists() else []:
         if not (isinstance(row.get("paraphrases"), list) and all(isinstance(p, str) for p in row["paraphrases"])):
@@ -1296,10 +1254,24 @@ def mmlu_item(where, row):
                 split=row.get("split", "test"))
 
 
+def read_mmlu_csv(path):
+    """The questions of one of Hendrycks' CSVs (<subject>_<split>.csv: question, A-D, answer; no header)."""
+    import csv
+    subject, split = path.stem.rsplit("_", 1)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LumeDataError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if bad := next((n for n, rec in enumerate(rows, 1) if len(rec) != 6), None):
+        raise LumeDataError(f"{path} line {bad}: expected 6 columns (question, A-D, answer)")
+    return [mmlu_item(f"{path} line {n}", dict(zip(["question", "A", "B", "C", "D", "answer"], rec), subject=subject,
+                                               split=split)) for n, rec in enumerate(rows, 1)]
+
+
 def load_mmlu(source):
     """The MMLU questions of --mmlu (None for 'none'): the source resolved to a jsonl file or a folder of
     Hendrycks' CSVs (test/<subject>_test.csv, dev/<subject>_dev.csv, no header), or read from the Hub."""
-    import csv
     if source == "none":
         return None
     path = DATA / "utility.jsonl" if source == "" else Path(source)
@@ -1326,19 +1298,8 @@ def load_mmlu(source):
         label = (f"{shown(path)} ({len(rows)} questions{skipped})" if source else
                  "the embedded utility set data/utility.jsonl (not MMLU: no gate)")
     elif path.is_dir():
-        base, rows = path / "data" if (path / "data" / "test").is_dir() else path, []
-        for csv_path in sorted(base.glob("*/*_test.csv")) + sorted(base.glob("*/*_dev.csv")):
-            subject, split = csv_path.stem.rsplit("_", 1)
-            try:
-                text = csv_path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise LumeDataError(f"{csv_path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})"
-                                    ) from None
-            for n, rec in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
-                if len(rec) != 6:
-                    raise LumeDataError(f"{csv_path} line {n}: expected 6 columns (question, A-D, answer)")
-                rows.append(mmlu_item(f"{csv_path} line {n}", dict(
-                    zip(["question", "A", "B", "C", "D", "answer"], rec), subject=subject, split=split)))
+        rows = [row for p in sorted(path.glob("*/*_test.csv")) + sorted(path.glob("*/*_dev.csv")) or sorted(
+            path.glob("data/*/*_test.csv")) + sorted(path.glob("data/*/*_dev.csv")) for row in read_mmlu_csv(p)]
         label = f"{shown(path)} ({sum(r['split'] == 'test' for r in rows)} test questions)"
     else:
         raise LumeDataError(f"--mmlu {source}: no such file or folder")
@@ -1351,8 +1312,7 @@ def load_mmlu(source):
 
 
 # -----------------------------------------------------------------------------
-# Robustness probes: has the model forgotten, or only stopped saying? Each probe is a transform of the prompts
-# or of the model, scored by Part I's scoring
+# Robustness probes: has the model forgotten, or only stopped saying? Each transforms the prompts or the model
 
 QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
 FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")  # rephrase, no file
@@ -1762,6 +1722,9 @@ def tradeoff_plot(numbers, path):
     return path
 
 
+# -----------------------------------------------------------------------------
+# The record: what each run used, what computed it, what it cost; the files written whole
+
 def cost_line(cost):
     parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
     if len(cost["train"]) > 1:  # a comparison: the seconds of each run
@@ -1816,8 +1779,8 @@ def write_results(res, complete):
             f"{args.seed}, scored on the validation split; the results ran with the chosen one")
     tables += tuned + (f"\n\n{settings_table(res.settings)}" if res.settings else "")
     if comparing:
-        comparison, methods = compare_report(summary, res.runs, numbers, {n: s["seconds"] for n, s in res.train.items()},
-                                             task_names(args.task), res.mmlu)
+        seconds = {n: s["seconds"] for n, s in res.train.items()}
+        comparison, methods = compare_report(summary, res.runs, numbers, seconds, task_names(args.task), res.mmlu)
         comparison += tuned  # the --tune table in compare.md too
         write_atomic(out / "compare.md", comparison + "\n")
         if complete:
@@ -1830,6 +1793,53 @@ def write_results(res, complete):
         mmlu_source=res.mmlu.source if res.mmlu else None, records=res.records, mia=res.mia, mmlu=res.mmlu_records,
         robustness=robustness, tuning=res.tuning or None))
     return comparison if comparing else tables
+
+
+# -----------------------------------------------------------------------------
+# The device, and several processes: torchrun starts them, rank 0 writes, a signal stops them all
+
+def resolve_device(name="auto"):
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LumeError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise LumeError(f"--device {name}: not a device lume runs on (auto, cpu, cuda, cuda:N, mps)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LumeError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not mps:
+        raise LumeError(f"--device {name}: MPS is not available here")
+    return device
+
+
+def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a scheduler signals every process) waits for us
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    raise KeyboardInterrupt("stopped by SIGTERM" + (" (torchrun sends it when another process fails: its message is "
+                                                    "above)" if several else ""))
+
+
+def start_processes(args):
+    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
+    NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
+    device = resolve_device(args.device)
+    if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # every allocation and memory statistic on it
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    cuda = device.type == "cuda"
+    # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # -----------------------------------------------------------------------------
@@ -1868,9 +1878,10 @@ def parse_args(argv=None) -> Args:
     args = Args(**typed)
     args.given = set(typed)
     args.target_defaults = {}
-    if args.model_config or Path(args.model).resolve() != TARGET.resolve():  # data/'s defaults are the embedded target's
+    if args.model_config or Path(args.model).resolve() != TARGET.resolve():  # data/'s defaults: the embedded target's
         args.target_defaults = {k: v for k, v in TARGET_DEFAULTS.items() if k not in args.given}
-        for flag, value in args.target_defaults.items() | {(f, "") for f in {"ref_model", "retrain_model"} - args.given}:
+        unset = {(flag, "") for flag in {"ref_model", "retrain_model"} - args.given}
+        for flag, value in args.target_defaults.items() | unset:
             setattr(args, flag, value)
     return args
 
@@ -1932,42 +1943,38 @@ def check_args(args):
         check_depth(args, depth)
 
 
-# -----------------------------------------------------------------------------
-# Several processes: torchrun starts them, rank 0 writes, a signal stops them all (a reader may skip this)
-
-def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a scheduler signals every process) waits for us
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    raise KeyboardInterrupt("stopped by SIGTERM" + (" (torchrun sends it when another process fails: its message is "
-                                                    "above)" if several else ""))
-
-
-def start_processes(args):
-    """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
-    NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
-    device = resolve_device(args.device)
-    if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # every allocation and memory statistic on it
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    cuda = device.type == "cuda"
-    # an hour: the other processes wait at a barrier while rank 0 writes (a 7B --save_model)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    if dist.get_rank():
-        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
-    return dist.get_rank(), dist.get_world_size(), device
-
 # =============================================================================
 # Part III: run, the benchmark's phases in order, and main
 # =============================================================================
 
 
 # -----------------------------------------------------------------------------
-# run: the benchmark's phases, in order
+# Loading: the model to unlearn, the MIA-LR reference, the retrain model (from_pretrained, or built)
+
+def load_model(name, device, weights=True):
+    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None
+    without weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
+            else None
+    except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
+        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
+                        "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (model.to(device) if weights else None), tokenizer
+
+
+def build_model(config, device):
+    """An OLMo (the LUME targets' architecture) with random weights from a config."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    with torch.device(device):  # initialised where it lives: seconds, not minutes, at 1B
+        return OlmoForCausalLM(OlmoConfig(**config))
+
 
 def load_models(args, lumes, device):
     """The model to unlearn and its tokenizer, read by load_model as any folder. First, with --ref_model, each MIA
@@ -1990,6 +1997,9 @@ def load_models(args, lumes, device):
         return freeze(build_model(config, device)), tokenizer
     return freeze(load_model(args.model, device)[0]), tokenizer
 
+
+# -----------------------------------------------------------------------------
+# run: the benchmark's phases, in order
 
 @dataclass
 class Results:
@@ -2024,7 +2034,8 @@ class Results:
         with timed(self.phases, f"score {name}"):
             s, records, mia, mmlu_records = evaluate(name, model, self.tokenizer, self.lume, self.mmlu, args, device)
         self.summary[name] = s
-        self.records, self.mia, self.mmlu_records = self.records + records, self.mia + mia, self.mmlu_records + mmlu_records
+        self.records, self.mia, self.mmlu_records = (self.records + records, self.mia + mia,
+                                                     self.mmlu_records + mmlu_records)
         print(f"scored {name} in {self.phases[f'score {name}']:.1f} s ({s['cost']['generation_tokens_per_s']:.0f} "
               f"generated tokens/s): aggregate {s['task_aggregate']:.3f}, final {s['final']:.3f}")
         if rank_world()[0] == 0:
@@ -2053,8 +2064,9 @@ def unlearn_each(model, res, val, depth):
         tried = recipe(args, algo, seed, depth, res.tuning.get(algo, {}).get("chosen"))
         stats = unlearn(model, res.tokenizer, examples, tried, res.device, res.phases)
         res.train[name] = stats | dict(model_tflops=6 * res.n_params * stats["tokens_per_s"] / 1e12)  # 6N a token
-        res.settings[name] = dataclasses.asdict(tried) | dict(trained_blocks=blocks_trained(tried, depth, METHODS[algo]))
-        res.score(name, model, blocks_trained(tried, depth, METHODS[algo]))
+        blocks = blocks_trained(tried, depth, METHODS[algo])
+        res.settings[name] = dataclasses.asdict(tried) | dict(trained_blocks=blocks)
+        res.score(name, model, blocks)
 
 
 def run(args, lume, mmlu, device, out, val=None):

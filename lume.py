@@ -1755,11 +1755,12 @@ def settings_table(settings):
     """A row per run: each setting it used that differs from Args' defaults (but --out_dir), and what it trained."""
     defaults, rows = dataclasses.asdict(Args()), []
     for name, used in settings.items():
-        changed = [f"{k} {','.join(v) if isinstance(v, tuple) else v}" for k, v in used.items()
+        changed = [f"{k} {','.join(v) if isinstance(v, tuple) else v if v != '' else 'none'}" for k, v in used.items()
                    if k in defaults and k != "out_dir" and v != defaults[k]]
         blocks = used["trained_blocks"]
         rows.append([name, ", ".join(changed or ["the defaults"]) + "; trained " + (
-            f"blocks {blocks[0]}-{blocks[-1]}" if blocks else "every parameter")])
+            "every parameter" if not blocks else f"block {blocks[0]}" if len(blocks) == 1 else
+            f"blocks {blocks[0]}-{blocks[-1]}")])
     return md_table(["run", "settings that differ from the defaults (metrics.json: every setting)"], rows)
 
 

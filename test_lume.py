@@ -89,7 +89,8 @@ def shipped():
 @contextlib.contextmanager
 def optimizer_steps(model):
     """What every optimizer step sees, read through torch's global optimizer hooks: its learning rate and weight decay,
-    the gradient it steps with and the weights after it, by parameter name (`model`'s; an index for a copy's)."""
+    the optimizer's class, defaults and (first) parameter group's settings, the gradient it steps with and the weights
+    after it, by parameter name (`model`'s; an index for a copy's)."""
     names, seen = {id(p): n for n, p in model.named_parameters()}, []
 
     def params(opt):
@@ -97,6 +98,8 @@ def optimizer_steps(model):
 
     def before(opt, args, kwargs):
         seen.append(dict(lr=opt.param_groups[0]["lr"], weight_decay=opt.param_groups[0]["weight_decay"],
+                         optimizer=type(opt), defaults=dict(opt.defaults), groups=len(opt.param_groups),
+                         group={k: v for k, v in opt.param_groups[0].items() if k != "params"},
                          grad={names.get(id(p), i): p.grad.clone() for i, p in enumerate(params(opt))
                                if p.grad is not None}))
 
@@ -483,38 +486,93 @@ def answer_nll(model, ids, labels):
     return model(input_ids=ids, labels=labels).loss * n, n
 
 
-def loss_by_hand(algo, model, target, tokenizer, forget, retain, a):
-    """One optimizer step's loss over these rows, from the papers' equations (LUME.md 5 and 7), one row at a time, no
-    padding: NLL per answer token of the whole step (each side by its own count), KL per retain answer token, NPO and
-    SimNPO per sequence, RMU per attended position and hidden unit (with --rmu_c ~ 0, c u drops out). target: the
-    frozen model before unlearning. Returns (loss, the forget NLL per answer token)."""
+def loss_by_hand(loss, model, target, tokenizer, forget, retain, a):
+    """One optimizer step's loss over these rows, from the papers' equations (LUME.md 5 and 7), by loss function (a
+    METHODS entry's `loss`: AILS-NTUA's is GD's), one row at a time, no padding: NLL per answer token of the whole step
+    (each side by its own count), KL per retain answer token, NPO and SimNPO per sequence, RMU per attended position and
+    hidden unit (with --rmu_c ~ 0, c u drops out). target: the frozen model before unlearning. Returns (loss, the
+    forget NLL per answer token)."""
     F_, R_ = [labelled(tokenizer, r) for r in forget], [labelled(tokenizer, r) for r in retain]
     nf = [answer_nll(model, *x) for x in F_]
     forget_nll = sum(s for s, _ in nf) / sum(n for _, n in nf)
-    if algo == "rmu":
+    if loss is lume.rmu_loss:
         H, layer = model.config.hidden_size, lume.rmu_layer(a, len(model.get_decoder().layers))
         away = sum(block_output(model, ids, layer).pow(2).sum() for ids, _ in F_) / (sum(x.shape[1] for x, _ in F_) * H)
         kept = sum((block_output(model, ids, layer) - block_output(target, ids, layer).detach()).pow(2).sum()
                    for ids, _ in R_) / (sum(x.shape[1] for x, _ in R_) * H)
         return away + a.rmu_alpha * kept, forget_nll
-    if algo == "npo":  # log pi - log pi_ref = ref NLL - NLL, summed over the answer
+    if loss is lume.npo_loss:  # log pi - log pi_ref = ref NLL - NLL, summed over the answer
         ref = [answer_nll(target, *x)[0].detach() for x in F_]
         return -(2 / a.beta) * sum(F.logsigmoid(-a.beta * (r - s)) for (s, _), r in zip(nf, ref)) / len(F_), forget_nll
-    loss = -forget_nll
-    if algo == "simnpo":  # log pi / |y| = -NLL / n
-        loss = -(2 / a.simnpo_beta) * sum(F.logsigmoid(a.simnpo_beta * s / n - a.gamma) for s, n in nf) / len(F_)
-    if algo in ("gd", "simnpo"):
+    total = -forget_nll
+    if loss is lume.simnpo_loss:  # log pi / |y| = -NLL / n
+        total = -(2 / a.simnpo_beta) * sum(F.logsigmoid(a.simnpo_beta * s / n - a.gamma) for s, n in nf) / len(F_)
+    if loss in (lume.gd_loss, lume.simnpo_loss):
         nr = [answer_nll(model, *x) for x in R_]
-        loss = loss + a.alpha * sum(s for s, _ in nr) / sum(n for _, n in nr)
-    if algo == "kl":
+        total = total + a.alpha * sum(s for s, _ in nr) / sum(n for _, n in nr)
+    if loss is lume.kl_loss:
         kl, count = 0, 0
         for ids, labels in R_:
             answer = labels[0, 1:] != -100  # the position before each answer token predicts it
             ref = target(input_ids=ids).logits[0, :-1][answer].log_softmax(-1).detach()
             kl += (ref.exp() * (ref - model(input_ids=ids).logits[0, :-1][answer].log_softmax(-1))).sum()
             count += int(answer.sum())
-        loss = loss + a.alpha * kl / count
-    return loss, forget_nll
+        total = total + a.alpha * kl / count
+    return total, forget_nll
+
+
+BY_HAND = (lume.ga_loss, lume.gd_loss, lume.kl_loss, lume.npo_loss, lume.simnpo_loss, lume.rmu_loss)  # loss_by_hand's
+
+
+def padded(tokenizer, rows):
+    """rows as one right-padded batch, built here: (B, T) input ids, labels (-100 on prompt and padding), mask."""
+    pairs = [labelled(tokenizer, r) for r in rows]
+    T = max(ids.shape[1] for ids, _ in pairs)
+    pad = lambda x, value: torch.cat([x[0], torch.full((T - x.shape[1],), value, dtype=x.dtype)])
+    return (torch.stack([pad(ids, tokenizer.pad_token_id) for ids, _ in pairs]),
+            torch.stack([pad(labels, -100) for _, labels in pairs]),
+            torch.stack([pad(torch.ones_like(ids), 0) for ids, _ in pairs]))
+
+
+def loss_by_its_own_function(method, model, target, tokenizer, forget, retain, a):
+    """The step's loss for a loss function loss_by_hand has no formula for (a new method's): the method's own loss
+    function over the whole step as one un-split, padded batch (so its means are over this batch alone), fed what the
+    method asks for, each from the frozen target: log pi_ref(y|x) of each forget row, the logits or the steered block's
+    output on the retain rows, WMDP's control vector (c u, u uniform on [0, 1)^H normalised, seeded by --seed). A check
+    of the plumbing (micro-steps, their counts, the schedule, padding, references), not of the formula. Returns (loss,
+    the forget NLL per answer token, by hand)."""
+    layer = lume.rmu_layer(a, len(model.get_decoder().layers)) if method.steer else None
+
+    def through(m, ids, mask):  # (logits, the steered block's output or None), from one forward pass
+        out = []
+        hook = None if layer is None else m.get_decoder().layers[layer].register_forward_hook(
+            lambda block, args, o: out.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            logits = m(input_ids=ids, attention_mask=mask).logits
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits, (out[0].float() if out else None)
+
+    ids, labels, mask = padded(tokenizer, forget)
+    logits, hidden = through(model, ids, mask)
+    forget_pass = lume.Pass(logits, labels, mask, hidden=hidden)
+    if method.ref_logp:
+        forget_pass.ref_logp = torch.stack([-answer_nll(target, *labelled(tokenizer, r))[0].detach() for r in forget])
+    if method.steer:
+        u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(a.seed))
+        forget_pass.control = a.rmu_c * u / u.norm()
+    retain_pass = None
+    if method.retain:
+        ids, labels, mask = padded(tokenizer, retain)
+        logits, hidden = through(model, ids, mask)
+        retain_pass = lume.Pass(logits, labels, mask, hidden=hidden)
+        with torch.no_grad():
+            ref_logits, ref_hidden = through(target, ids, mask)
+        retain_pass.ref_logits = ref_logits if method.ref_logits else None
+        retain_pass.ref_hidden = ref_hidden
+    nf = [answer_nll(model, *labelled(tokenizer, r)) for r in forget]
+    return method.loss(forget_pass, retain_pass, a), sum(s for s, _ in nf) / sum(n for _, n in nf)
 
 
 def step_rows(data):
@@ -523,20 +581,29 @@ def step_rows(data):
     return forget, [r for r in data.retain if r["task"] == "Task2"][:8]
 
 
-@pytest.mark.parametrize("algo", ["ga", "gd", "kl", "npo", "simnpo", "rmu"])
-def test_two_unlearning_steps_by_hand(shipped, algo):
-    """Two optimizer steps of each method on the shipped target, 4 forget and 8 retain rows (2 per forget row) split
-    over 2 micro-steps, each step seeing them all: the gradient each step uses is that of the method's loss written out
-    by hand (step 2 from where step 1 left the model, against the frozen target as NPO's and KL's reference and RMU's
-    frozen model), the loss logged at step 2 is that loss, the parameters trained are the method's, and step 1 lowered
-    the forget rows' likelihood."""
+def blocks_by_hand(method, args, depth):
+    """The blocks a method trains, from its flags: RMU's WMDP rule, the steered block (--rmu_layer, default round(7/32
+    of the depth)) and the two below it; else the last --train_layers blocks (0: None, every parameter). A method with
+    a rule of its own (a new `blocks`): that rule, read back, there being nothing here to work it out from."""
+    if method.blocks is lume.rmu_blocks:
+        layer = args.rmu_layer if args.rmu_layer is not None else round(7 * depth / 32)
+        return list(range(max(0, layer - 2), layer + 1))
+    if method.blocks is not None:
+        return list(method.blocks(args, depth))
+    return list(range(depth - args.train_layers, depth)) if args.train_layers else None
+
+
+def two_steps_by_hand(shipped, algo):
     target, tokenizer, _, data = shipped
-    forget, retain = step_rows(data)
-    model = copy.deepcopy(target)
+    method, forget, retain = lume.METHODS[algo], *step_rows(data)
+    model, depth = copy.deepcopy(target), len(target.get_decoder().layers)
+    # the flags the by-hand step needs, typed, so that they override a recipe (AILS-NTUA's 7 retain rows per forget row
+    # would take 28 of the 8 retain rows, some twice); a recipe's other flags apply (AILS-NTUA: chunks of 32, one here;
+    # the last quarter of the blocks, 1 of 4, trained; alpha 0.5 its own)
     args = lume.parse_args(["--algo", algo, "--max_steps", "2", "--batch_size", "2", "--grad_accum", "2",
                             "--retain_per_forget", "2", "--alpha", "0.5", "--grad_clip", "1e9", "--rmu_c", "1e-6",
                             "--rmu_alpha", "100", "--log_every", "100"])
-    args = lume.recipe(args, algo, 0, len(model.get_decoder().layers))
+    args = lume.recipe(args, algo, 0, depth)
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
     with optimizer_steps(model) as steps:
         stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
@@ -545,12 +612,16 @@ def test_two_unlearning_steps_by_hand(shipped, algo):
     moved.load_state_dict(steps[0]["weights"], strict=False)
     names = sorted(steps[0]["grad"])
     everything = sorted(n for n, _ in target.named_parameters())
-    # RMU trains the blocks up to its layer (WMDP: 5-7 of 32; here layer 1 of 4: blocks 0 and 1)
-    assert names == ([n for n in everything if n.startswith(("model.layers.0.", "model.layers.1."))] if algo == "rmu"
-                     else everything)
+    # RMU trains the blocks up to its layer (WMDP: 5-7 of 32; here layer 1 of 4: blocks 0 and 1); AILS-NTUA block 3
+    blocks = blocks_by_hand(method, args, depth)
+    assert names == (everything if blocks is None else
+                     [n for n in everything if n.startswith(tuple(f"model.layers.{b}." for b in blocks))])
     for at, step in zip((target, moved), steps):
         m = copy.deepcopy(at).requires_grad_(True)
-        loss, forget_nll = loss_by_hand(algo, m, target, tokenizer, forget, retain, args)
+        if method.loss in BY_HAND:
+            loss, forget_nll = loss_by_hand(method.loss, m, target, tokenizer, forget, retain, args)
+        else:
+            loss, forget_nll = loss_by_its_own_function(method, m, target, tokenizer, forget, retain, args)
         params = dict(m.named_parameters())
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         want = torch.cat([(torch.zeros_like(params[n]) if g is None else g).flatten() for g, n in zip(grads, names)])
@@ -561,6 +632,29 @@ def test_two_unlearning_steps_by_hand(shipped, algo):
     with torch.no_grad():  # the way every paper says: the forget answers became less likely
         logp = lambda m: -sum(answer_nll(m, *labelled(tokenizer, r))[0].item() for r in forget)
         assert logp(moved) < logp(target) - 0.5, (logp(moved), logp(target))
+
+
+@pytest.mark.parametrize("algo", lume.METHODS)
+def test_two_unlearning_steps_by_hand(shipped, algo):
+    """Two optimizer steps of each method in METHODS on the shipped target, 4 forget and 8 retain rows (2 per forget
+    row) split over 2 micro-steps, each step seeing them all: the gradient each step uses is that of the method's loss
+    written out by hand for its loss function (loss_by_hand: AILS-NTUA gets GD's, with its recipe; step 2 from where
+    step 1 left the model, against the frozen target as NPO's and KL's reference and RMU's frozen model), the loss
+    logged at step 2 is that loss, the parameters trained are the method's, and step 1 lowered the forget rows'
+    likelihood. A loss function with no formula there (a new method's) is checked against itself over the whole step
+    as one un-split batch (loss_by_its_own_function: the micro-steps, schedule and padding, not the formula)."""
+    two_steps_by_hand(shipped, algo)
+
+
+@pytest.mark.parametrize("algo", lume.METHODS)
+def test_a_loss_without_a_formula_is_checked_by_its_own_function(shipped, algo, monkeypatch):
+    """The route a new method's loss takes in the test above, taken by each method's: its loss as a function
+    loss_by_hand does not know, so the step is checked against the method's own loss over one un-split batch, fed
+    the references it asks for (NPO's log pi_ref, KL's logits, RMU's block outputs and control vector)."""
+    method = lume.METHODS[algo]
+    monkeypatch.setitem(lume.METHODS, algo, dataclasses.replace(method, loss=lambda *a: method.loss(*a)))
+    assert lume.METHODS[algo].loss not in BY_HAND
+    two_steps_by_hand(shipped, algo)
 
 
 def test_rmu_control_vector_has_length_c(shipped):
@@ -576,10 +670,51 @@ def test_rmu_control_vector_has_length_c(shipped):
         args = lume.recipe(args, "rmu", 0, len(target.get_decoder().layers))
         first[c] = lume.unlearn(copy.deepcopy(target), tokenizer, examples, args, CPU, {})["last"]["loss"]
     with torch.no_grad():
-        A_over_H = loss_by_hand("rmu", target, target, tokenizer, forget, retain, args)[0].item()  # retain term 0
+        A_over_H = loss_by_hand(lume.rmu_loss, target, target, tokenizer, forget, retain, args)[0].item()  # no retain
     H = target.config.hidden_size
     # rel 1e-2: the difference of fp32 losses in the hundreds (c^2 instead of c, or c / H, is far off)
     assert H * (first[13.0] - 2 * first[6.5] + A_over_H) / 2 == pytest.approx(6.5 ** 2, rel=1e-2)
+
+
+def test_rmu_control_vector_is_c_times_a_normalised_uniform_draw(shipped, monkeypatch):
+    """RMU's control vector, read from what the loss is given (Inputs.control) in one-step runs on the shipped target
+    (H = 192) with --rmu_c 3: c u / |u|, u uniform on [0, 1)^H (WMDP): its length is c, every component >= 0, the same
+    --seed draws the same vector, another seed another. Its direction's distribution: x = r / max(r), r the direction,
+    is u / max(u), whose components other than the maximum (exactly 1) are, given the maximum, H - 1 independent
+    uniforms on [0, 1). Over seeds 0 and 1 (n = 382 such components):
+      - their mean is within 0.5 +- 0.1: sd sqrt(1/12/382) = 0.0148, so a uniform is off by 6.8 sd (p ~ 1e-11);
+        rand()^2 (x = v^2, mean 1/3, sd 0.0153) must be 4.4 sd high to pass (p ~ 6e-6); ones: mean 1;
+      - the Kolmogorov-Smirnov distance of their empirical CDF to t is at most 0.14: for a uniform,
+        P(D > 0.14) <= 2 exp(-2 n 0.14^2) = 6e-7 (Dvoretzky-Kiefer-Wolfowitz, Massart's constant); rand()^2 has
+        CDF sqrt(t), 0.25 off at t = 1/4, and passes only if under 39% of 382 draws fall below 1/2 (4.3 sd; p ~ 1e-5);
+        ones: D = 1;
+    torch.randn has a negative component (all 192 positive: p = 2^-192)."""
+    target, tokenizer, _, data = shipped
+    forget, retain = step_rows(data)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    seen, loss = [], lume.micro_batch_loss
+    monkeypatch.setattr(lume, "micro_batch_loss", lambda model, micro, step, inputs, *a, **k: (
+        seen.append(inputs.control.detach().cpu().clone()), loss(model, micro, step, inputs, *a, **k))[1])
+    drawn = []
+    for seed in (0, 1, 0):
+        seen.clear()
+        args = lume.parse_args(["--algo", "rmu", "--rmu_c", "3", "--seed", str(seed), "--max_steps", "1",
+                                "--batch_size", "4", "--grad_accum", "1", "--log_every", "100"])
+        lume.unlearn(copy.deepcopy(target), tokenizer, examples, lume.recipe(args, "rmu", seed, 4), CPU, {})
+        assert seen and all(torch.equal(c, seen[0]) for c in seen)  # one vector for the whole run
+        drawn.append(seen[0].double())
+    for control in drawn:
+        assert control.shape == (target.config.hidden_size,) == (192,)
+        assert control.norm().item() == pytest.approx(3.0, rel=1e-6)
+        assert (control >= 0).all(), control.min()
+    x = torch.cat([torch.sort(c / c.max())[0][:-1] for c in drawn[:2]])  # seeds 0 and 1, each one's max (1) left out
+    n = len(x)
+    assert n == 382 and abs(x.mean().item() - 0.5) <= 0.1, x.mean()
+    t, cdf = torch.sort(x)[0], torch.arange(1, n + 1, dtype=torch.float64) / n
+    distance = torch.maximum(cdf - t, t - (cdf - 1 / n)).max().item()  # sup |F_n(t) - t|
+    assert distance <= 0.14, distance
+    assert torch.equal(drawn[2], drawn[0])  # the same seed, the same vector
+    assert (drawn[1] - drawn[0]).abs().max() > 0.1  # another seed, another
 
 
 def test_a_failed_run_leaves_no_gradient_behind(micro):
@@ -1036,6 +1171,51 @@ def test_the_loop_sets_the_schedule_and_clips(shipped):
     assert [s["weight_decay"] for s in steps] == [0.01] * 12
 
 
+def test_the_optimizer_is_adamw_with_its_settings_and_each_update_is_adamws(shipped):
+    """6 GA steps on the shipped target with --lr 2e-3 --warmup 0.5 --weight_decay 0.1 --grad_clip 0.003: the optimizer
+    train builds is torch's AdamW with betas (0.9, 0.95) and eps 1e-8, and the flag's weight decay, in its defaults and
+    in its one parameter group; each step's learning rate is the schedule by hand (a warm-up over 3 steps, then a cosine
+    to lr/10); the gradient each step uses has the norm --grad_clip (the raw one is far above it); and each step's
+    update is AdamW's, worked out here from those gradients: w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), m and v
+    the moments with betas 0.9 and 0.95, bias-corrected (from step 2 on, other betas give other updates)."""
+    target, tokenizer, _, data = shipped
+    model = copy.deepcopy(target)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:6]), 512)
+    args = lume.parse_args(["--algo", "ga", "--lr", "2e-3", "--warmup", "0.5", "--weight_decay", "0.1", "--grad_clip",
+                            "0.003", "--batch_size", "1", "--grad_accum", "1", "--max_steps", "6",
+                            "--log_every", "100"])
+    with optimizer_steps(model) as steps:
+        stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    assert len(steps) == 6
+    for s in steps:
+        assert s["optimizer"] is torch.optim.AdamW and s["groups"] == 1
+        for settings in (s["defaults"], s["group"]):
+            assert tuple(settings["betas"]) == (0.9, 0.95)
+            assert settings["eps"] == 1e-8
+            assert settings["weight_decay"] == 0.1
+            assert not settings["amsgrad"] and not settings["maximize"]
+    lrs = schedule_by_hand(6, 2e-3, 3)
+    assert [s["lr"] for s in steps] == pytest.approx(lrs, rel=1e-9)
+    norms = [torch.cat([g.flatten() for g in s["grad"].values()]).norm().item() for s in steps]
+    assert norms == pytest.approx([0.003] * 6, rel=1e-3) and stats["grad_norm"] > 0.03
+    b1, b2, eps, wd = 0.9, 0.95, 1e-8, 0.1
+    before = {n: p.detach().double() for n, p in target.named_parameters()}
+    assert sorted(steps[0]["grad"]) == sorted(before)  # GA trains every parameter
+    m, v = {n: 0.0 for n in before}, {n: 0.0 for n in before}
+    for t, (s, lr) in enumerate(zip(steps, lrs), start=1):
+        got, want = [], []
+        for n, w in before.items():
+            g = s["grad"][n].double()
+            m[n], v[n] = b1 * m[n] + (1 - b1) * g, b2 * v[n] + (1 - b2) * g * g
+            step = (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+            want.append((-lr * wd * w - lr * step).flatten())
+            got.append((s["weights"][n].double() - w).flatten())
+            before[n] = s["weights"][n].double()
+        got, want = torch.cat(got), torch.cat(want)
+        # fp32 weights: 3e-5 off at most; betas (0.9, 0.999) 1e-2 from step 2, no weight decay 2e-2, eps 1e-7 0.3
+        assert ((got - want).norm() / want.norm()).item() < 1e-3, t
+
+
 def test_encode_label_boundary_and_cut(micro):
     _, tokenizer, _ = micro
     prompt = tokenizer("Where was Ada born?")["input_ids"]
@@ -1065,10 +1245,12 @@ def first_step_gradient(folder, algo, flags, rows=4):
     return torch.cat([grads[n].flatten() for n in sorted(grads)]), examples
 
 
-@pytest.mark.parametrize("algo", ["gd", "kl", "npo", "simnpo", "rmu"])
+@pytest.mark.parametrize("algo", lume.METHODS)
 def test_gradient_accumulation_equals_one_big_batch(micro, algo):
-    """One step over 4 forget and 4 retain rows of unequal lengths: 4 micro-steps of 1 row give the
-    gradient of 1 micro-step of 4 (means over the step's tokens, not a mean of micro-batch means)."""
+    """One step of each method in METHODS (its recipe applied: AILS-NTUA's 7 retain rows per forget row, each of the
+    4 retain rows 7 times in the step however it is split) over 4 forget and 4 retain rows of unequal lengths: 4
+    micro-steps of 1 row give the gradient of 1 micro-step of 4 (means over the step's tokens, not a mean of
+    micro-batch means)."""
     big, (forget, _) = first_step_gradient(micro[2], algo, ["--batch_size", "4", "--grad_accum", "1"])
     acc, _ = first_step_gradient(micro[2], algo, ["--batch_size", "1", "--grad_accum", "4"])
     assert len({sum(x != lume.IGNORE for x in e["labels"]) for e in forget}) > 1  # unequal counts
@@ -1885,6 +2067,70 @@ def test_recipes_apply_where_a_flag_is_left_at_its_default():
     assert (typed.alpha, typed.chunk_size, typed.retain_per_forget) == (1.0, 0, 7)
 
 
+def test_overrides_apply_default_then_recipe_then_typed_flag_then_tuned_value(micro):
+    """A flag's value: its default < the method's recipe < the flag typed < the value --tune chose; a recipe's callable
+    gets the depth. A model other than the embedded target (a Hub id, a folder, --model_config) takes TARGET_DEFAULTS'
+    lr and relearn_lr 1e-5 where not typed, and args.target_defaults says which it took; the embedded target keeps
+    lr 5e-4. AILS-NTUA's recipe: alpha 0.5, chunks of 32, 7 retain rows per forget row, the last quarter of the
+    blocks (at least 1)."""
+    untyped = lume.parse_args(["--algo", "ails"])
+    assert lume.recipe(untyped, "gd", 0, 32).alpha == 1.0  # no recipe: the default
+    ails = lume.recipe(untyped, "ails", 5, 32)
+    assert (ails.algo, ails.seed, ails.alpha, ails.chunk_size, ails.retain_per_forget, ails.train_layers) == \
+        (("ails",), 5, 0.5, 32, 7, 8)
+    assert [lume.recipe(untyped, "ails", 0, depth).train_layers for depth in (2, 4, 12, 32)] == [1, 1, 3, 8]
+    typed = lume.parse_args(["--algo", "ails", "--alpha", "2", "--chunk_size", "16"])
+    assert typed.given == {"algo", "alpha", "chunk_size"}
+    mine = lume.recipe(typed, "ails", 0, 32)
+    assert (mine.alpha, mine.chunk_size, mine.retain_per_forget, mine.train_layers) == (2.0, 16, 7, 8)
+    tuned = lume.recipe(typed, "ails", 0, 32, dict(alpha=3.0))  # --tune's choice over the flag typed
+    assert (tuned.alpha, tuned.chunk_size, tuned.retain_per_forget) == (3.0, 16, 7)
+    tuned = lume.recipe(untyped, "ails", 0, 32, dict(alpha=3.0, train_layers=lambda depth: depth // 2))  # over recipe
+    assert (tuned.alpha, tuned.train_layers, tuned.chunk_size) == (3.0, 16, 32)
+    assert lume.recipe(lume.parse_args(["--lr", "1e-4"]), "gd", 0, 32, dict(lr=4e-4)).lr == 4e-4
+    assert (untyped.alpha, untyped.chunk_size, typed.alpha) == (1.0, 0, 2.0)  # the command line's args unchanged
+    # the embedded target, by default or named (by any path to it): the defaults
+    for flags in ([], ["--model", str(DATA / "retain-only" / ".." / "target")]):
+        embedded = lume.parse_args(flags)
+        assert (embedded.lr, embedded.relearn_lr, embedded.target_defaults) == (5e-4, 5e-4, {})
+        assert (embedded.ref_model, embedded.retrain_model) == (str(DATA / "retain-only"),) * 2
+    for flags in (["--model", "some/hub-id"], ["--model", str(micro[2])], ["--model_config", "olmo-1b"]):
+        other = lume.parse_args(flags)
+        assert (other.lr, other.relearn_lr, other.target_defaults) == (1e-5, 1e-5, dict(lr=1e-5, relearn_lr=1e-5))
+        assert (other.ref_model, other.retrain_model) == ("", "")  # data/'s models were not made from it
+    other = lume.parse_args(["--model", "some/hub-id", "--lr", "3e-4", "--algo", "ails"])
+    assert (other.lr, other.relearn_lr, other.target_defaults) == (3e-4, 1e-5, dict(relearn_lr=1e-5))
+    run = lume.recipe(lume.parse_args(["--model", "some/hub-id", "--algo", "ails"]), "ails", 0, 32, dict(lr=4e-5))
+    assert (run.lr, run.relearn_lr, run.alpha) == (4e-5, 1e-5, 0.5)
+
+
+def test_a_runs_settings_and_environment_are_what_it_used(micro, tmp_path):
+    """metrics.json's settings of a run hold the values it ran with: AILS-NTUA's recipe where no flag was typed
+    (alpha 0.5, chunks of 32, 7 retain rows per forget row), --train_layers 2 as typed over the recipe's 1 (both blocks
+    trained), TARGET_DEFAULTS' learning rates (the micro model is not the embedded target); its environment, what
+    computed them: lume.py's sha256, the library versions, the CPU's kernels and threads."""
+    import platform
+    import transformers
+    _, _, folder = micro
+    out = tmp_path / "run"
+    lume.main(["--model", str(folder), "--task", "3", "--algo", "ails", "--train_layers", "2", "--max_steps", "1",
+               "--probes", "none", "--max_new_tokens", "4", "--mmlu", "none", "--out_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    used = metrics["settings"]["unlearned"]
+    assert (used["alpha"], used["chunk_size"], used["retain_per_forget"]) == (0.5, 32, 7)
+    assert (used["train_layers"], used["trained_blocks"]) == (2, [0, 1])
+    assert metrics["cost"]["train"]["unlearned"]["trained_blocks"] == [0, 1]
+    assert (used["lr"], used["relearn_lr"], used["algo"], used["seed"]) == (1e-5, 1e-5, ["ails"], 0)
+    assert (used["model"], used["ref_model"], used["retrain_model"]) == (str(folder), "", "")
+    assert list(metrics["summary"]) == ["target", "unlearned"]  # no retrain row: none for another model
+    env = metrics["environment"]
+    assert env["lume_sha256"] == hashlib.sha256(Path(lume.__file__).read_bytes()).hexdigest()
+    assert (env["torch"], env["transformers"], env["python"]) == (
+        torch.__version__, transformers.__version__, platform.python_version())
+    assert (env["cpu_capability"], env["threads"]) == (torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    assert (env["device"], env["gpu"], env["processes"]) == ("cpu", None, 1)
+
+
 def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
     """--train_layers 1 on the 2-block micro model, checked on the model saved by --save_model."""
     original, _, folder = micro
@@ -1909,15 +2155,18 @@ def test_algo_all_writes_a_block_per_method(micro, tmp_path, monkeypatch):
     summaries = lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "3", "--algo", "all",
                            "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none", "--probes", "none",
                            "--out_dir", str(out)])
-    names = ["ga", "gd", "kl", "npo", "simnpo", "rmu", "ails"]
-    assert len(started) == 7 and all(all(torch.equal(a, b) for a, b in zip(w, target)) for w in started)
+    names = list(lume.METHODS)
+    assert len(started) == len(names) and all(all(torch.equal(a, b) for a, b in zip(w, target)) for w in started)
     assert list(summaries) == ["target"] + names + ["retrain"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["target"] + names + ["retrain"]
     assert set(metrics["cost"]["train"]) == set(names)
-    # 2 blocks: RMU steers block round(7 * 2 / 32) = 0 and trains it; AILS trains the last quarter, at least 1
-    assert {n: s["trained_blocks"] for n, s in metrics["cost"]["train"].items()} == \
-        dict(ga=[0, 1], gd=[0, 1], kl=[0, 1], npo=[0, 1], simnpo=[0, 1], rmu=[0], ails=[1])
+    # 2 blocks: RMU steers block round(7 * 2 / 32) = 0 and trains it; AILS trains the last quarter, at least 1; the
+    # others every block (--train_layers 0)
+    flags = lume.parse_args(["--model", str(folder), "--algo", "all"])
+    assert {n: s["trained_blocks"] for n, s in metrics["cost"]["train"].items()} == {
+        n: blocks_by_hand(m, lume.recipe(flags, n, 0, 2), 2) or [0, 1] for n, m in lume.METHODS.items()}
+    assert blocks_by_hand(lume.METHODS["rmu"], flags, 2) == [0] and lume.recipe(flags, "ails", 0, 2).train_layers == 1
     short, full = (out / "compare.md").read_text().split("Every column:")
     for table, columns in ((short, 4 + 2), (full, 4 + 5 + 2 + 1)):  # short: final, agg, MIA, MMLU, eff., utility
         lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]

@@ -410,23 +410,19 @@ MEMORY = {}  # phase -> its peak memory in GiB, for metrics.json (a process-wide
 RUNNING = []  # the peaks of the phases running now, innermost last
 
 
-def memory_peak():
-    """Peak GiB since the last reset: allocated and reserved on a GPU; the process's RSS on the CPU (never reset)."""
-    if torch.cuda.is_initialized():
-        return dict(allocated=torch.cuda.max_memory_allocated() / 2**30,
-                    reserved=torch.cuda.max_memory_reserved() / 2**30)
-    return dict(rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # Linux: KiB
-
-
 @contextlib.contextmanager
 def timed(phases, name):
-    """Adds the seconds spent in the block to phases[name] and its peak memory to MEMORY[name]. A GPU's peak is
-    reset as a phase begins, so a phase that ends inside another hands its peak on to it."""
-    def most(*peaks):
-        return {k: max(p.get(k, 0.0) for p in peaks) for k in peaks[0]}
+    """Adds the seconds spent in the block to phases[name] and its peak memory in GiB to MEMORY[name]: allocated and
+    reserved on a GPU, whose peak is reset as a phase begins (a phase that ends inside another hands its peak on to
+    it); the process's peak RSS on the CPU."""
+    def most(*peaks):  # the peak since the last reset, and the largest of each kind with `peaks`
+        now = dict(allocated=torch.cuda.max_memory_allocated() / 2**30, reserved=torch.cuda.max_memory_reserved()
+                   / 2**30) if torch.cuda.is_initialized() else dict(rss=resource.getrusage(  # Linux: KiB
+                       resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        return {k: max([v] + [p.get(k, 0.0) for p in peaks]) for k, v in now.items()}
     t = time.perf_counter()
     if RUNNING:  # the phase this one runs inside keeps its peak so far, which the reset forgets
-        RUNNING[-1] = most(memory_peak(), RUNNING[-1])
+        RUNNING[-1] = most(RUNNING[-1])
     if torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     RUNNING.append({})
@@ -434,10 +430,10 @@ def timed(phases, name):
         yield
     finally:
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
-        peak = most(memory_peak(), RUNNING.pop())
-        MEMORY[name] = most(peak, MEMORY.get(name, {}))
+        peak = most(RUNNING.pop())
+        MEMORY[name] = {k: max(v, MEMORY.get(name, {}).get(k, 0.0)) for k, v in peak.items()}
         if RUNNING:
-            RUNNING[-1] = most(peak, RUNNING[-1])
+            RUNNING[-1] = {k: max(v, RUNNING[-1].get(k, 0.0)) for k, v in peak.items()}
 
 
 class Progress:
@@ -459,13 +455,6 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def my_share(indices):
-    """This process's share of a micro-batch (every world-th), and its weight: a process left without an
-    example runs the first one as a stand-in weighted 0, so that every process takes part in each step."""
-    rank, world = rank_world()
-    return indices[rank::world] or indices[:1], float(len(indices) > rank)
-
-
 def split_gather(items, fn):
     """fn(list) -> list run on this process's share of items (every world-th); every process's results, in order."""
     rank, world = rank_world()
@@ -477,15 +466,6 @@ def split_gather(items, fn):
     for r, part in enumerate(parts):
         out[r::world] = part
     return out
-
-
-def all_sum(numbers, device):
-    """{name: number} summed over the processes (each holds its share of a step's logs)."""
-    if rank_world()[1] == 1 or not numbers:
-        return numbers
-    t = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(numbers, t.tolist()))
 
 
 def sharded_copy(model):
@@ -501,16 +481,6 @@ def sharded_copy(model):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return model
-
-
-@torch.no_grad()
-def gather_into(model, sharded):
-    """The trained weights of the sharded copy into every process's plain model (scoring needs no collective), one
-    full tensor at a time through host memory, where the plain model waits (train_blocks then moves it back)."""
-    plain = dict(model.named_parameters())
-    for name, p in sharded.named_parameters():
-        if p.requires_grad:  # full_tensor: an all-gather, every process in the same order
-            plain[name].copy_(p.full_tensor().cpu())
 
 
 # -----------------------------------------------------------------------------
@@ -546,7 +516,10 @@ class Inputs:
 def side_pass(model, inputs, micro, step, side, device):
     """This process's share of one side (0 forget, 1 retain) of a micro-batch through the model: a Pass that
     knows the whole step's counts (`step`: its micro-batches) and holds the references the method reads."""
-    examples, (mine, weight) = (inputs.forget, inputs.retain)[side], my_share(micro[side])
+    (rank, world), examples, indices = rank_world(), (inputs.forget, inputs.retain)[side], micro[side]
+    # this process's share (every world-th); one left without an example runs the first as a stand-in weighted 0,
+    # so that every process takes part in each step
+    mine, weight = indices[rank::world] or indices[:1], float(len(indices) > rank)
     in_step = [examples[i] for m in step for i in m[side]]
     counts = dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in in_step), seqs=len(in_step),
                   positions=sum(len(e["input_ids"]) for e in in_step))
@@ -613,9 +586,10 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step time is the GPU's, not the launch queue's
         step_ms.append(1000 * (time.perf_counter() - t0))
-        if rank_world()[1] > 1:  # several processes (skip on a first read)
-            logs = all_sum(logs | {"tokens": tokens}, device)  # every process's share of the step
-            tokens = logs.pop("tokens")
+        if rank_world()[1] > 1:  # several processes (skip on a first read): the logs of every process's share
+            summed = torch.tensor(list(logs.values()) + [tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(summed)
+            logs, tokens = dict(zip(logs, summed.tolist())), summed[-1].item()
         step_tokens.append(int(tokens))
         if (i + 1) % log_every == 0 or i + 1 == len(steps):
             print(f"{desc} step {i + 1}/{len(steps)} | " + " | ".join(f"{k} {v:.3f}" for k, v in logs.items())
@@ -649,8 +623,11 @@ def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **k
     try:
         sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
         stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
-        if sharded is not None:  # several processes
-            gather_into(model, sharded)
+        if sharded is not None:  # several processes: the trained weights into every process's plain model, waiting in
+            with torch.no_grad():  # host memory, one full tensor at a time (an all-gather, every process in one order)
+                for name, p in sharded.named_parameters():
+                    if p.requires_grad:
+                        model.get_parameter(name).copy_(p.full_tensor().cpu())
     finally:  # a diverged run too (--tune goes on): the model back on its device, and nothing of training kept
         model.to(device).zero_grad(set_to_none=True)  # a failed step's gradients would add to the next run's
         del sharded
@@ -1057,15 +1034,6 @@ def read_jsonl(path):
     return out
 
 
-def read_parquet(path):
-    import pyarrow.parquet as pq  # comes with `datasets`; imported only for the SemEval release
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:
-        raise LumeDataError(f"{path}: not a readable parquet file ({e})") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
-
-
 def text_field(where, row, name):
     """row[name]: a non-empty string."""
     value = row.get(name)
@@ -1097,7 +1065,14 @@ def read_split(paths, split, seen=None):
     """The checked rows of a split's files; an id seen before (in this split, or in another's `seen`) is refused."""
     rows, seen = [], {} if seen is None else seen
     for path in paths:
-        read = (read_parquet if str(path).endswith(".parquet") else read_jsonl)(path)
+        if str(path).endswith(".parquet"):  # the SemEval release
+            import pyarrow.parquet as pq  # comes with `datasets`
+            try:
+                read = [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+            except Exception as e:
+                raise LumeDataError(f"{path}: not a readable parquet file ({e})") from None
+        else:
+            read = read_jsonl(path)
         if not read:
             raise LumeDataError(f"{path}: holds no rows")
         for where, raw in read:
@@ -2002,28 +1977,15 @@ def load_models(args, lumes, device):
 # -----------------------------------------------------------------------------
 # run: the benchmark's phases, in order
 
-@dataclass
 class Results:
-    """What a run has scored so far, and what it needs to score and write more: metrics.json's contents."""
-    args: Args
-    lume: object  # Lume
-    mmlu: object  # Mmlu or None
-    device: torch.device
-    out: Path
-    runs: list  # [(row name, method, seed)]
-    tokenizer: object = None
-    n_params: int = 0
-    t0: float = field(default_factory=time.perf_counter)
-    phases: dict = field(default_factory=dict)  # phase -> seconds
-    train: dict = field(default_factory=dict)  # run name -> its training statistics
-    settings: dict = field(default_factory=dict)  # run name -> every setting it used (recipe and --tune applied)
-    tuning: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)  # model name -> its summary numbers
-    records: list = field(default_factory=list)
-    mia: list = field(default_factory=list)
-    mmlu_records: list = field(default_factory=list)
-    probed: dict = field(default_factory=dict)  # probe -> model -> term means
-    probe_records: list = field(default_factory=list)
+    """What a run has scored so far (metrics.json's contents), and what it needs to score and write more: per model
+    its summary, records, MIA statistics, MMLU records and probes; per run its settings and training statistics."""
+
+    def __init__(self, args, lume, mmlu, device, out, runs):
+        self.args, self.lume, self.mmlu, self.device, self.out, self.runs = args, lume, mmlu, device, out, runs
+        self.tokenizer, self.n_params, self.t0 = None, 0, time.perf_counter()
+        self.phases, self.train, self.settings, self.tuning, self.summary, self.probed = {}, {}, {}, {}, {}, {}
+        self.records, self.mia, self.mmlu_records, self.probe_records = [], [], [], []
 
     def cost(self):
         return dict(phases_seconds=self.phases, total_seconds=time.perf_counter() - self.t0, parameters=self.n_params,

@@ -2496,7 +2496,8 @@ def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch
     monkeypatch.setattr(lume, "unlearn", lambda model, tok, examples, args, *a: calls.append(
         (args.lr, args.alpha, len(examples[0]))) or unlearn(model, tok, examples, args, *a))
     level, tune = [1.0], lume.tune  # memory "held" while tuning: 100 GiB, then 1
-    monkeypatch.setattr(lume, "memory_peak", lambda: {"rss": level[0]})
+    usage = lambda who: type("Usage", (), dict(ru_maxrss=level[0] * 2**20))  # the peak RSS, in KiB as Linux says
+    monkeypatch.setattr(lume, "resource", type("Fake", (), dict(RUSAGE_SELF=0, getrusage=staticmethod(usage))))
     monkeypatch.setattr(lume, "tune", lambda *a: (level.__setitem__(0, 100.0), tune(*a), level.__setitem__(0, 1.0))[1])
     github = tmp_path / "github"  # a LUME GitHub release: no validation split
     github.mkdir()

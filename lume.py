@@ -35,17 +35,20 @@ import functools
 import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import operator
 import os
 import random
+import re
 import resource
 import shutil
 import signal
 import statistics
 import sys
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +74,7 @@ IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 MMLU_GATE = 0.371  # 75% of the 7B target's MMLU before unlearning (SemEval-2025 Task 4)
 RMU_DEPTH = 7 / 32  # RMU's default block: WMDP steers block 7 of Zephyr-7B's 32
 PROBES = ("relearn", "fewshot", "rephrase", "quantize")
-# a model other than the embedded target: the values the LUME targets are unlearned with (AILS-NTUA, SemEval-2025),
-# for every flag not typed; the embedded target memorised from scratch and keeps the defaults below
-TARGET_DEFAULTS = dict(lr=1e-5, relearn_lr=1e-5)
+MAX_MICRO = 1_000_000  # micro-steps (forward and backward passes) a schedule may hold: a day of the embedded target
 
 
 def arg(default, help, **check):
@@ -110,7 +111,7 @@ class Args:
     chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, in turn (0: one chunk)", ge=0)
     retain_per_forget: int = arg(1, "retain examples per forget example in a micro-batch", gt=0)
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0)
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: as --epochs gives)", ge=0, le=MAX_MICRO)
     lr: float = arg(5e-4, "peak learning rate (another model than the embedded target: 1e-5)", gt=0)
     batch_size: int = arg(8, "forget examples per micro-step and process (relearn: per step and process)", gt=0)
     grad_accum: int = arg(4, "micro-steps per optimizer step", gt=0)
@@ -128,7 +129,7 @@ class Args:
     mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
     # robustness probes (after scoring): does the unlearned model still hold the forget set?
     probes: tuple = arg(PROBES, "probes to run, comma-separated, or 'none'")
-    relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0)
+    relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0, le=MAX_MICRO)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
@@ -204,6 +205,19 @@ def length_batches(lengths, batch_size, rng):
     return batches
 
 
+def budgeted(lengths, size):
+    """[(start, end)]: consecutive batches of at most `size` items and size x max(512, 2 x median length) padded
+    tokens: one long prompt or document cannot multiply a batch's memory."""
+    budget, out, s = size * max(512, 2 * statistics.median(lengths or [0])), [], 0
+    while s < len(lengths):
+        e, longest = s + 1, lengths[s]
+        while e < len(lengths) and e - s < size and (e - s + 1) * max(longest, lengths[e]) <= budget:
+            longest, e = max(longest, lengths[e]), e + 1
+        out.append((s, e))
+        s = e
+    return out
+
+
 def freeze(model):
     return model.eval().requires_grad_(False)
 
@@ -254,8 +268,8 @@ def forward(model, batch, layer=None, last=False):
 @torch.inference_mode()
 def inference(model, examples, batch_size, pad_id, device, layer=None, last=False):
     """Yields (first index, batch, forward's output) over batches of examples: reference passes, the MIA, MMLU."""
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size], pad_id, device)
+    for s, e in budgeted([len(x["input_ids"]) for x in examples], batch_size):
+        batch = collate(examples[s:e], pad_id, device)
         with autocast(device):
             yield s, batch, forward(model, batch, layer, last)
 
@@ -408,13 +422,18 @@ TUNING_LR = (1, 4)  # --tune: each method tries --lr and 4 x --lr with each sett
 PROGRESS_EVERY = 30.0  # seconds between progress lines
 MEMORY = {}  # phase -> its peak memory in GiB, for metrics.json (a process-wide record, as the CUDA allocator's)
 RUNNING = []  # the peaks of the phases running now, innermost last
+STOPPED = []  # what Ctrl-C or SIGTERM said ("" for Ctrl-C): the run stops at its next step (stopped, in Part II)
+
+
+def stop_here():  # at every step, batch and phase: a signal a destructor swallowed (in garbage collection) stops here
+    if STOPPED:
+        raise KeyboardInterrupt(*[said for said in STOPPED[:1] if said])
 
 
 @contextlib.contextmanager
 def timed(phases, name):
-    """Adds the seconds spent in the block to phases[name] and its peak memory in GiB to MEMORY[name]: allocated and
-    reserved on a GPU, whose peak is reset as a phase begins (a phase that ends inside another hands its peak on to
-    it); the process's peak RSS on the CPU."""
+    """Adds the block's seconds to phases[name], its peak GiB to MEMORY[name]: a GPU's allocated and reserved (reset
+    as a phase begins; an inner phase hands its peak on), the process's peak RSS on a CPU."""
     def most(*peaks):  # the peak since the last reset, and the largest of each kind with `peaks`
         now = dict(allocated=torch.cuda.max_memory_allocated() / 2**30, reserved=torch.cuda.max_memory_reserved()
                    / 2**30) if torch.cuda.is_initialized() else dict(rss=resource.getrusage(  # Linux: KiB
@@ -430,6 +449,7 @@ def timed(phases, name):
         yield
     finally:
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        stop_here()
         peak = most(RUNNING.pop())
         MEMORY[name] = {k: max(v, MEMORY.get(name, {}).get(k, 0.0)) for k, v in peak.items()}
         if RUNNING:
@@ -444,6 +464,7 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
 
     def update(self, n=1):
+        stop_here()
         self.n, now = self.n + n, time.perf_counter()
         if now - self.last >= PROGRESS_EVERY and self.n < self.total:
             self.last, rate = now, self.n / (now - self.t0)
@@ -540,9 +561,8 @@ def side_pass(model, inputs, micro, step, side, device):
 
 
 def micro_batch_loss(model, micro, step, inputs, args, device):
-    """The unlearning loss of one micro-batch, micro = (forget indices, retain indices), already divided by
-    the counts of the whole optimiser step (`step`, its list of micro-batches): (loss, numbers to log,
-    tokens). One forward pass per side gives every term: the retain NLL and the KL term share theirs."""
+    """(loss, numbers to log, tokens) of a micro-batch (forget indices, retain indices), divided by the counts of
+    the whole step (its micro-batches). One forward pass per side gives every term (retain NLL and KL share one)."""
     forget = side_pass(model, inputs, micro, step, 0, device)
     retain = side_pass(model, inputs, micro, step, 1, device) if inputs.method.retain else None
     loss = inputs.method.loss(forget, retain, args)
@@ -551,9 +571,8 @@ def micro_batch_loss(model, micro, step, inputs, args, device):
 
 
 def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train"):
-    """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps`, each a list of micro-batches;
-    returns the run's statistics. Several processes: each runs its share of every micro-batch on its shard of
-    the model (FSDP2), and the logs are summed over the processes."""
+    """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps` (lists of micro-batches): the run's
+    statistics. Several processes: each its share of every micro-batch, on its shard (FSDP2); the logs summed."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=device.type == "cuda")  # one kernel, not a dozen per step
@@ -635,6 +654,7 @@ def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **k
         if recompute:
             checkpointing(model, False)
         freeze(model)
+        stop_here()  # a signal during the collection (between --tune's settings, say)
     return stats
 
 
@@ -645,34 +665,43 @@ def unlearning_examples(tokenizer, lume, max_length):
     """The forget and retain examples, tokenised once for every method and seed of a run."""
     forget, retain = (row_examples(tokenizer, rows, max_length) for rows in (lume.forget, lume.retain))
     say_cut(forget + retain, "unlearning examples", f"--max_length {max_length}")
+    if all(set(e["labels"]) == {IGNORE} for e in forget):  # each prompt fills --max_length: nothing to unlearn
+        raise LumeError(f"--max_length {max_length}: no forget example would keep an answer token to train on")
+    if empty := sum(set(e["labels"]) == {IGNORE} for e in forget + retain):
+        print(f"note: {empty} of {len(forget + retain)} unlearning examples keep no answer token (no loss)")
     return forget, retain
 
 
 def schedule(forget, retain, args, rng, world=1):
-    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all processes
-    together (the same steps for N processes with --batch_size / N). Chunks of --chunk_size forget examples in
-    turn, --epochs passes over each in length-grouped micro-batches; each takes the next --retain_per_forget
-    retain examples per forget example (none if `retain` is empty)."""
+    """The optimiser steps, each --grad_accum micro-steps of (forget indices, retain indices) for all processes (the
+    same for N processes with --batch_size / N): chunks of --chunk_size forget examples in turn, --epochs passes over
+    each in length-grouped micro-batches, each with --retain_per_forget retain examples a forget example."""
     order, size = list(range(len(forget))), args.batch_size * world
     rng.shuffle(order)  # which examples share a chunk
     chunk = args.chunk_size or len(order)
     forget_lengths, retain_lengths = ([len(e["input_ids"]) for e in examples] for examples in (forget, retain))
-    micro, stream = [], []
-    for c in range(0, len(order), chunk):
-        members = order[c:c + chunk]
-        for p in range(math.ceil(args.epochs)):
-            batches = [[members[i] for i in b]
-                       for b in length_batches([forget_lengths[i] for i in members], size, rng)]
-            if p + 1 > args.epochs:  # a last, partial pass
-                batches = batches[:math.ceil((args.epochs - p) * len(batches))]
-            for b in batches:
-                want = len(b) * args.retain_per_forget if retain else 0
-                while len(stream) < want:  # retain batches of similar length, in a fresh order
-                    stream += sum(length_batches(retain_lengths, size * args.retain_per_forget, rng), [])
-                micro.append((b, stream[:want]))
-                del stream[:want]
-    steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
-    return steps[:args.max_steps or len(steps)]
+
+    def micro_batches():  # built only as far as the steps run: --max_steps costs what it says
+        stream = []
+        for c in range(0, len(order), chunk):
+            members = order[c:c + chunk]
+            for p in range(math.ceil(args.epochs)):
+                batches = [[members[i] for i in b]
+                           for b in length_batches([forget_lengths[i] for i in members], size, rng)]
+                if p + 1 > args.epochs:  # a last, partial pass
+                    batches = batches[:math.ceil((args.epochs - p) * len(batches))]
+                for b in batches:
+                    want = len(b) * args.retain_per_forget if retain else 0
+                    while len(stream) < want:  # retain batches of similar length, in a fresh order
+                        stream += sum(length_batches(retain_lengths, size * args.retain_per_forget, rng), [])
+                    yield b, stream[:want]
+                    del stream[:want]
+    wanted = min((args.max_steps or MAX_MICRO) * args.grad_accum, MAX_MICRO + 1)
+    micro = list(itertools.islice(micro_batches(), wanted))
+    if len(micro) > MAX_MICRO:
+        raise LumeError(f"--epochs {args.epochs} (--max_steps {args.max_steps} x --grad_accum {args.grad_accum}): the "
+                        f"schedule holds more than {MAX_MICRO:,} micro-steps, too many to finish")
+    return [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
 
 
 def recipe(args, algo, seed, depth, tuned=None):
@@ -684,9 +713,8 @@ def recipe(args, algo, seed, depth, tuned=None):
 
 
 def blocks_trained(args, depth, method=None):
-    """The blocks a method trains: its own choice, else the last --train_layers; None (--train_layers 0): every
-    parameter, embeddings, final norm and output layer included. An unlearned model's relearn probe trains the same;
-    the retrain model's, the --train_layers blocks (no method)."""
+    """The blocks a method trains (its relearn probe: the same): its own, else the last --train_layers; None
+    (--train_layers 0): every parameter, embeddings, final norm and output layer included."""
     which = method.blocks(args, depth) if method and method.blocks else range(depth - args.train_layers, depth)
     return list(which) or None
 
@@ -762,14 +790,16 @@ def greedy(model, ids, mask, max_new_tokens, eos_id):
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
     """Greedy continuations of raw prompts, decoded without special tokens, and the tokens generated for each;
     in batches of prompts sorted by length, left-padded (batch_size 1: one at a time, as the official scorer)."""
+    room = model.config.max_position_embeddings - max_new_tokens  # > 0 (the flag checks)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    if long := sum(len(e) > model.config.max_position_embeddings for e in encoded):  # (the few-shot probe, large k)
-        print(f"note: {long} of {len(prompts)} prompts are longer than the model's context "
-              f"({model.config.max_position_embeddings} tokens)")
+    if long := sum(len(e) > room for e in encoded):  # (the few-shot probe, large k)
+        print(f"note: {long} of {len(prompts)} prompts are longer than the model's context less the tokens to "
+              f"generate ({room}): their first tokens were cut")
+        encoded = [e[-room:] for e in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out, new_tokens, bar = [None] * len(prompts), [0] * len(prompts), Progress(len(prompts), "generate")
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+    for s, e in budgeted([len(encoded[i]) + max_new_tokens for i in order], batch_size):
+        chunk = order[s:e]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
         with autocast(device):
             cont = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens,
@@ -855,14 +885,6 @@ def mia_examples(model, tokenizer, docs):
 
 
 @torch.inference_mode()
-def reference_nll(ref_model, tokenizer, docs, args, device):
-    """The MIA-LR reference's mean token NLL of each document (measured once: the reference never changes)."""
-    batches = inference(ref_model, mia_examples(ref_model, tokenizer, docs), args.eval_batch_size,
-                        tokenizer.pad_token_id, device)
-    return [nll for _, batch, logits in batches for nll in sequence_nll(logits, batch["labels"], "mean").tolist()]
-
-
-@torch.inference_mode()
 def mia_statistics(model, tokenizer, docs, args, device):
     """Per whole document: mean token NLL (the LOSS attack), NLL_ref - NLL (likelihood ratio, where the document
     holds its reference NLL "ref_nll"), NLL over zlib bits, Min-K%++; each oriented so that higher means 'member'."""
@@ -877,7 +899,7 @@ def mia_statistics(model, tokenizer, docs, args, device):
         mu = (logp.exp() * logp).sum(-1)  # (B, T-1)
         sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
         z = (token_logp - mu) / sigma  # (B, T-1)
-        for j, d in enumerate(docs[s:s + args.eval_batch_size]):
+        for j, d in enumerate(docs[s:s + len(nll)]):
             zs = z[j][labelled[j]].sort().values  # ascending: the lowest k% first
             out.append(dict(id=d["id"], task=d["task"], member=d["member"], nll=nll[j].item(), loss=-nll[j].item(),
                             ref=d["ref_nll"] - nll[j].item() if "ref_nll" in d else None,
@@ -982,6 +1004,9 @@ def evaluate(name, model, tokenizer, lume, mmlu, args, device):
 # -----------------------------------------------------------------------------
 # Data files: rows read and checked one by one, from jsonl or parquet
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)  # Task1, Task2 ids
+
+
 def shown(path):
     """A path as a reader wants it: relative to the working folder where it lies below it."""
     try:
@@ -999,14 +1024,25 @@ class Lume:
     nonmembers: list
     source: str  # a line saying what was read
     mia_source: str  # a line saying where the MIA sets come from, or why there are none
-    paraphrases: dict = field(default_factory=dict)  # qa id -> other wordings (rephrase.jsonl)
+    paraphrases: dict = field(default_factory=dict)  # qa row's key -> other wordings (rephrase.jsonl)
     base: Path = None  # the folder of the split files
+
+
+def regular(path, what=""):
+    """The path, if it is a regular file: a folder, a FIFO, a socket or a device (which could hang a read or never
+    end) is refused by name before it is opened. `what`: the flag that named it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = ("a folder" if path.is_dir() else "a FIFO" if path.is_fifo() else "a socket" if path.is_socket()
+                else "a device")
+        raise LumeDataError(f"{what}{' ' * bool(what)}{path}: is {kind}, not a file")
+    return path
 
 
 def read_jsonl(path):
     """[(where, row)] read line by line, so that an error can name its line (and column)."""
     out = []
-    with open(path, "rb") as f:
+    with open(regular(path), "rb") as f:
         for n, raw in enumerate(f, 1):
             try:  # -sig: a byte-order mark is not part of line 1
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
@@ -1058,7 +1094,11 @@ def check_row(where, row, split):
         raise LumeDataError(f'{where}: field "id" is "{rid}", with white space around it')
     if row.get("split") in ("forget", "retain", "holdout") and row["split"] != split:  # other values: ignored
         raise LumeDataError(f'{where}: field "split" is "{row["split"]}" in the {split} file')
-    return dict(id=rid, input=text, output=answer, task=task, split=split, kind=kind, doc=rid[:-3])
+    doc = unicodedata.normalize("NFC", rid[:-3])  # one spelling: NFC, and a UUID (Tasks 1, 2) in lower case
+    if not doc.strip('"').strip():
+        raise LumeDataError(f'{where}: field "id" is "{rid}", which has no document part before {rid[-3:]}')
+    doc = doc.lower() if UUID.fullmatch(doc.strip('"')) else doc
+    return dict(id=rid, input=text, output=answer, task=task, split=split, kind=kind, doc=doc, key=doc + rid[-3:])
 
 
 def read_split(paths, split, seen=None):
@@ -1068,7 +1108,7 @@ def read_split(paths, split, seen=None):
         if str(path).endswith(".parquet"):  # the SemEval release
             import pyarrow.parquet as pq  # comes with `datasets`
             try:
-                read = [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+                read = [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(regular(path)).to_pylist())]
             except Exception as e:
                 raise LumeDataError(f"{path}: not a readable parquet file ({e})") from None
         else:
@@ -1077,11 +1117,11 @@ def read_split(paths, split, seen=None):
             raise LumeDataError(f"{path}: holds no rows")
         for where, raw in read:
             row = check_row(where, raw, split)
-            if row["id"] in seen:
-                first, at = seen[row["id"]]
+            if row["key"] in seen:  # the same id, however spelt
+                first, at = seen[row["key"]]
                 raise LumeDataError(f'{where}: field "id" "{row["id"]}" ' + (
                     f"repeats {at}" if first == split else f"is also in the {first} set ({at})"))
-            seen[row["id"]] = split, where
+            seen[row["key"]] = split, where
             rows.append(row | {"where": where})
     return rows
 
@@ -1155,11 +1195,15 @@ def load_lume(data_dir, task="all") -> Lume:
     if not forget:
         raise LumeDataError(f"{base}: the forget set holds no rows of {', '.join(names)} (--task {task})")
     members, nonmembers, mia_source = mia_sets(root, base, task, forget, holdout)
-    paraphrases = {}
+    paraphrases = {}  # by the key of the question they reword: a known qa row's
     for where, row in read_jsonl(base / "rephrase.jsonl") if (base / "rephrase.jsonl").exists() else []:
-        if not (isinstance(row.get("paraphrases"), list) and all(isinstance(p, str) for p in row["paraphrases"])):
-            raise LumeDataError(f'{where}: field "paraphrases" must be a list of strings')
-        paraphrases[text_field(where, row, "id")] = row["paraphrases"]
+        said = row.get("paraphrases")
+        if not (isinstance(said, list) and said and all(isinstance(p, str) and p.strip() for p in said)):
+            raise LumeDataError(f'{where}: field "paraphrases" must be a list of texts, none empty')
+        key = check_row(where, dict(row, input="-", output="-", task="Task1"), "forget")["key"]
+        if not key.endswith(("qa0", "qa1", "qa2", "qa3", "qa4")) or key not in seen:
+            raise LumeDataError(f'{where}: field "id" "{row["id"]}" names no question of {shown(base)}')
+        paraphrases[key] = said
     kind = "SemEval-2025 parquet" if ".parquet" in splits["forget"][0]["where"] else "LUME jsonl"
     return Lume(forget, retain, holdout, members, nonmembers, f"{shown(base)} ({kind})", mia_source, paraphrases, base)
 
@@ -1234,7 +1278,7 @@ def read_mmlu_csv(path):
     import csv
     subject, split = path.stem.rsplit("_", 1)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = regular(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise LumeDataError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
     rows = list(csv.reader(io.StringIO(text, newline="")))
@@ -1386,7 +1430,7 @@ def fewshot_rows(lume, k, seed):
 def rephrased_rows(lume):
     """Each forget qa row in other words: its paraphrases (rephrase.jsonl), else FORMATS' rewrites of it."""
     return [r | {"input": v, "variant": j} for r in lume.forget if r["kind"] == "qa"
-            for j, v in enumerate(lume.paraphrases.get(r["id"]) or [f.format(q=r["input"]) for f in FORMATS])]
+            for j, v in enumerate(lume.paraphrases.get(r["key"]) or [f.format(q=r["input"]) for f in FORMATS])]
 
 
 @contextlib.contextmanager
@@ -1528,13 +1572,18 @@ def pid_alive(pid):
     return True
 
 
+LOCKS = []  # the lock this process holds: removed at the end, or by a second signal
+
+
 def prepare_out_dir(args):
     """The output folder, created, locked (.lock holds our pid) and test-written before any model is
-    loaded: (path, created). A folder another living run holds is refused; a dead run's lock is taken over."""
+    loaded: (path, created). A folder another living run holds is refused; a dead run's lock is taken over. The
+    default name holds the time and our pid: two runs started together never share it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-{stamp}")
+    out = Path(args.out_dir or HERE / "runs" / f"task{args.task}-{'-'.join(args.algo)}-{stamp}-{os.getpid()}")
+    named = f"--out_dir {out}" if args.out_dir else f"the results folder {out}"
     if out.exists() and not out.is_dir():
-        raise LumeError(f"--out_dir {out}: is a file, not a folder")
+        raise LumeError(f"{named}: is a file, not a folder")
     lock, created = out / ".lock", not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1544,15 +1593,17 @@ def prepare_out_dir(args):
         except FileExistsError:
             pid = lock.read_text().strip()
             if pid.isdigit() and pid_alive(int(pid)):
-                raise LumeError(f"--out_dir {out}: another run (pid {pid}) is writing there (if none is, remove "
+                raise LumeError(f"{named}: another run (pid {pid}) is writing there (if none is, remove "
                                 f"{out / '.lock'})") from None
             lock.write_text(str(os.getpid()))  # its run died: ours now
+        LOCKS.append(lock)
         if (out / "metrics.json").exists() and not args.overwrite:
             lock.unlink()
-            raise LumeError(f"--out_dir {out}: holds the results of an earlier run (metrics.json); choose "
+            LOCKS.remove(lock)
+            raise LumeError(f"{named}: holds the results of an earlier run (metrics.json); choose "
                             "another folder or pass --overwrite")
     except OSError as e:
-        raise LumeError(f"--out_dir {out}: cannot write there ({e.strerror or e})") from None
+        raise LumeError(f"{named}: cannot write there ({e.strerror or e})") from None
     return out, created
 
 
@@ -1791,11 +1842,19 @@ def resolve_device(name="auto"):
     return device
 
 
-def stopped(signum, frame):  # SIGTERM (timeout, a scheduler; torchrun when another process failed): as Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a scheduler signals every process) waits for us
+def stopped(signum, frame):
+    """Ctrl-C and SIGTERM (timeout, a scheduler; torchrun when another process failed): the first ends the run with
+    its results so far; a second ends the process at once, its lock removed."""
+    if STOPPED:
+        for lock in LOCKS:
+            with contextlib.suppress(OSError):
+                lock.unlink(missing_ok=True)
+        os.write(2, b"stopped at once by a second signal\n")
+        os._exit(128 + signum)
     several = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    raise KeyboardInterrupt("stopped by SIGTERM" + (" (torchrun sends it when another process fails: its message is "
-                                                    "above)" if several else ""))
+    STOPPED.append("" if signum == signal.SIGINT else "stopped by SIGTERM" + (
+        " (torchrun sends it when another process fails: its message is above)" if several else ""))
+    stop_here()
 
 
 def start_processes(args):
@@ -1837,6 +1896,11 @@ LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
 }
 
 
+# a model other than the embedded target: the values the LUME targets are unlearned with (AILS-NTUA, SemEval-2025),
+# for every flag not typed; the embedded target memorised from scratch and keeps Args' defaults
+TARGET_DEFAULTS = dict(lr=1e-5, relearn_lr=1e-5)
+
+
 def parse_args(argv=None) -> Args:
     """Args from the command line; args.given holds the flags typed (a method's recipe leaves those). With a model
     other than the embedded target, the flags not typed of TARGET_DEFAULTS take its values (args.target_defaults)."""
@@ -1870,9 +1934,30 @@ def runs_of(args):
     return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
 
 
+def check_context(args, context):
+    """The flags the model's context bounds: a prompt needs room to be continued, an example to be read whole. A
+    typed value that cannot fit is refused; a default too large for a small model is cut (a note says so)."""
+    for flag, room, cut in (("max_new_tokens", context - 1, context // 2), ("max_length", context, context)):
+        value, typed = getattr(args, flag), flag in getattr(args, "given", ())
+        if typed and value > room:
+            raise LumeError(f"--{flag} {value}: the model's context is {context} tokens" + (
+                ", prompt and continuation together" if flag == "max_new_tokens" else ""))
+        if not typed and value > cut:
+            print(f"note: --{flag} {cut}, not {value}: the model's context is {context} tokens")
+            setattr(args, flag, cut)
+
+
 def check_args(args):
     """Every bound, comma list, named file and depth-dependent value, before any work (LumeError)."""
     resolve_device(args.device)  # before any data is read
+    try:  # the scoring's packages (the GPU images lack rouge-score)
+        rouge_scorer()
+    except ImportError as e:
+        raise LumeError(f"{e.name or e} is not installed (pip install rouge-score): the scoring needs it") from None
+    if args.target_defaults:
+        print("a model other than the embedded target: " + ", ".join(f"--{k} {v}" for k, v in
+                                                                     args.target_defaults.items())
+              + " (the values used on the LUME targets; type a flag to choose another)")
     for f in dataclasses.fields(Args):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -1898,7 +1983,7 @@ def check_args(args):
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
     if args.model_config and args.model_config != "olmo-1b":
         try:
-            config = json.loads(Path(args.model_config).read_text())
+            config = json.loads(regular(args.model_config, "--model_config").read_text())
         except (OSError, ValueError):
             config = None
         if not isinstance(config, dict):
@@ -1910,13 +1995,33 @@ def check_args(args):
     for kind in args.relearn_data if "relearn" in args.probes else ():
         if kind not in ("retain", "mmlu") and not read_mia_file(kind):
             raise LumeError(f"--relearn_data {kind}: holds no documents")
-    try:  # the model's depth, from its config.json before any weights are loaded (a Hub id's: once loaded)
-        depth = (OLMO_1B if args.model_config == "olmo-1b" else json.loads(
-            Path(args.model_config or Path(args.model) / "config.json").read_text()))["num_hidden_layers"]
+    try:  # the model's shape, from its config.json before any weights are loaded (a Hub id's: once loaded)
+        config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(
+            regular(args.model_config or Path(args.model) / "config.json").read_text())
+        depth, context = config["num_hidden_layers"], config["max_position_embeddings"]
     except (OSError, ValueError, KeyError, TypeError):
-        depth = None
-    if depth is not None:
-        check_depth(args, depth)
+        return
+    check_depth(args, depth)
+    check_context(args, context)
+
+
+def check_data(args, lume, val):
+    """What the data must hold for the methods asked for (a retain set, a validation split's rows), and the size of
+    each method's schedule, built on stand-in examples before any model: one a day could not finish is refused."""
+    needs = [a for a in args.algo if METHODS[a].retain]
+    for split in ("forget", "retain") if val else ():  # a small release's tasks, or a SemEval one's, may have none
+        if not getattr(val, split) and (split == "forget" or needs):
+            raise LumeDataError(f"--tune: the validation split of {shown(lume.base)} has no {split} rows (--task "
+                                f"{args.task})")
+    if needs and not lume.retain and not args.eval_only:
+        raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
+    for algo in [] if args.eval_only else args.algo:
+        tried, stand_in = recipe(args, algo, args.seed, 4), [dict(input_ids=[0])]
+        if METHODS[algo].retain and tried.retain_per_forget > len(lume.retain):
+            raise LumeError(f"--retain_per_forget {tried.retain_per_forget} (--algo {algo}): more than the "
+                            f"{len(lume.retain)} retain examples")
+        schedule(stand_in * len(lume.forget), stand_in * len(lume.retain) * METHODS[algo].retain, tried,
+                 random.Random(0), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 # =============================================================================
@@ -1927,21 +2032,33 @@ def check_args(args):
 # -----------------------------------------------------------------------------
 # Loading: the model to unlearn, the MIA-LR reference, the retrain model (from_pretrained, or built)
 
-def load_model(name, device, weights=True):
-    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None
-    without weights."""
+def fits(model, tokenizer, what):
+    """Refuses a model with fewer embeddings than the tokenizer it is fed has ids (one past the table: IndexError)."""
+    if len(tokenizer) > (rows := model.get_input_embeddings().num_embeddings):
+        raise LumeError(f"{what}: its tokenizer has {len(tokenizer)} ids, and the model embeds only {rows}")
+
+
+def load_model(name, device, weights=True, tokenizer=None):
+    """(model, its tokenizer): from_pretrained on a Hub id or a local folder, no remote code; the model None without
+    weights. Checked whole: its weights those its config.json describes, an embedding for every id of its tokenizer
+    (or of `tokenizer`, the one it will be fed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32) if weights \
-            else None
+        own = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32,
+                                                           output_loading_info=True) if weights else (None, {})
     except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
         raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
                         "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return (model.to(device) if weights else None), tokenizer
+    if wrong := [f"{k.split('_')[0]} {sorted(map(str, v))[0]} ({len(v)} in all)" for k, v in info.items()
+                 if k.endswith("keys") and v]:  # transformers would start them from random values
+        raise LumeError(f"cannot load model {str(name)!r}: its weights do not fit its config.json: {'; '.join(wrong)}")
+    if own.pad_token_id is None:
+        own.pad_token = own.eos_token
+    if weights:
+        fits(model, tokenizer or own, f"model {str(name)!r}")
+    return (model.to(device) if weights else None), own
 
 
 def build_model(config, device):
@@ -1952,13 +2069,19 @@ def build_model(config, device):
         return OlmoForCausalLM(OlmoConfig(**config))
 
 
-def load_models(args, lumes, device):
-    """The model to unlearn and its tokenizer, read by load_model as any folder. First, with --ref_model, each MIA
-    document of `lumes` gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and
-    then released."""
-    tokenizer = load_model(TARGET if args.model_config else args.model, device, weights=False)[1]
+@torch.inference_mode()
+def reference_nll(ref_model, tokenizer, docs, args, device):
+    """The MIA-LR reference's mean token NLL of each document (measured once: the reference never changes)."""
+    batches = inference(ref_model, mia_examples(ref_model, tokenizer, docs), args.eval_batch_size,
+                        tokenizer.pad_token_id, device)
+    return [nll for _, batch, logits in batches for nll in sequence_nll(logits, batch["labels"], "mean").tolist()]
+
+
+def load_models(args, lumes, device, tokenizer):
+    """The model to unlearn, read by load_model as any folder. First, with --ref_model, each MIA document of `lumes`
+    gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and then released."""
     if args.ref_model:  # a model that never saw the members
-        ref_model, ref_tokenizer = load_model(args.ref_model, device)
+        ref_model, ref_tokenizer = load_model(args.ref_model, device, tokenizer=tokenizer)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise LumeError(f"--ref_model {args.ref_model}: its tokenizer is not the model's, so their likelihoods "
                             "cannot be compared token by token")
@@ -1970,8 +2093,10 @@ def load_models(args, lumes, device):
         gc.collect()  # a transformers model sits in reference cycles: freed now, before the model is loaded
     if args.model_config:  # the real architecture with random weights (no download)
         config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(Path(args.model_config).read_text())
-        return freeze(build_model(config, device)), tokenizer
-    return freeze(load_model(args.model, device)[0]), tokenizer
+        model = build_model(config, device)
+        fits(model, tokenizer, f"--model_config {args.model_config}")
+        return freeze(model)
+    return freeze(load_model(args.model, device)[0])
 
 
 # -----------------------------------------------------------------------------
@@ -2012,10 +2137,10 @@ class Results:
         self.probe_records += records
 
 
-def unlearn_each(model, res, val, depth):
+def unlearn_each(model, res, val, depth, examples):
     """Each method and seed from the target (restored from host memory before each), after --tune if asked; each
     unlearned model scored and probed, relearning training the blocks unlearning trained."""
-    args, examples = res.args, unlearning_examples(res.tokenizer, res.lume, res.args.max_length)  # once for every run
+    args = res.args
     target_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                       if len(res.runs) > 1 or val else None)  # restored before each run; kept off the GPU
     if val:  # --tune
@@ -2039,9 +2164,12 @@ def run(args, lume, mmlu, device, out, val=None):
     res = Results(args, lume, mmlu, device, out, runs=[] if args.eval_only else runs_of(args))
     MEMORY.clear()
     with timed(res.phases, "load"):
-        model, res.tokenizer = load_models(args, [lume] + [val] * bool(val), device)
+        res.tokenizer = load_model(TARGET if args.model_config else args.model, device, weights=False)[1]
+        examples = unlearning_examples(res.tokenizer, lume, args.max_length) if res.runs else None  # before any model
+        model = load_models(args, [lume] + [val] * bool(val), device, res.tokenizer)
     depth = len(model.get_decoder().layers)
-    check_depth(args, depth)  # a Hub model's depth is known only now
+    check_depth(args, depth)  # a Hub model's shape is known only now
+    check_context(args, model.config.max_position_embeddings)
     res.n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model_config or shown(args.model)} ({res.n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
@@ -2053,10 +2181,10 @@ def run(args, lume, mmlu, device, out, val=None):
         print(f"MIA {lume.mia_source}")
     res.score("target", model, only_prompts=True)  # does the target answer few-shot, reworded prompts?
     if res.runs:
-        unlearn_each(model, res, val, depth)
+        unlearn_each(model, res, val, depth, examples)
     if args.retrain_model:
         model.to("cpu")  # one model on the device at a time; only --save_model reads this one again
-        retrain = freeze(load_model(args.retrain_model, device)[0])
+        retrain = freeze(load_model(args.retrain_model, device, tokenizer=res.tokenizer)[0])
         res.score("retrain", retrain, blocks_trained(args, depth))  # the control: it never saw the forget set
         del retrain
         gc.collect()
@@ -2074,32 +2202,15 @@ def run(args, lume, mmlu, device, out, val=None):
 # -----------------------------------------------------------------------------
 # main: the command line
 
-def check_data(args, lume, val):
-    """The rows the methods asked for need: a retain set where a method trains on one, a validation split's rows."""
-    needs = [a for a in args.algo if METHODS[a].retain]
-    for split in ("forget", "retain") if val else ():  # a small release's tasks, or a SemEval one's, may have none
-        if not getattr(val, split) and (split == "forget" or needs):
-            raise LumeDataError(f"--tune: the validation split of {shown(lume.base)} has no {split} rows (--task "
-                                f"{args.task})")
-    if needs and not lume.retain and not args.eval_only:
-        raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
-    out, created, sigterm, began = None, False, signal.signal(signal.SIGTERM, stopped), time.time()  # as Ctrl-C
+    hf_logging.set_verbosity_error()  # what its warnings say (weights left at random, say), load_model refuses
+    out, created, began = None, False, time.time()
+    handlers = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         check_args(args)
-        if args.target_defaults:
-            print("a model other than the embedded target: " + ", ".join(f"--{k} {v}" for k, v in
-                                                                         args.target_defaults.items())
-                  + " (the values used on the LUME targets; type a flag to choose another)")
-        try:  # the scoring's packages, before any work (the GPU images lack rouge-score)
-            rouge_scorer()
-        except ImportError as e:
-            raise LumeError(f"{e.name or e} is not installed (pip install rouge-score): the scoring needs it") from None
         stale = stale_data(TARGET) if Path(args.model).resolve() == TARGET.resolve() else ""
         if stale and not args.model_config:  # the embedded target no longer matches data/
             print(f"warning: {stale} (its build.json), so its scores do not measure unlearning; rebuild the models: "
@@ -2134,14 +2245,19 @@ def main(argv=None):
         kept = out is not None and (out / "metrics.json").exists() and (out / "metrics.json").stat().st_mtime >= began
         sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)" if kept
                          else "; no results were written" if out is not None else ""))
-    finally:
-        if out is not None and rank_world()[0] == 0:
-            (out / ".lock").unlink(missing_ok=True)
+    finally:  # never raises over the error it cleans up after (a file system turned read-only, say)
+        with contextlib.suppress(OSError):
+            for lock in LOCKS:
+                lock.unlink(missing_ok=True)
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # made by this run, and nothing in it
+        LOCKS.clear()
+        STOPPED.clear()  # the process goes on (a test, a notebook): the next run starts afresh
         if dist.is_initialized():
-            dist.destroy_process_group()
-        signal.signal(signal.SIGTERM, sigterm)
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -1982,8 +1982,9 @@ def check_args(args):
     if args.save_model and len(runs_of(args)) > 1:
         raise LumeError("--save_model keeps one unlearned model: give one --algo and one seed")
     if args.model_config and args.model_config != "olmo-1b":
+        regular(args.model_config, "--model_config")
         try:
-            config = json.loads(regular(args.model_config, "--model_config").read_text())
+            config = json.loads(Path(args.model_config).read_text())
         except (OSError, ValueError):
             config = None
         if not isinstance(config, dict):

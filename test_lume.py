@@ -2631,6 +2631,8 @@ def test_only_regular_files_are_read(tmp_path):
         lume.load_lume(data)
     with pytest.raises(SystemExit, match="--model_config /dev/zero: is a device, not a file"):
         lume.main(["--model_config", "/dev/zero"])
+    with pytest.raises(lume.LumeDataError, match="--mmlu /dev/zero: is a device, not a file"):
+        lume.load_mmlu("/dev/zero")
 
 
 def test_one_id_has_one_spelling(tmp_path):

@@ -2008,6 +2008,9 @@ def check_args(args):
     check_context(args, context)
 
 
+# -----------------------------------------------------------------------------
+# The data checks: what the methods asked for need of the data, and the size of their schedules
+
 def check_data(args, lume, val):
     """What the data must hold for the methods asked for (a retain set, a validation split's rows), and the size of
     each method's schedule, built on stand-in examples before any model: one a day could not finish is refused."""

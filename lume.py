@@ -1088,7 +1088,7 @@ def check_row(where, row, split):
     if task not in TASKS:
         raise LumeDataError(f'{where}: field "task" is "{task}", expected one of {", ".join(TASKS)}')
     kind = "sc" if rid[:-1].endswith("sc") else "qa" if rid[:-1].endswith("qa") else None  # the official test
-    if kind is None or not rid[-1].isdigit():
+    if kind is None or rid[-1] not in "0123456789":
         raise LumeDataError(f'{where}: field "id" is "{rid}", which does not end in sc<digit> or qa<digit>')
     if rid != rid.strip():
         raise LumeDataError(f'{where}: field "id" is "{rid}", with white space around it')
@@ -1201,7 +1201,7 @@ def load_lume(data_dir, task="all") -> Lume:
         if not (isinstance(said, list) and said and all(isinstance(p, str) and p.strip() for p in said)):
             raise LumeDataError(f'{where}: field "paraphrases" must be a list of texts, none empty')
         key = check_row(where, dict(row, input="-", output="-", task="Task1"), "forget")["key"]
-        if not key.endswith(("qa0", "qa1", "qa2", "qa3", "qa4")) or key not in seen:
+        if key[-3:-1] != "qa" or key not in seen:
             raise LumeDataError(f'{where}: field "id" "{row["id"]}" names no question of {shown(base)}')
         paraphrases[key] = said
     kind = "SemEval-2025 parquet" if ".parquet" in splits["forget"][0]["where"] else "LUME jsonl"
@@ -1949,6 +1949,29 @@ def check_context(args, context):
             setattr(args, flag, cut)
 
 
+def check_shape(config, what):
+    """A config.json whose shape cannot make a model (transformers would fail at the first forward pass)."""
+    heads = config.get("num_attention_heads") or 1
+    if isinstance(config.get("hidden_size"), int) and config["hidden_size"] % heads:
+        raise LumeError(f"{what}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads {heads}")
+
+
+def check_model_folders(args):
+    """--model, --ref_model, --retrain_model: a Hub id, or a folder of regular files whose config.json can work."""
+    for flag in [f for f in ("model", "ref_model", "retrain_model") if getattr(args, f)]:  # a folder, or a Hub id
+        name = getattr(args, flag)
+        if not Path(name).exists() and not (name.count("/") == 1 and not name.startswith((".", "/"))):
+            raise LumeError(f"--{flag} {name}: no such folder, and not a Hub id (owner/name)")
+        if Path(name).exists() and not Path(name).is_dir():
+            raise LumeError(f"--{flag} {name}: not a folder (a model is a folder of config.json, weights, tokenizer)")
+        for part in [p for p in Path(name).glob("*") if not p.is_dir()]:  # config, weights, tokenizer: each a file
+            regular(part, f"--{flag}")
+        try:  # a broken config.json: load_model says what ails it
+            check_shape(json.loads((Path(name) / "config.json").read_text()), f"--{flag} {name}")
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def check_args(args):
     """Every bound, comma list, named file and depth-dependent value, before any work (LumeError)."""
     resolve_device(args.device)  # before any data is read
@@ -1991,10 +2014,8 @@ def check_args(args):
             config = None
         if not isinstance(config, dict):
             raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file (an object)")
-    for flag in ("model", "ref_model", "retrain_model"):  # a folder, or a Hub id (owner/name)
-        name = getattr(args, flag)
-        if name and not Path(name).exists() and not (name.count("/") == 1 and not name.startswith((".", "/"))):
-            raise LumeError(f"--{flag} {name}: no such folder, and not a Hub id (owner/name)")
+        check_shape(config, f"--model_config {args.model_config}")
+    check_model_folders(args)
     for kind in args.relearn_data if "relearn" in args.probes else ():
         if kind not in ("retain", "mmlu") and not read_mia_file(kind):
             raise LumeError(f"--relearn_data {kind}: holds no documents")
@@ -2052,13 +2073,15 @@ def load_model(name, device, weights=True, tokenizer=None):
 
     try:
         own = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32,
-                                                           output_loading_info=True) if weights else (None, {})
+        model, info = AutoModelForCausalLM.from_pretrained(  # mismatched shapes: listed, refused below
+            name, trust_remote_code=False, dtype=torch.float32, output_loading_info=True,
+            ignore_mismatched_sizes=True) if weights else (None, {})
     except Exception as e:  # a broken config.json or weights file: whatever transformers or safetensors raise
-        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]} (no "
-                        "network? pass a local folder that holds config.json, the weights and the tokenizer)") from None
-    if wrong := [f"{k.split('_')[0]} {sorted(map(str, v))[0]} ({len(v)} in all)" for k, v in info.items()
-                 if k.endswith("keys") and v]:  # transformers would start them from random values
+        raise LumeError(f"cannot load model {str(name)!r}: {(str(e).splitlines() or [type(e).__name__])[0]}" + (
+            "" if Path(name).exists() else " (no network? pass a local folder that holds config.json, the weights "
+            "and the tokenizer)")) from None
+    if wrong := [f"{k.split('_')[0]} {sorted(v)[0][0] if k == 'mismatched_keys' else sorted(v)[0]} ({len(v)} in all)"
+                 for k, v in info.items() if k.endswith("keys") and v]:  # else started from random values
         raise LumeError(f"cannot load model {str(name)!r}: its weights do not fit its config.json: {'; '.join(wrong)}")
     if own.pad_token_id is None:
         own.pad_token = own.eos_token
@@ -2083,9 +2106,32 @@ def reference_nll(ref_model, tokenizer, docs, args, device):
     return [nll for _, batch, logits in batches for nll in sequence_nll(logits, batch["labels"], "mean").tolist()]
 
 
+def check_weights(name, flag, ids):
+    """A model folder's weights against its config.json and the vocabulary, from the safetensors files' headers
+    (no weight is read): a --retrain_model that could not load is refused before hours of unlearning, not after."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    have = {}
+    for path in Path(name).glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            have |= {k: list(weights.get_slice(k).get_shape()) for k in weights.keys()}
+    config = AutoConfig.from_pretrained(name)
+    if config.vocab_size < ids:  # the tokenizer it is fed: the target's
+        raise LumeError(f"--{flag} {name}: the model's tokenizer has {ids} ids, and it embeds only {config.vocab_size}")
+    with torch.device("meta"):  # shapes, no memory; named_parameters names a tied weight once
+        want = dict(AutoModelForCausalLM.from_config(config).named_parameters())
+    if wrong := [k for k, v in want.items() if have.get(k) != list(v.shape)]:
+        raise LumeError(f"--{flag} {name}: its weights do not fit its config.json: {wrong[0]} is "
+                        f"{have.get(wrong[0], 'missing')} in the weights, {list(want[wrong[0]].shape)} in config.json "
+                        f"({len(wrong)} in all)")
+
+
 def load_models(args, lumes, device, tokenizer):
     """The model to unlearn, read by load_model as any folder. First, with --ref_model, each MIA document of `lumes`
     gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and then released."""
+    if args.retrain_model and Path(args.retrain_model).is_dir():  # loaded only after unlearning
+        check_weights(args.retrain_model, "retrain_model", len(tokenizer))
     if args.ref_model:  # a model that never saw the members
         ref_model, ref_tokenizer = load_model(args.ref_model, device, tokenizer=tokenizer)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():

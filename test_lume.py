@@ -2766,3 +2766,33 @@ def test_default_folders_never_collide_and_are_named_as_folders(tmp_path, monkey
         lume.prepare_out_dir(lume.parse_args(["--task", "1"]))
     assert str(e.value).startswith(f"the results folder {folders[0]}: holds the results of an earlier run")
     lume.LOCKS.clear()
+
+
+def test_a_model_that_could_not_load_or_run_is_refused_before_any_unlearning(micro, tmp_path, monkeypatch):
+    _, tokenizer, folder = micro
+    monkeypatch.setattr(lume, "unlearn", lambda *a, **k: pytest.fail("unlearning ran"))
+    wide = dict(json.loads((lume.TARGET / "config.json").read_text()), hidden_size=100, num_attention_heads=3)
+    (tmp_path / "wide.json").write_text(json.dumps(wide))  # 100 hidden units cannot split over 3 heads
+    other = tmp_path / "other"  # config.json says hidden 96; the weights hold 192 (the shipped target's)
+    shutil.copytree(lume.TARGET, other)
+    (other / "config.json").write_text(json.dumps(json.loads((other / "config.json").read_text()) | dict(hidden_size=96)))
+    small = tmp_path / "small"  # embeds 512 ids; the target's tokenizer has 1024
+    lume.save_atomic(lume.build_model(dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, max_position_embeddings=512), CPU), tokenizer, small)
+    fifo = tmp_path / "fifo"
+    shutil.copytree(lume.TARGET, fifo)
+    (fifo / "tokenizer.json").unlink()
+    os.mkfifo(fifo / "tokenizer.json")
+    for flags, said in (
+            (["--model_config", str(tmp_path / "wide.json")], "hidden_size 100 is not a multiple of num_attention_heads 3"),
+            (["--retrain_model", str(other)], f"--retrain_model {other}: its weights do not fit its config.json: "
+                                              "model.embed_tokens.weight is [1024, 192] in the weights, [1024, 96]"),
+            (["--model", str(other)], f"cannot load model '{other}': its weights do not fit its config.json: "
+                                      "mismatched model.embed_tokens.weight"),
+            (["--retrain_model", str(fifo)], f"--retrain_model {fifo / 'tokenizer.json'}: is a FIFO, not a file"),
+            (["--ref_model", "/dev/zero"], "--ref_model /dev/zero: not a folder"),
+            (["--retrain_model", str(small)], f"--retrain_model {small}: the model's tokenizer has 1024 ids, and it "
+                                              "embeds only 512")):
+        with pytest.raises(SystemExit) as e:
+            lume.main(flags + ["--task", "1", "--max_new_tokens", "4", "--out_dir", str(tmp_path / "run")])
+        assert said in str(e.value.code) and "no network" not in str(e.value.code), str(e.value.code)

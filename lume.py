@@ -447,11 +447,11 @@ def timed(phases, name):
         yield
     finally:
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
-        stop_here()
         peak = most(RUNNING.pop())
         MEMORY[name] = {k: max(v, MEMORY.get(name, {}).get(k, 0.0)) for k, v in peak.items()}
         if RUNNING:
             RUNNING[-1] = {k: max(v, RUNNING[-1].get(k, 0.0)) for k, v in peak.items()}
+        stop_here()
 
 
 class Progress:
@@ -1753,6 +1753,14 @@ def tradeoff_plot(numbers, path):
 # -----------------------------------------------------------------------------
 # The record: what each run used, what computed it, what it cost; the files written whole
 
+def runs_of(args):
+    """[(row name, method, seed)]: one run per method and seed asked for."""
+    seeds = [int(s) for s in args.seeds] or [args.seed]
+    if len(args.algo) == 1 and len(seeds) == 1:
+        return [("unlearned", args.algo[0], seeds[0])]
+    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
+
+
 def cost_line(cost):
     parts = [f"total {cost['total_seconds']:.0f} s"] + [f"{k} {v:.1f} s" for k, v in cost["phases_seconds"].items()]
     if len(cost["train"]) > 1:  # a comparison: the seconds of each run
@@ -1844,16 +1852,22 @@ def resolve_device(name="auto"):
     return device
 
 
+STOPPED_AT = [0.0]  # when the first signal came
+
+
 def stopped(signum, frame):
     """Ctrl-C and SIGTERM (timeout, a scheduler; torchrun when another process failed): the first ends the run with
-    its results so far; a second ends the process at once, its lock removed."""
+    its results so far; a second ends the process at once, its lock removed, but for a SIGTERM within a second of
+    the first (a scheduler and torchrun each send one: the same stop)."""
+    if STOPPED and signum == signal.SIGTERM and time.monotonic() - STOPPED_AT[0] < 1:
+        return
     if STOPPED:
         for lock in LOCKS:
             with contextlib.suppress(OSError):
                 lock.unlink(missing_ok=True)
         os.write(2, b"stopped at once by a second signal\n")
         os._exit(128 + signum)
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    several, STOPPED_AT[:] = int(os.environ.get("WORLD_SIZE", 1)) > 1, [time.monotonic()]
     STOPPED.append("" if signum == signal.SIGINT else "stopped by SIGTERM" + (
         " (torchrun sends it when another process fails: its message is above)" if several else ""))
     stop_here()
@@ -1926,14 +1940,6 @@ def parse_args(argv=None) -> Args:
         for flag, value in args.target_defaults.items() | unset:
             setattr(args, flag, value)
     return args
-
-
-def runs_of(args):
-    """[(row name, method, seed)]: one run per method and seed asked for."""
-    seeds = [int(s) for s in args.seeds] or [args.seed]
-    if len(args.algo) == 1 and len(seeds) == 1:
-        return [("unlearned", args.algo[0], seeds[0])]
-    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
 
 
 def check_context(args, context):
@@ -2022,11 +2028,13 @@ def check_args(args):
     try:  # the model's shape, from its config.json before any weights are loaded (a Hub id's: once loaded)
         config = OLMO_1B if args.model_config == "olmo-1b" else json.loads(
             regular(args.model_config or Path(args.model) / "config.json").read_text())
-        depth, context = config["num_hidden_layers"], config["max_position_embeddings"]
-    except (OSError, ValueError, KeyError, TypeError):
+        depth, context = config.get("num_hidden_layers"), config.get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
         return
-    check_depth(args, depth)
-    check_context(args, context)
+    if isinstance(depth, int):
+        check_depth(args, depth)
+    if isinstance(context, int):
+        check_context(args, context)
 
 
 # -----------------------------------------------------------------------------
@@ -2113,14 +2121,19 @@ def check_weights(name, flag, ids):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     have = {}
-    for path in Path(name).glob("*.safetensors"):
-        with safe_open(path, "pt") as weights:
-            have |= {k: list(weights.get_slice(k).get_shape()) for k in weights.keys()}
-    config = AutoConfig.from_pretrained(name)
+    try:  # weights other than safetensors: load_model checks them
+        for path in Path(name).glob("*.safetensors"):
+            with safe_open(path, "pt") as weights:
+                have |= {k: list(weights.get_slice(k).get_shape()) for k in weights.keys()}
+        config = AutoConfig.from_pretrained(name)
+        with torch.device("meta"):  # shapes, no memory; named_parameters names a tied weight once
+            want = dict(AutoModelForCausalLM.from_config(config).named_parameters())
+    except Exception as e:  # a broken file: whatever safetensors or transformers raise
+        raise LumeError(f"--{flag} {name}: cannot read it ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if config.vocab_size < ids:  # the tokenizer it is fed: the target's
         raise LumeError(f"--{flag} {name}: the model's tokenizer has {ids} ids, and it embeds only {config.vocab_size}")
-    with torch.device("meta"):  # shapes, no memory; named_parameters names a tied weight once
-        want = dict(AutoModelForCausalLM.from_config(config).named_parameters())
+    if not have:
+        return
     if wrong := [k for k, v in want.items() if have.get(k) != list(v.shape)]:
         raise LumeError(f"--{flag} {name}: its weights do not fit its config.json: {wrong[0]} is "
                         f"{have.get(wrong[0], 'missing')} in the weights, {list(want[wrong[0]].shape)} in config.json "
@@ -2221,7 +2234,10 @@ def run(args, lume, mmlu, device, out, val=None):
         model = load_models(args, [lume] + [val] * bool(val), device, res.tokenizer)
     depth = len(model.get_decoder().layers)
     check_depth(args, depth)  # a Hub model's shape is known only now
+    cut = args.max_length
     check_context(args, model.config.max_position_embeddings)
+    if examples is not None and args.max_length != cut:  # a Hub model's context, known only now, cut it
+        examples = unlearning_examples(res.tokenizer, lume, args.max_length)
     res.n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model_config or shown(args.model)} ({res.n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
@@ -2259,9 +2275,10 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per weight file read would bury the log
     hf_logging.set_verbosity_error()  # what its warnings say (weights left at random, say), load_model refuses
-    out, created, began = None, False, time.time()
-    handlers = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    out, created, began, handlers = None, False, time.time(), {}
+    STOPPED.clear()
     try:
+        handlers = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
         check_args(args)
         stale = stale_data(TARGET) if Path(args.model).resolve() == TARGET.resolve() else ""
         if stale and not args.model_config:  # the embedded target no longer matches data/
@@ -2298,6 +2315,8 @@ def main(argv=None):
         sys.exit(said + (f" (the results so far are in {out}/metrics.json, \"complete\": false)" if kept
                          else "; no results were written" if out is not None else ""))
     finally:  # never raises over the error it cleans up after (a file system turned read-only, say)
+        for sig, handler in handlers.items():  # first: a signal from here on is the caller's
+            signal.signal(sig, handler)
         with contextlib.suppress(OSError):
             for lock in LOCKS:
                 lock.unlink(missing_ok=True)
@@ -2308,8 +2327,6 @@ def main(argv=None):
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

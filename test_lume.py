@@ -2715,7 +2715,10 @@ try:
     time.sleep(5)
 except KeyboardInterrupt:
     print("first: the run stops, cleaning up")
-os.kill(os.getpid(), signal.SIGTERM)  # while it cleans up
+os.kill(os.getpid(), signal.SIGTERM)  # the same stop sent again at once (a scheduler and torchrun each send one)
+print("a repeat within a second: the same stop")
+time.sleep(1.5)
+os.kill(os.getpid(), signal.SIGTERM)  # a second stop, while it cleans up
 time.sleep(5)
 print("still running")
 """
@@ -2726,7 +2729,8 @@ def test_a_second_signal_ends_the_process_at_once_with_its_lock(tmp_path):
     script.write_text(SECOND_SIGNAL.format(here=str(HERE)))
     done = subprocess.run([sys.executable, str(script), str(tmp_path / ".lock")], capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode == 128 + signal.SIGTERM and done.stdout == "first: the run stops, cleaning up\n"
+    assert done.returncode == 128 + signal.SIGTERM and done.stdout == "first: the run stops, cleaning up\n" \
+        "a repeat within a second: the same stop\n"
     assert done.stderr == "stopped at once by a second signal\n" and not (tmp_path / ".lock").exists()
 
 
@@ -2796,3 +2800,27 @@ def test_a_model_that_could_not_load_or_run_is_refused_before_any_unlearning(mic
         with pytest.raises(SystemExit) as e:
             lume.main(flags + ["--task", "1", "--max_new_tokens", "4", "--out_dir", str(tmp_path / "run")])
         assert said in str(e.value.code) and "no network" not in str(e.value.code), str(e.value.code)
+
+
+def test_a_retrain_model_is_checked_early_only_where_its_files_say_enough(micro, tmp_path, monkeypatch):
+    """Weights in pytorch_model.bin (no safetensors header to read) load as before; a truncated safetensors file is
+    one line; a config.json without a context still has its depth checked at start-up."""
+    model, tokenizer, _ = micro
+    legacy = tmp_path / "legacy"
+    lume.save_atomic(model, tokenizer, legacy)
+    (legacy / "model.safetensors").unlink()  # the weights as older checkpoints hold them
+    torch.save(model.state_dict(), legacy / "pytorch_model.bin")
+    assert list(legacy.glob("*.bin")) and not list(legacy.glob("*.safetensors"))
+    lume.check_weights(str(legacy), "retrain_model", len(tokenizer))  # nothing to read early: load_model checks it
+    broken = tmp_path / "broken"
+    shutil.copytree(lume.RETAIN_ONLY, broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(lume.LumeError, match=f"^--retrain_model {broken}: cannot read it"):
+        lume.check_weights(str(broken), "retrain_model", len(tokenizer))
+    shallow = {k: v for k, v in json.loads((lume.TARGET / "config.json").read_text()).items()
+               if k != "max_position_embeddings"} | dict(num_hidden_layers=2)
+    (tmp_path / "shallow.json").write_text(json.dumps(shallow))
+    monkeypatch.setattr(lume, "load_lume", lambda *a: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit, match="--train_layers 5: the model has 2 blocks"):
+        lume.main(["--model_config", str(tmp_path / "shallow.json"), "--train_layers", "5"])

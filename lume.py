@@ -1979,7 +1979,8 @@ def check_model_folders(args):
 
 
 def check_args(args):
-    """Every bound, comma list, named file and depth-dependent value, before any work (LumeError)."""
+    """Before any work (LumeError): the scoring's packages, every bound, comma list, named file and model folder, and
+    what the model's config.json bounds (depth, context); says which defaults a LUME target takes."""
     resolve_device(args.device)  # before any data is read
     try:  # the scoring's packages (the GPU images lack rouge-score)
         rouge_scorer()
@@ -2141,8 +2142,9 @@ def check_weights(name, flag, ids):
 
 
 def load_models(args, lumes, device, tokenizer):
-    """The model to unlearn, read by load_model as any folder. First, with --ref_model, each MIA document of `lumes`
-    gets the reference's NLL of the model's tokens ("ref_nll"), the reference loaded alone and then released."""
+    """The model to unlearn, read by load_model as any folder. First the --retrain_model's files are checked (it is
+    loaded only after unlearning); then, with --ref_model, each MIA document of `lumes` gets the reference's NLL of
+    the model's tokens ("ref_nll"), the reference loaded alone and then released."""
     if args.retrain_model and Path(args.retrain_model).is_dir():  # loaded only after unlearning
         check_weights(args.retrain_model, "retrain_model", len(tokenizer))
     if args.ref_model:  # a model that never saw the members

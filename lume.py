@@ -222,10 +222,14 @@ def freeze(model):
 
 
 def checkpointing(model, on):
-    """Gradient checkpointing on or off (newer transformers name the methods activation_*, not gradient_*)."""
+    """Gradient checkpointing on or off (newer transformers name the methods activation_*, not gradient_*). On, no
+    gradient flows below the lowest trained block: transformers makes the embeddings' output require one (for the
+    reentrant variant), which would recompute every frozen block in the backward pass; the non-reentrant one reaches
+    the trained blocks' weights (and adapters) without it."""
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     if on:
         getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
+        model.disable_input_require_grads()
     else:
         getattr(model, f"{name}_checkpointing_disable")()
 

@@ -3,6 +3,7 @@ route, never read back from what the code prints. Run: python -m pytest -q test_
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -2317,6 +2318,51 @@ def test_gradient_checkpointing_gives_the_numbers_of_none(micro, monkeypatch):
         after[on, "grad"] = [torch.cat([g.flatten() for g in s["grad"].values()]) for s in steps]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(after[False], after[True]))
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(after[False, "grad"], after[True, "grad"]))
+
+
+def backward_blocks(model, tokenizer, examples, flags, monkeypatch):
+    """One optimiser step of lume.unlearn: (the blocks recomputed in the backward pass, the blocks whose output joins
+    the autograd graph in the forward pass). The recomputation runs the MLP's forward again, but not its hooks."""
+    phase, recomputed, in_graph, loss_of = ["forward"], set(), set(), lume.micro_batch_loss
+    def ran(i, forward, *a, **k):
+        if phase[0] == "backward":
+            recomputed.add(i)
+        return forward(*a, **k)
+
+    def joined(i, m, a, out):
+        if (out[0] if isinstance(out, tuple) else out).requires_grad:
+            in_graph.add(i)
+    for i, block in enumerate(model.get_decoder().layers):
+        block.mlp.forward = functools.partial(ran, i, block.mlp.forward)
+        block.register_forward_hook(functools.partial(joined, i))
+
+    def loss(*a, **k):  # the loss is computed in the forward phase; what runs next, until the next loss, is backward
+        phase[0] = "forward"
+        out = loss_of(*a, **k)
+        phase[0] = "backward"
+        return out
+    monkeypatch.setattr(lume, "micro_batch_loss", loss)
+    args = lume.parse_args(flags + ["--max_steps", "1", "--grad_accum", "1", "--batch_size", "2"])
+    args = lume.recipe(args, args.algo[0], 0, len(model.get_decoder().layers))  # AILS: the last quarter of the blocks
+    stats = lume.unlearn(model, tokenizer, examples, args, CPU, {})
+    return recomputed, in_graph, stats["trained_blocks"]
+
+
+@pytest.mark.parametrize("flags", [["--algo", "gd", "--train_layers", "1"], ["--algo", "rmu"], ["--algo", "ails"]])
+def test_the_backward_pass_runs_the_trained_blocks_only(shipped, flags, monkeypatch):
+    """With checkpointing on, the backward pass recomputes the trained blocks and no other (the last one of the
+    shipped target's 4 for --train_layers 1 and AILS, RMU's 0 and 1 below its steered block 1); on or off, no
+    block below the lowest trained one joins the autograd graph, so none keeps an input for the backward pass."""
+    target, tokenizer, _, data = shipped
+    examples = lume.unlearning_examples(tokenizer, lume.Lume(**{**vars(data), "forget": data.forget[:2]}), 512)
+    for on in (True, False):
+        with monkeypatch.context() as m:
+            recomputed, in_graph, trained = backward_blocks(
+                copy.deepcopy(target), tokenizer, examples, flags + ["--grad_checkpointing" if on else
+                                                                     "--no-grad_checkpointing"], m)
+        assert trained == ([3] if "rmu" not in flags else [0, 1])
+        assert recomputed == (set(trained) if on else set())
+        assert in_graph == set(range(min(trained), 4))
 
 
 LEDGER_RUN = """import contextlib, gc, json, sys

@@ -1840,9 +1840,15 @@ def write_results(res, complete):
 # The device, and several processes: torchrun starts them, rank 0 writes, a signal stops them all
 
 def resolve_device(name="auto"):
+    """The torch device of --device, checked. On a GPU, no cuDNN attention: torch >= 2.9 prefers it on H100/H200, and
+    it may give NaN on rows that attend to nothing (a left-padded prompt's padding) and in the backward pass when the
+    padded length is 64 modulo 128 (GPU batches are padded to multiples of 64); FlashAttention and the memory-efficient
+    kernel remain, and the finite-value checks stay."""
     mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         device = torch.device(name)
     except RuntimeError:

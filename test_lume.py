@@ -2851,3 +2851,14 @@ def test_a_retrain_model_is_checked_early_only_where_its_files_say_enough(micro,
     monkeypatch.setattr(lume, "load_lume", lambda *a: pytest.fail("the data was read"))
     with pytest.raises(SystemExit, match="--train_layers 5: the model has 2 blocks"):
         lume.main(["--model_config", str(tmp_path / "shallow.json"), "--train_layers", "5"])
+
+
+def test_a_gpu_runs_without_cudnn_attention(monkeypatch):
+    """cuDNN's attention is switched off for a GPU (auto or named), before any model runs; the CPU keeps its kernels."""
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    assert lume.resolve_device("cpu") == CPU and calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert lume.resolve_device("auto") == torch.device("cuda") and calls == [False]
+    assert lume.resolve_device("cuda:0") == torch.device("cuda:0") and calls == [False, False]

@@ -300,7 +300,8 @@ class Pass:
     logits: torch.Tensor  # (B, T, V)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
     mask: torch.Tensor = None  # (B, T) attention mask, 0 on padding
-    counts: dict = None  # {"tokens": n, "seqs": n, "positions": n}: answer tokens, ... of this side in the step
+    counts: dict = None  # {"tokens": n, "seqs": n, "positions": n}: answer tokens, ... of this side in the step;
+    # "examples": of both sides
     ref_logp: torch.Tensor = None  # (B,) log pi_ref(y|x) of the target before unlearning
     ref_logits: torch.Tensor = None  # (B, T, V) logits of the target before unlearning
     hidden: torch.Tensor = None  # (B, T, H) the RMU layer's output
@@ -376,6 +377,17 @@ def rmu_loss(forget, retain, args):
     return forget.over("positions", away.sum()) / H + args.rmu_alpha * retain.over("positions", kept.sum()) / H
 
 
+def sugd_loss(forget, retain, args):
+    """SUGD as AILS-NTUA's code computes it (arXiv 2503.02443): the mean over the step's examples of each one's mean
+    NLL over its answer tokens times its factor, -1 forget, +alpha retain (0.5). Their steps hold one example each,
+    forget or retain: a side absent from the step is None.
+    L = (1/|F + R|) * (-sum_F NLL(f)/|f| + alpha * sum_R NLL(r)/|r|)"""
+    sides = [(p, factor) for p, factor in ((forget, -1.0), (retain, args.alpha)) if p is not None]
+    counts = sides[0][0].counts  # both sides' examples in the step; None: this batch alone
+    examples = counts["examples"] if counts else sum(len(p.labels) for p, _ in sides)
+    return sum(factor * p.weight * sequence_nll(p.logits, p.labels, "mean").sum() for p, factor in sides) / examples
+
+
 def rmu_layer(args, depth):
     return args.rmu_layer if args.rmu_layer is not None else round(RMU_DEPTH * depth)
 
@@ -395,9 +407,12 @@ class Method:
     ref_logits: bool = False  # the frozen target's logits on each retain batch (holds a copy of the model)
     steer: bool = False  # steers block --rmu_layer: reads its output, the frozen target's on R, a control vector
     blocks: callable = None  # (args, depth) -> the blocks it trains (None: --train_layers decides)
+    sequential: bool = False  # SUGD's steps (sugd_chunks): in file order, chunk by chunk, each with a fresh AdamW
     recipe: dict = field(default_factory=dict)  # flag values used unless typed; a callable gets the depth
 
 
+AILS = dict(chunk_size=32, retain_per_forget=7, alpha=0.5, train_layers=lambda depth: max(1, depth // 4))
+AILS_GRID = (dict(train_layers=lambda depth: max(1, depth // 4)), dict(train_layers=lambda depth: max(1, depth // 2)))
 METHODS = {  # every method has as many grid settings, so that --tune gives each the same budget
     "ga": Method(ga_loss, grid=(dict(epochs=2), dict(epochs=5))),
     "gd": Method(gd_loss, grid=(dict(alpha=1.0), dict(alpha=4.0)), retain=True),
@@ -407,13 +422,15 @@ METHODS = {  # every method has as many grid settings, so that --tune gives each
     "rmu": Method(rmu_loss, grid=(dict(rmu_layer=lambda depth: round(RMU_DEPTH * depth), rmu_c=6.5, rmu_alpha=1200.0),
                                   dict(rmu_layer=lambda depth: depth // 2, rmu_c=6.5, rmu_alpha=1.0)),  # WMDP's; deeper
                   retain=True, steer=True, blocks=rmu_blocks),
-    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443): GD chunk by chunk, 7 retain examples per forget
-    # example, retain weight 0.5, the last quarter of the blocks (8 of OLMo-7B's 32); --epochs passes per chunk
-    # as for every method (the paper: 7, 1.4x the cost of the default 5)
-    "ails": Method(gd_loss, grid=(dict(train_layers=lambda depth: max(1, depth // 4)),
-                                  dict(train_layers=lambda depth: max(1, depth // 2))), retain=True,
-                   recipe=dict(chunk_size=32, retain_per_forget=7, alpha=0.5,
-                               train_layers=lambda depth: max(1, depth // 4))),
+    # the SemEval-2025 winner (AILS-NTUA, arXiv 2503.02443), SUGD as their code runs it: one example a step, chunks
+    # of 32 forget examples in file order, each followed by 7 retain examples, retain weight 0.5, 7 passes over a
+    # chunk with a fresh AdamW (transformers' defaults) and a linear decay to 0, the last quarter of the blocks (8 of
+    # OLMo-7B's 32); their lr on the real targets, 1e-5, is every method's there (TARGET_DEFAULTS)
+    "ails": Method(sugd_loss, grid=AILS_GRID, retain=True, sequential=True,
+                   recipe=AILS | dict(epochs=7, batch_size=1, grad_accum=1, warmup=0.0)),
+    # the same recipe batched as every other method: GD over steps of --batch_size forget examples and their retain
+    # examples in a shuffled chunk, one AdamW over the run, --epochs passes: far fewer, larger steps
+    "ails_batched": Method(gd_loss, grid=AILS_GRID, retain=True, recipe=AILS),
 }
 TUNING_LR = (1, 4)  # --tune: each method tries --lr and 4 x --lr with each setting of its grid
 
@@ -513,8 +530,11 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def lr_at(i, steps, lr, warmup):
-    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10."""
+def lr_at(i, steps, lr, warmup, linear=False):
+    """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10; linear:
+    transformers' default instead, lr x (steps - i) / steps (no warm-up)."""
+    if linear:
+        return lr * (steps - i) / steps
     w = max(1, int(warmup * steps))
     if i < w:
         return lr * (i + 1) / w
@@ -545,7 +565,7 @@ def side_pass(model, inputs, micro, step, side, device):
     mine, weight = indices[rank::world] or indices[:1], float(len(indices) > rank)
     in_step = [examples[i] for m in step for i in m[side]]
     counts = dict(tokens=sum(sum(x != IGNORE for x in e["labels"][1:]) for e in in_step), seqs=len(in_step),
-                  positions=sum(len(e["input_ids"]) for e in in_step))
+                  positions=sum(len(e["input_ids"]) for e in in_step), examples=sum(len(i) for m in step for i in m))
     batch = collate([examples[i] for i in mine], inputs.pad_id, device, 64 if device.type == "cuda" else 1)
     logits, hidden = forward(model, batch, inputs.layer) if inputs.layer is not None else (forward(model, batch), None)
     p = Pass(logits, batch["labels"], batch["attention_mask"], counts, hidden=hidden, weight=weight,
@@ -565,19 +585,22 @@ def side_pass(model, inputs, micro, step, side, device):
 def micro_batch_loss(model, micro, step, inputs, args, device):
     """(loss, numbers to log, tokens) of a micro-batch (forget indices, retain indices), divided by the counts of
     the whole step (its micro-batches). One forward pass per side gives every term (retain NLL and KL share one)."""
-    forget = side_pass(model, inputs, micro, step, 0, device)
-    retain = side_pass(model, inputs, micro, step, 1, device) if inputs.method.retain else None
+    forget = side_pass(model, inputs, micro, step, 0, device) if micro[0] else None  # SUGD: a step of one side
+    retain = side_pass(model, inputs, micro, step, 1, device) if inputs.method.retain and micro[1] else None
     loss = inputs.method.loss(forget, retain, args)
-    logs = {"loss": loss.item(), "forget": forget.nll.item()} | ({"retain": retain.nll.item()} if retain else {})
-    return loss, logs, forget.tokens + (retain.tokens if retain else 0)
+    passes = {name: p for name, p in (("forget", forget), ("retain", retain)) if p is not None}
+    return loss, {"loss": loss.item()} | {k: p.nll.item() for k, p in passes.items()}, sum(
+        p.tokens for p in passes.values())
 
 
-def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train"):
+def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train",
+          chunks=None):
     """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps` (lists of micro-batches): the run's
-    statistics. Several processes: each its share of every micro-batch, on its shard (FSDP2); the logs summed."""
+    statistics. chunks: the steps of each chunk, each trained as transformers' Trainer would (SUGD): a fresh AdamW
+    with its defaults and a linear decay. Several processes: each its share of every micro-batch, on its shard
+    (FSDP2); the logs summed."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
-                            fused=device.type == "cuda")  # one kernel, not a dozen per step
+    ends = list(itertools.accumulate(chunks or [len(steps)]))  # the step after each chunk
     model.train()
     t_start, step_ms, step_tokens, bar = time.perf_counter(), [], [], Progress(len(steps), desc)
     for i, step in enumerate(steps):
@@ -586,8 +609,12 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
         # loss_fn(model, micro, step) is micro_batch_loss (relearning: nll_loss): a loss
         # already divided by the counts of the whole step (answer tokens, sequences or positions), so the gradients
         # that backward() adds up over the micro-steps are those of one batch holding the whole step
+        if i in [0] + ends:  # a chunk begins (one chunk: the run)
+            start, end = i, next(e for e in ends if e > i)
+            opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999) if chunks else (0.9, 0.95),
+                                    weight_decay=weight_decay, fused=device.type == "cuda")  # one kernel, not a dozen
         for group in opt.param_groups:
-            group["lr"] = lr_at(i, len(steps), lr, warmup)
+            group["lr"] = lr_at(i - start, end - start, lr, warmup, linear=chunks is not None)
         for micro in step:
             with autocast(device):
                 loss, micro_logs, n = loss_fn(model, micro, step)
@@ -708,6 +735,29 @@ def schedule(forget, retain, args, rng, world=1):
     return [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
 
 
+def sugd_chunks(forget, retain, args, world=1):
+    """SUGD's steps as AILS-NTUA's code orders them, a list per chunk: chunks of --chunk_size forget examples in file
+    order; in each, every forget example followed by its --retain_per_forget retain examples (the retain set in file
+    order, cycled across chunks); --epochs passes over the chunk in that order; --batch_size x world examples a
+    micro-step and --grad_accum micro-steps a step (theirs: 1 and 1); --max_steps counts every chunk's steps."""
+    chunk, size, per = args.chunk_size or len(forget), args.batch_size * world, 1 + args.retain_per_forget
+    if (wanted := min(math.ceil(args.epochs * len(forget) * per / size), (args.max_steps or MAX_MICRO + 1)
+                      * args.grad_accum)) > MAX_MICRO:
+        raise LumeError(f"--{'max_steps' if args.max_steps else 'epochs'} {args.max_steps or args.epochs}: "
+                        f"{wanted:,} micro-steps, more than a run can finish ({MAX_MICRO:,})")
+    chunks, cycled, left = [], itertools.cycle(range(len(retain))), args.max_steps or MAX_MICRO
+    for c in range(0, len(forget), chunk):
+        order = [(0, f) if k == 0 else (1, next(cycled)) for f in range(c, min(c + chunk, len(forget)))
+                 for k in range(per)]  # (side, index)
+        n = int(args.epochs) * len(order) + math.ceil(args.epochs % 1 * len(order))  # --epochs passes
+        order = list(itertools.islice(itertools.cycle(order), min(n, left * args.grad_accum * size)))
+        micro = [tuple([i for side, i in order[s:s + size] if side == want] for want in (0, 1))
+                 for s in range(0, len(order), size)]
+        steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)][:left]
+        chunks, left = chunks + [steps], left - len(steps)
+    return [steps for steps in chunks if steps]
+
+
 def recipe(args, algo, seed, depth, tuned=None):
     """args for one run of `algo`: its METHODS recipe for each flag not typed, then the values --tune chose (their
     callables get the depth: the model's blocks)."""
@@ -739,7 +789,8 @@ def unlearn(model, tokenizer, examples, args, device, phases):
         raise LumeError(f"--algo {algo} needs a retain set, and the data has none")
     check_depth(args, depth)
     torch.manual_seed(args.seed)
-    steps = schedule(forget, retain if method.retain else [], args, random.Random(args.seed), rank_world()[1])
+    chunks = sugd_chunks(forget, retain, args, rank_world()[1]) if method.sequential else [
+        schedule(forget, retain if method.retain else [], args, random.Random(args.seed), rank_world()[1])]
     inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.steer else None)
     if method.ref_logp or method.steer:
         with timed(phases, "reference pass"):  # from the target, before any step
@@ -755,9 +806,10 @@ def unlearn(model, tokenizer, examples, args, device, phases):
     blocks = blocks_trained(args, depth, method)
     loss_fn = functools.partial(micro_batch_loss, inputs=inputs, args=args, device=device)
     with timed(phases, "unlearn"):
-        stats = train_blocks(model, blocks, steps, loss_fn, args.lr, device, recomputes(args, device),
+        stats = train_blocks(model, blocks, sum(chunks, []), loss_fn, args.lr, device, recomputes(args, device),
                              warmup=args.warmup, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                             log_every=args.log_every, desc=f"unlearn {algo}")
+                             log_every=args.log_every, desc=f"unlearn {algo}",
+                             chunks=[len(c) for c in chunks] if method.sequential else None)
     return stats | dict(trained_blocks=blocks or list(range(depth)))
 
 
@@ -2066,8 +2118,12 @@ def check_data(args, lume, val):
         if METHODS[algo].retain and tried.retain_per_forget > len(lume.retain):
             raise LumeError(f"--retain_per_forget {tried.retain_per_forget} (--algo {algo}): more than the "
                             f"{len(lume.retain)} retain examples")
-        schedule(stand_in * len(lume.forget), stand_in * len(lume.retain) * METHODS[algo].retain, tried,
-                 random.Random(0), int(os.environ.get("WORLD_SIZE", 1)))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if METHODS[algo].sequential:
+            sugd_chunks(lume.forget, lume.retain, tried, world)
+        else:
+            schedule(stand_in * len(lume.forget), stand_in * len(lume.retain) * METHODS[algo].retain, tried,
+                     random.Random(0), world)
 
 
 # =============================================================================

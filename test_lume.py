@@ -519,10 +519,14 @@ def loss_by_hand(loss, model, target, tokenizer, forget, retain, a):
             kl += (ref.exp() * (ref - model(input_ids=ids).logits[0, :-1][answer].log_softmax(-1))).sum()
             count += int(answer.sum())
         total = total + a.alpha * kl / count
+    if loss is lume.sugd_loss:  # AILS-NTUA's compute_loss: the mean over the step's rows of factor x mean NLL
+        nr = [answer_nll(model, *x) for x in R_]
+        total = (-sum(s / n for s, n in nf) + a.alpha * sum(s / n for s, n in nr)) / (len(nf) + len(nr))
     return total, forget_nll
 
 
-BY_HAND = (lume.ga_loss, lume.gd_loss, lume.kl_loss, lume.npo_loss, lume.simnpo_loss, lume.rmu_loss)  # loss_by_hand's
+BY_HAND = (lume.ga_loss, lume.gd_loss, lume.kl_loss, lume.npo_loss, lume.simnpo_loss, lume.rmu_loss,
+           lume.sugd_loss)  # loss_by_hand's
 
 
 def padded(tokenizer, rows):
@@ -617,17 +621,20 @@ def two_steps_by_hand(shipped, algo):
     blocks = blocks_by_hand(method, args, depth)
     assert names == (everything if blocks is None else
                      [n for n in everything if n.startswith(tuple(f"model.layers.{b}." for b in blocks))])
-    for at, step in zip((target, moved), steps):
+    rows = [(forget, retain)] * 2  # each step sees every row, in 2 micro-steps
+    if method.sequential:  # SUGD's order, f0 r0 r1 f1 r2 r3 f2 r4 ..., 2 rows a micro-step, 2 micro-steps a step
+        rows = [([forget[0], forget[1]], retain[0:2]), ([forget[2]], retain[2:5])]
+    for at, step, (f, r) in zip((target, moved), steps, rows):
         m = copy.deepcopy(at).requires_grad_(True)
         if method.loss in BY_HAND:
-            loss, forget_nll = loss_by_hand(method.loss, m, target, tokenizer, forget, retain, args)
+            loss, forget_nll = loss_by_hand(method.loss, m, target, tokenizer, f, r, args)
         else:
-            loss, forget_nll = loss_by_its_own_function(method, m, target, tokenizer, forget, retain, args)
+            loss, forget_nll = loss_by_its_own_function(method, m, target, tokenizer, f, r, args)
         params = dict(m.named_parameters())
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         want = torch.cat([(torch.zeros_like(params[n]) if g is None else g).flatten() for g, n in zip(grads, names)])
         got = torch.cat([step["grad"][n].flatten() for n in names])
-        assert ((got - want).norm() / want.norm()).item() < 1e-4, algo
+        assert ((got - want).norm() / want.norm()).item() < 1e-4, (algo, at is target)
     assert stats["last"]["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
     assert stats["last"]["forget"] == pytest.approx(forget_nll.item(), rel=1e-4)
     with torch.no_grad():  # the way every paper says: the forget answers became less likely
@@ -656,6 +663,68 @@ def test_a_loss_without_a_formula_is_checked_by_its_own_function(shipped, algo, 
     monkeypatch.setitem(lume.METHODS, algo, dataclasses.replace(method, loss=lambda *a: method.loss(*a)))
     assert lume.METHODS[algo].loss not in BY_HAND
     two_steps_by_hand(shipped, algo)
+
+
+def test_sugd_loss_is_the_winners_compute_loss(shipped):
+    """AILS-NTUA's compute_loss (methods/sequential.py), written out: one padded batch of a forget row (factor -1) and
+    7 retain rows (factor 0.5); per row the cross-entropy of the shifted labels summed over its labelled tokens and
+    divided by their number; times the factor; the mean over the batch. lume's sugd_loss on the same rows, as a forget
+    and a retain batch: equal to float precision; and one step of a single row as lume runs it, -1 x its mean NLL."""
+    target, tokenizer, _, data = shipped
+    forget, retain = data.forget[:1], data.retain[:7]
+    ids, labels, mask = padded(tokenizer, forget + retain)
+    with torch.no_grad():
+        logits = target(input_ids=ids, attention_mask=mask).logits
+    shift_logits, shift_labels = logits[..., :-1, :], labels[..., 1:]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                        shift_labels.reshape(-1)).view(len(ids), -1)
+    for factor in (0.5, 2.0):  # theirs, and another retain weight (--alpha)
+        factors = torch.tensor([-1.0] + [factor] * 7)
+        theirs = (loss.sum(-1) / (shift_labels != -100).sum(-1).float() * factors).mean()
+        args = lume.parse_args(["--algo", "ails", "--alpha", str(factor)])
+        ours = lume.sugd_loss(lume.Pass(logits[:1], labels[:1], mask[:1]),
+                              lume.Pass(logits[1:], labels[1:], mask[1:]), args)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    inputs = lume.Inputs(lume.METHODS["ails"], *examples, tokenizer.pad_token_id)
+    one, _, _ = lume.micro_batch_loss(target, ([0], []), [([0], [])], inputs, args, CPU)
+    assert one.item() == pytest.approx(theirs.item() * 8 - 2.0 * (loss[1:].sum(-1) / (shift_labels[1:] != -100).sum(
+        -1)).sum().item(), rel=1e-5)  # -1 x the forget row's mean NLL
+
+
+def test_sugd_runs_the_winners_order_and_optimisers(shipped, monkeypatch):
+    """A run of --algo ails on 3 forget and 5 retain rows, chunks of 2, 2 retain rows a forget row, 2 passes: the
+    rows each optimiser step saw, one a step, are those of AILS-NTUA's code: in each chunk (file order) every forget
+    row followed by its 2 retain rows (file order, cycled on across chunks), the chunk's sequence repeated each pass;
+    each chunk starts a fresh AdamW with transformers' defaults (betas 0.9, 0.999; eps 1e-8; no decay) and a linear
+    decay of the learning rate from its peak, without warm-up, over the chunk's steps."""
+    target, tokenizer, _, data = shipped
+    forget, retain = data.forget[:3], data.retain[:5]
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
+    seen, side_pass = [], lume.side_pass
+
+    def recorded(model, inputs, micro, step, side, device):  # the rows of a forward pass
+        seen.append([f"{'fr'[side]}{i}" for i in micro[side]])
+        return side_pass(model, inputs, micro, step, side, device)
+    monkeypatch.setattr(lume, "side_pass", recorded)
+    optimisers = []
+    hook = register_optimizer_step_pre_hook(lambda opt, a, k: optimisers.append(
+        (opt, dict(opt.defaults), opt.param_groups[0]["lr"], len(seen))))
+    args = lume.recipe(lume.parse_args(["--algo", "ails", "--chunk_size", "2", "--retain_per_forget", "2",
+                                        "--epochs", "2", "--lr", "1e-3", "--log_every", "100"]), "ails", 0, 4)
+    try:
+        lume.unlearn(copy.deepcopy(target), tokenizer, examples, args, CPU, {})
+    finally:
+        hook.remove()
+    chunk0, chunk1 = ["f0", "r0", "r1", "f1", "r2", "r3"], ["f2", "r4", "r0"]
+    assert sum(seen, []) == chunk0 * 2 + chunk1 * 2 and all(len(s) == 1 for s in seen)
+    assert [n for *_, n in optimisers] == list(range(1, 19))  # one row, then its step
+    assert [lr for _, _, lr, _ in optimisers] == pytest.approx([1e-3 * (12 - i) / 12 for i in range(12)]
+                                                               + [1e-3 * (6 - i) / 6 for i in range(6)])
+    opts = [opt for opt, *_ in optimisers]
+    assert all(o is opts[0] for o in opts[:12]) and all(o is opts[12] for o in opts[12:]) and opts[0] is not opts[12]
+    defaults = optimisers[0][1]
+    assert (defaults["betas"], defaults["eps"], defaults["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.0)
 
 
 def test_rmu_control_vector_has_length_c(shipped):
@@ -1277,7 +1346,7 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     (["--max_new_tokens", "0"], "--max_new_tokens must be > 0"),
     (["--warmup", "1"], "--warmup must be < 1"),
     (["--mink_k", "1.5"], "--mink_k must be <= 1"),
-    (["--algo", "sgd"], "--algo sgd: each one of ga, gd, kl, npo, simnpo, rmu, ails"),
+    (["--algo", "sgd"], "--algo sgd: each one of ga, gd, kl, npo, simnpo, rmu, ails, ails_batched"),
     (["--algo", "gd,foo"], "--algo gd,foo: each one of"),
     (["--seeds", "0,x"], "--seeds 0,x: comma-separated whole numbers"),
     (["--seeds", "0,0"], "--seeds 0,0: a value is repeated"),
@@ -1924,9 +1993,11 @@ def test_the_ledger_by_hand():
     assert one["unlearn"]["gradients"] == 4 * 8 * block and one["unlearn"]["AdamW moments"] == 8 * 8 * block
     assert one["score: generation"]["KV cache"] == 64 * 768 * 2 * 32 * 4096 * 2
     assert one["probe quantize"] == {"weights": 4 * (32 * block + 2 * embed)}  # the saved weights wait on the host
-    ails = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # its recipe: the last 8 of 32
+    ails = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails_batched"]))  # its recipe: the last 8 of 32
     assert ails["unlearn"]["gradients"] == 4 * 8 * block  # and 1 + 7 rows a forget example in a micro-step:
     assert ails["unlearn"]["logits"] == 8 * 8 * 512 * 50304 * (2 + 12)
+    sugd = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # one row a step
+    assert sugd["unlearn"]["gradients"] == 4 * 8 * block and sugd["unlearn"]["logits"] == 512 * 50304 * (2 + 12)
     eight = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args([]), world=8)
     assert eight["unlearn"]["weights"] == 4 * (32 * block + 2 * embed) // 8
     assert eight["unlearn"]["gradients"] == eight["unlearn"]["weights"]  # every parameter trains, sharded

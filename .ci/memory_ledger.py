@@ -53,7 +53,8 @@ def memory_ledger(config, args, world=1, gpu=True):
             state |= {"gathered units": 2 * fp32(layers[0].parameters()) + root, "plain model (host)": host * weights}
         return state | {"activations (estimate)": rows * T * per_token, "logits": rows * T * c.vocab_size * (act + 12)}
 
-    sides = 1 + args.retain_per_forget * method.retain  # a micro-step's forget rows and the retain rows with them
+    # a micro-step's forget rows and the retain rows with them (SUGD: --batch_size rows of either)
+    sides = 1 if method.sequential else 1 + args.retain_per_forget * method.retain
     phases = {
         "load": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 8)),  # the reference
         "score: generation": {"weights": weights, "KV cache": args.gen_batch_size * (T + args.max_new_tokens) * kv

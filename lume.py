@@ -108,6 +108,9 @@ class Args:
     rmu_c: float = arg(6.5, "RMU: length c of the random control vector (WMDP, Zephyr: 6.5)", gt=0)
     rmu_alpha: float = arg(1200.0, "RMU: weight of the retain term (WMDP, Zephyr: 1200)", ge=0)
     train_layers: int = arg(0, "train only the last K blocks, every method but RMU (0: all)", ge=0)
+    lora_rank: int = arg(0, "train LoRA adapters of this rank on the q, k, v, up and down projections of the blocks a "
+                         "method trains (and relearns), merged into the weights after (0: the weights)", ge=0)
+    lora_alpha: float = arg(32.0, "LoRA: the adapters' update is scaled by alpha / rank", gt=0)
     chunk_size: int = arg(0, "unlearn the forget set in chunks of this many examples, in turn (0: one chunk)", ge=0)
     retain_per_forget: int = arg(1, "retain examples per forget example in a micro-batch", gt=0)
     epochs: float = arg(5, "passes over the forget set (or over each chunk)", gt=0)
@@ -659,12 +662,63 @@ def recomputes(args, device):
     return args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
 
 
-def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **kw):
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the projections LoRA adapts in a block
+
+
+class LoRA(torch.nn.Module):
+    """A frozen linear layer W plus a trained low-rank update (Hu et al., arXiv 2106.09685): y = W x + (alpha/r) B A x,
+    A (r, in) initialised as torch initialises a linear layer, B (out, r) zeros: at first, the layer's own output."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.a = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        torch.nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scale
+
+
+def add_lora(model, blocks, rank, alpha):
+    """LoRA modules in place of the LORA_TARGETS linear layers of these blocks, the only parameters that train:
+    [(parent module, attribute, LoRA)]."""
+    layers = model.get_decoder().layers
+    targets = [(parent, name, child) for i in blocks for parent in layers[i].modules() for name, child in
+               parent.named_children() if name in LORA_TARGETS and isinstance(child, torch.nn.Linear)]
+    if not targets:
+        raise LumeError(f"--lora_rank {rank}: the blocks trained have none of {', '.join(LORA_TARGETS)} to adapt")
+    if rank > (most := min(min(child.weight.shape) for *_, child in targets)):
+        raise LumeError(f"--lora_rank {rank}: more than the rank of a weight it adapts ({most})")
+    model.requires_grad_(False)
+    adapters = [(parent, name, LoRA(child, rank, alpha)) for parent, name, child in targets]
+    for parent, name, lora in adapters:
+        setattr(parent, name, lora)
+    return adapters
+
+
+def lora_of(args):
+    return (args.lora_rank, args.lora_alpha) if args.lora_rank else None
+
+
+def drop_lora(adapters, merge):
+    """The linear layers back in place; merge: with W + (alpha/r) B A as their weights."""
+    with torch.no_grad():
+        for parent, name, lora in adapters:
+            if merge:
+                lora.base.weight += lora.scale * (lora.b @ lora.a).to(lora.base.weight.device)
+            setattr(parent, name, lora.base)
+
+
+def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, lora=None, **kw):
     """train() on the listed blocks of the model (None: every parameter, embeddings and output layer included), in
-    place: one process trains the model itself, several an FSDP2-sharded copy whose weights come back into it."""
+    place: one process trains the model itself, several an FSDP2-sharded copy whose weights come back into it.
+    lora (rank, alpha): adapters on the blocks (None: every block) train instead, merged into the weights after."""
     model.requires_grad_(blocks is None)
     for i in blocks or []:
         model.get_decoder().layers[i].requires_grad_(True)
+    layers = range(len(model.get_decoder().layers)) if blocks is None else blocks
+    adapters = add_lora(model, layers, *lora) if lora else []
     if recompute:
         checkpointing(model, True)
     sharded = None
@@ -676,7 +730,10 @@ def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, **k
                 for name, p in sharded.named_parameters():
                     if p.requires_grad:
                         model.get_parameter(name).copy_(p.full_tensor().cpu())
+        drop_lora(adapters, merge=True)
+        adapters = []
     finally:  # a diverged run too (--tune goes on): the model back on its device, and nothing of training kept
+        drop_lora(adapters, merge=False)
         model.to(device).zero_grad(set_to_none=True)  # a failed step's gradients would add to the next run's
         del sharded
         gc.collect()  # AdamW's moments and an FSDP2 copy sit in reference cycles: freed now, not some time later
@@ -808,7 +865,7 @@ def unlearn(model, tokenizer, examples, args, device, phases):
     with timed(phases, "unlearn"):
         stats = train_blocks(model, blocks, sum(chunks, []), loss_fn, args.lr, device, recomputes(args, device),
                              warmup=args.warmup, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                             log_every=args.log_every, desc=f"unlearn {algo}",
+                             log_every=args.log_every, desc=f"unlearn {algo}", lora=lora_of(args),
                              chunks=[len(c) for c in chunks] if method.sequential else None)
     return stats | dict(trained_blocks=blocks or list(range(depth)))
 
@@ -1442,7 +1499,7 @@ def nll_loss(model, micro, step, inputs, device):
 
 
 def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, warmup=0.0, log_every=10, blocks=None,
-        recompute=False):
+        recompute=False, lora=None):
     """Next-token NLL on examples in length-grouped batches, one a step (relearning; data/make_data.py memorises)."""
     if not examples:
         raise LumeError(f"{desc}: no examples to train on")
@@ -1450,7 +1507,7 @@ def fit(model, tokenizer, examples, steps, lr, batch_size, seed, device, desc, w
     while len(plan) < steps:  # one micro-step a step, the batches of each pass taken last first
         plan += [[b] for b in reversed(length_batches(lengths, batch_size, rng))]
     loss_fn = functools.partial(nll_loss, inputs=Inputs(None, examples, [], tokenizer.pad_token_id), device=device)
-    return train_blocks(model, blocks, plan[:steps], loss_fn, lr, device, recompute, warmup=warmup,
+    return train_blocks(model, blocks, plan[:steps], loss_fn, lr, device, recompute, lora, warmup=warmup,
                         log_every=log_every, desc=desc)
 
 
@@ -1499,7 +1556,7 @@ def relearned(model, tokenizer, examples, args, device, blocks=None):
     with restored(list(model.parameters() if blocks is None else (p for i in blocks for p in layers[i].parameters()))):
         fit(model, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * rank_world()[1],
             args.seed, device, "relearn", log_every=args.relearn_steps, blocks=blocks,
-            recompute=recomputes(args, device))
+            recompute=recomputes(args, device), lora=lora_of(args))
         yield model
 
 
@@ -1851,8 +1908,9 @@ def settings_table(settings):
                    if k in defaults and k != "out_dir" and v != defaults[k]]
         blocks = used["trained_blocks"]
         rows.append([name, ", ".join(changed or ["the defaults"]) + "; trained " + (
-            "every parameter" if not blocks else f"block {blocks[0]}" if len(blocks) == 1 else
-            f"blocks {blocks[0]}-{blocks[-1]}")])
+            "adapters on " if used.get("lora_rank") else "") + (
+            ("every block" if used.get("lora_rank") else "every parameter") if not blocks else
+            f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")])
     return md_table(["run", "settings that differ from the defaults (metrics.json: every setting)"], rows)
 
 

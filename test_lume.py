@@ -1996,6 +1996,10 @@ def test_the_ledger_by_hand():
     ails = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails_batched"]))  # its recipe: the last 8 of 32
     assert ails["unlearn"]["gradients"] == 4 * 8 * block  # and 1 + 7 rows a forget example in a micro-step:
     assert ails["unlearn"]["logits"] == 8 * 8 * 512 * 50304 * (2 + 12)
+    lora = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--lora_rank", "16"]))  # every block
+    adapters = 32 * 16 * (3 * (4096 + 4096) + 2 * (4096 + 11008))  # q, k, v: 4096 -> 4096; up and down
+    assert lora["unlearn"]["gradients"] == 4 * adapters and lora["unlearn"]["AdamW moments"] == 8 * adapters
+    assert lora["unlearn"]["weights"] == one["unlearn"]["weights"]
     sugd = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # one row a step
     assert sugd["unlearn"]["gradients"] == 4 * 8 * block and sugd["unlearn"]["logits"] == 512 * 50304 * (2 + 12)
     eight = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args([]), world=8)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lume import (METHODS, OLMO_1B, blocks_trained, build_model, md_table, parse_args, recipe,  # noqa: E402
-                  recomputes, runs_of)
+from lume import (LORA_TARGETS, METHODS, OLMO_1B, blocks_trained, build_model, md_table, parse_args,  # noqa: E402
+                  recipe, recomputes, runs_of)
 
 OLMO_7B = OLMO_1B | dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                          tie_word_embeddings=False)
@@ -22,11 +22,12 @@ TRANSIENT = ("activations (estimate)", "logits", "KV cache")  # freed within a s
 
 def memory_ledger(config, args, world=1, gpu=True):
     """{phase: {item: bytes}} that one of `world` processes holds on its device, for a model of `config` (the
-    fields of config.json) and args' first method. Weights, gradients and AdamW's two moments are fp32, sharded
-    over several processes. On a GPU (bf16 autocast) an activation takes 2 bytes and what waits in host memory is
-    left out; on the CPU (one memory) it counts. Sequences are --max_length tokens long; the activations are an
-    estimate (per token and trained block: its input kept for checkpointing, 8H + 4I internals), the rest exact.
-    The retrain model's phases are the target's, the unlearned model waiting in host memory."""
+    fields of config.json) and args' first method. Weights, gradients and AdamW's two moments (with --lora_rank:
+    of the adapters alone) are fp32, sharded over several processes. On a GPU (bf16 autocast) an activation takes
+    2 bytes and what waits in host memory is left out; on the CPU (one memory) it counts. Sequences are
+    --max_length tokens long; the activations are an estimate (per token and trained block: its input kept for
+    checkpointing, 8H + 4I internals; no block below the lowest trained one keeps any), the rest exact. The
+    retrain model's phases are the target's, the unlearned model waiting in host memory."""
     model = build_model(config, "meta")  # shapes, no memory
     c, layers, head = model.config, model.get_decoder().layers, model.get_output_embeddings()
     runs = len(runs_of(args)) > 1 or args.tune  # the target waits in host memory to be restored
@@ -38,7 +39,12 @@ def memory_ledger(config, args, world=1, gpu=True):
         return 4 * sum(p.numel() for p in params)
 
     weights, copy_ = fp32(model.parameters()), fp32(model.state_dict().values())  # a copy names tied weights twice
-    trained = weights if blocks is None else fp32(p for i in blocks for p in layers[i].parameters())
+    saved = weights if blocks is None else fp32(p for i in blocks for p in layers[i].parameters())  # the probe's
+    trained = saved
+    if args.lora_rank:  # the adapters alone train: r x (in + out) for each adapted projection of the blocks
+        adapted = [m for i in (blocks or range(len(layers))) for name, m in layers[i].named_modules()
+                   if name.split(".")[-1] in LORA_TARGETS]
+        trained = 4 * args.lora_rank * sum(m.in_features + m.out_features for m in adapted)
     heads = c.num_attention_heads
     kv = 2 * c.num_hidden_layers * c.hidden_size * (c.num_key_value_heads or heads) // heads  # per token
     recompute = recomputes(args, torch.device("cuda" if gpu else "cpu"))
@@ -62,7 +68,7 @@ def memory_ledger(config, args, world=1, gpu=True):
         "score: likelihood": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 18)),
         "unlearn": training(args.batch_size * sides) | ({"reference model": weights} if method.ref_logits else {})
         | ({"target (host)": host * copy_} if runs else {}),
-        "probe relearn": training(args.batch_size) | {"saved blocks (host)": host * trained},
+        "probe relearn": training(args.batch_size) | {"saved blocks (host)": host * saved},
         "probe quantize": {"weights": weights, "saved weights (host)": host * fp32(
             m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)},
     }
@@ -75,7 +81,8 @@ MEMORY_ROUTES = [  # (shape, its config, GPUs, flags): the README's GPU commands
     ("OLMo-1B", OLMO_1B, 1, "--algo npo --gen_batch_size 256"),
     ("OLMo-1B", OLMO_1B, 8, "--batch_size 1 --grad_accum 4"),
     ("OLMo-7B", OLMO_7B, 1, ""), ("OLMo-7B", OLMO_7B, 1, "--train_layers 8"),
-    ("OLMo-7B", OLMO_7B, 1, "--train_layers 8 --algo kl"), ("OLMo-7B", OLMO_7B, 8, "--batch_size 1 --grad_accum 4")]
+    ("OLMo-7B", OLMO_7B, 1, "--train_layers 8 --algo kl"), ("OLMo-7B", OLMO_7B, 1, "--lora_rank 16"),
+    ("OLMo-7B", OLMO_7B, 1, "--algo ails"), ("OLMo-7B", OLMO_7B, 8, "--batch_size 1 --grad_accum 4")]
 
 
 CARDS = {"H100 80 GB": 79.6, "H200 141 GB": 140.4}  # GiB each holds (nvidia-smi); fits: peak + 1 GiB (CUDA context)

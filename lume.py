@@ -430,7 +430,7 @@ METHODS = {  # every method has as many grid settings, so that --tune gives each
     # chunk with a fresh AdamW (transformers' defaults) and a linear decay to 0, the last quarter of the blocks (8 of
     # OLMo-7B's 32); their lr on the real targets, 1e-5, is every method's there (TARGET_DEFAULTS)
     "ails": Method(sugd_loss, grid=AILS_GRID, retain=True, sequential=True,
-                   recipe=AILS | dict(epochs=7, batch_size=1, grad_accum=1, warmup=0.0)),
+                   recipe=AILS | dict(epochs=7, warmup=0.0)),
     # the same recipe batched as every other method: GD over steps of --batch_size forget examples and their retain
     # examples in a shuffled chunk, one AdamW over the run, --epochs passes: far fewer, larger steps
     "ails_batched": Method(gd_loss, grid=AILS_GRID, retain=True, recipe=AILS),
@@ -792,26 +792,22 @@ def schedule(forget, retain, args, rng, world=1):
     return [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)]
 
 
-def sugd_chunks(forget, retain, args, world=1):
-    """SUGD's steps as AILS-NTUA's code orders them, a list per chunk: chunks of --chunk_size forget examples in file
+def sugd_chunks(forget, retain, args):
+    """SUGD's steps as AILS-NTUA's code orders them, a list per chunk, one example a step (their batch of 1 and no
+    accumulation; --batch_size and --grad_accum stay the probes'): chunks of --chunk_size forget examples in file
     order; in each, every forget example followed by its --retain_per_forget retain examples (the retain set in file
-    order, cycled across chunks); --epochs passes over the chunk in that order; --batch_size x world examples a
-    micro-step and --grad_accum micro-steps a step (theirs: 1 and 1); --max_steps counts every chunk's steps."""
-    chunk, size, per = args.chunk_size or len(forget), args.batch_size * world, 1 + args.retain_per_forget
-    if (wanted := min(math.ceil(args.epochs * len(forget) * per / size), (args.max_steps or MAX_MICRO + 1)
-                      * args.grad_accum)) > MAX_MICRO:
+    order, cycled across chunks); --epochs passes over the chunk in that order; --max_steps counts every chunk's."""
+    chunk, per = args.chunk_size or len(forget), 1 + args.retain_per_forget
+    if (wanted := min(math.ceil(args.epochs * len(forget) * per), args.max_steps or MAX_MICRO + 1)) > MAX_MICRO:
         raise LumeError(f"--{'max_steps' if args.max_steps else 'epochs'} {args.max_steps or args.epochs}: "
                         f"{wanted:,} micro-steps, more than a run can finish ({MAX_MICRO:,})")
     chunks, cycled, left = [], itertools.cycle(range(len(retain))), args.max_steps or MAX_MICRO
     for c in range(0, len(forget), chunk):
-        order = [(0, f) if k == 0 else (1, next(cycled)) for f in range(c, min(c + chunk, len(forget)))
-                 for k in range(per)]  # (side, index)
+        order = [([f], []) if k == 0 else ([], [next(cycled)]) for f in range(c, min(c + chunk, len(forget)))
+                 for k in range(per)]  # (forget indices, retain indices): one example
         n = int(args.epochs) * len(order) + math.ceil(args.epochs % 1 * len(order))  # --epochs passes
-        order = list(itertools.islice(itertools.cycle(order), min(n, left * args.grad_accum * size)))
-        micro = [tuple([i for side, i in order[s:s + size] if side == want] for want in (0, 1))
-                 for s in range(0, len(order), size)]
-        steps = [micro[s:s + args.grad_accum] for s in range(0, len(micro), args.grad_accum)][:left]
-        chunks, left = chunks + [steps], left - len(steps)
+        chunks.append([[micro] for micro in itertools.islice(itertools.cycle(order), min(n, left))])
+        left -= len(chunks[-1])
     return [steps for steps in chunks if steps]
 
 
@@ -846,7 +842,7 @@ def unlearn(model, tokenizer, examples, args, device, phases):
         raise LumeError(f"--algo {algo} needs a retain set, and the data has none")
     check_depth(args, depth)
     torch.manual_seed(args.seed)
-    chunks = sugd_chunks(forget, retain, args, rank_world()[1]) if method.sequential else [
+    chunks = sugd_chunks(forget, retain, args) if method.sequential else [
         schedule(forget, retain if method.retain else [], args, random.Random(args.seed), rank_world()[1])]
     inputs = Inputs(method, forget, retain, tokenizer.pad_token_id, rmu_layer(args, depth) if method.steer else None)
     if method.ref_logp or method.steer:
@@ -2178,7 +2174,7 @@ def check_data(args, lume, val):
                             f"{len(lume.retain)} retain examples")
         world = int(os.environ.get("WORLD_SIZE", 1))
         if METHODS[algo].sequential:
-            sugd_chunks(lume.forget, lume.retain, tried, world)
+            sugd_chunks(lume.forget, lume.retain, tried)
         else:
             schedule(stand_in * len(lume.forget), stand_in * len(lume.retain) * METHODS[algo].retain, tried,
                      random.Random(0), world)

@@ -59,14 +59,14 @@ def memory_ledger(config, args, world=1, gpu=True):
             state |= {"gathered units": 2 * fp32(layers[0].parameters()) + root, "plain model (host)": host * weights}
         return state | {"activations (estimate)": rows * T * per_token, "logits": rows * T * c.vocab_size * (act + 12)}
 
-    # a micro-step's forget rows and the retain rows with them (SUGD: --batch_size rows of either)
-    sides = 1 if method.sequential else 1 + args.retain_per_forget * method.retain
+    sides = 1 + args.retain_per_forget * method.retain  # a micro-step's forget rows and the retain rows with them
     phases = {
         "load": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 8)),  # the reference
         "score: generation": {"weights": weights, "KV cache": args.gen_batch_size * (T + args.max_new_tokens) * kv
                               * act, "activations (estimate)": args.gen_batch_size * T * inner},  # the prefill
         "score: likelihood": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 18)),
-        "unlearn": training(args.batch_size * sides) | ({"reference model": weights} if method.ref_logits else {})
+        "unlearn": training(1 if method.sequential else args.batch_size * sides)  # SUGD: one row a step
+        | ({"reference model": weights} if method.ref_logits else {})
         | ({"target (host)": host * copy_} if runs else {}),
         "probe relearn": training(args.batch_size) | {"saved blocks (host)": host * saved},
         "probe quantize": {"weights": weights, "saved weights (host)": host * fp32(

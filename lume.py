@@ -3,7 +3,8 @@
 Scored exactly as SemEval-2025 Task 4 scores it: ROUGE-L recall, exact match, the 12-term harmonic mean, the LOSS
 membership-inference attack and MMLU. Seven unlearning methods compared over seeds: gradient ascent (GA), gradient
 difference (GD), KL-regularised GA (KL), NPO (Zhang et al., arXiv 2404.05868), SimNPO (Fan et al., arXiv
-2410.07765), RMU (Li et al., arXiv 2403.03218) and the SemEval-2025 winner's recipe (AILS-NTUA, arXiv 2503.02443).
+2410.07765), RMU (Li et al., arXiv 2403.03218) and the SemEval-2025 winner's SUGD (AILS-NTUA, arXiv 2503.02443), as
+their code runs it and batched; on every weight, the last blocks, or LoRA adapters (Hu et al., arXiv 2106.09685).
 A likelihood-ratio MIA (the offline, one-reference case of LiRA, Carlini et al., arXiv 2112.03570) beside zlib
 (arXiv 2012.07805) and Min-K%++ (arXiv 2404.02936). Robustness probes on the unlearned model and on the retrain
 model as the control: relearning, few-shot and rephrased prompts (Doshi & Cooper Stickland, arXiv 2411.12103),
@@ -232,7 +233,8 @@ def checkpointing(model, on):
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     if on:
         getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
-        model.disable_input_require_grads()
+        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+            model.disable_input_require_grads()  # transformers 4.x sets none: its disable would fail
     else:
         getattr(model, f"{name}_checkpointing_disable")()
 
@@ -535,9 +537,10 @@ class NonFiniteLoss(RuntimeError):
 
 def lr_at(i, steps, lr, warmup, linear=False):
     """The learning rate of step i: linear warm-up over `warmup` of the steps, then cosine decay to lr/10; linear:
-    transformers' default instead, lr x (steps - i) / steps (no warm-up)."""
+    transformers' default schedule instead, a warm-up from 0 over ceil(warmup x steps), then linear decay to 0."""
     if linear:
-        return lr * (steps - i) / steps
+        w = math.ceil(warmup * steps)
+        return lr * (i / w if i < w else max(0.0, (steps - i) / max(1, steps - w)))
     w = max(1, int(warmup * steps))
     if i < w:
         return lr * (i + 1) / w
@@ -599,9 +602,9 @@ def micro_batch_loss(model, micro, step, inputs, args, device):
 def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_decay=0.0, log_every=10, desc="train",
           chunks=None):
     """AdamW, warm-up + cosine, gradient accumulation, clipping over `steps` (lists of micro-batches): the run's
-    statistics. chunks: the steps of each chunk, each trained as transformers' Trainer would (SUGD): a fresh AdamW
-    with its defaults and a linear decay. Several processes: each its share of every micro-batch, on its shard
-    (FSDP2); the logs summed."""
+    statistics. chunks: the number of steps of each chunk, each trained as transformers' Trainer would (SUGD): a
+    fresh AdamW with its defaults, and its linear schedule. Several processes: each its share of every micro-batch,
+    on its shard (FSDP2); the logs summed."""
     params = [p for p in model.parameters() if p.requires_grad]
     ends = list(itertools.accumulate(chunks or [len(steps)]))  # the step after each chunk
     model.train()
@@ -669,20 +672,20 @@ class LoRA(torch.nn.Module):
     """A frozen linear layer W plus a trained low-rank update (Hu et al., arXiv 2106.09685): y = W x + (alpha/r) B A x,
     A (r, in) initialised as torch initialises a linear layer, B (out, r) zeros: at first, the layer's own output."""
 
-    def __init__(self, base, rank, alpha):
+    def __init__(self, base, rank, alpha, generator):
         super().__init__()
+        a = torch.nn.init.kaiming_uniform_(torch.empty(rank, base.in_features), a=math.sqrt(5), generator=generator)
         self.base, self.scale = base, alpha / rank
-        self.a = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.a = torch.nn.Parameter(a.to(base.weight.device))
         self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        torch.nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
 
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scale
 
 
-def add_lora(model, blocks, rank, alpha):
-    """LoRA modules in place of the LORA_TARGETS linear layers of these blocks, the only parameters that train:
-    [(parent module, attribute, LoRA)]."""
+def add_lora(model, blocks, rank, alpha, seed):
+    """LoRA modules in place of the LORA_TARGETS linear layers of these blocks, the only parameters that train, drawn
+    from `seed` (the same for every run and process): [(parent module, attribute, LoRA)]."""
     layers = model.get_decoder().layers
     targets = [(parent, name, child) for i in blocks for parent in layers[i].modules() for name, child in
                parent.named_children() if name in LORA_TARGETS and isinstance(child, torch.nn.Linear)]
@@ -691,14 +694,15 @@ def add_lora(model, blocks, rank, alpha):
     if rank > (most := min(min(child.weight.shape) for *_, child in targets)):
         raise LumeError(f"--lora_rank {rank}: more than the rank of a weight it adapts ({most})")
     model.requires_grad_(False)
-    adapters = [(parent, name, LoRA(child, rank, alpha)) for parent, name, child in targets]
+    generator = torch.Generator().manual_seed(seed)
+    adapters = [(parent, name, LoRA(child, rank, alpha, generator)) for parent, name, child in targets]
     for parent, name, lora in adapters:
         setattr(parent, name, lora)
     return adapters
 
 
 def lora_of(args):
-    return (args.lora_rank, args.lora_alpha) if args.lora_rank else None
+    return (args.lora_rank, args.lora_alpha, args.seed) if args.lora_rank else None
 
 
 def drop_lora(adapters, merge):
@@ -713,16 +717,16 @@ def drop_lora(adapters, merge):
 def train_blocks(model, blocks, steps, loss_fn, lr, device, recompute=False, lora=None, **kw):
     """train() on the listed blocks of the model (None: every parameter, embeddings and output layer included), in
     place: one process trains the model itself, several an FSDP2-sharded copy whose weights come back into it.
-    lora (rank, alpha): adapters on the blocks (None: every block) train instead, merged into the weights after."""
+    lora (rank, alpha, seed): adapters on the blocks (None: every block) train instead, merged in the weights after."""
     model.requires_grad_(blocks is None)
     for i in blocks or []:
         model.get_decoder().layers[i].requires_grad_(True)
     layers = range(len(model.get_decoder().layers)) if blocks is None else blocks
-    adapters = add_lora(model, layers, *lora) if lora else []
-    if recompute:
-        checkpointing(model, True)
-    sharded = None
+    adapters, sharded = [], None
     try:
+        adapters = add_lora(model, layers, *lora) if lora else []
+        if recompute:
+            checkpointing(model, True)
         sharded = sharded_copy(model) if rank_world()[1] > 1 else None  # several processes (skip on a first read)
         stats = train(sharded or model, steps, loss_fn, lr, device, **kw)
         if sharded is not None:  # several processes: the trained weights into every process's plain model, waiting in
@@ -798,8 +802,10 @@ def sugd_chunks(forget, retain, args):
     order; in each, every forget example followed by its --retain_per_forget retain examples (the retain set in file
     order, cycled across chunks); --epochs passes over the chunk in that order; --max_steps counts every chunk's."""
     chunk, per = args.chunk_size or len(forget), 1 + args.retain_per_forget
-    if (wanted := min(math.ceil(args.epochs * len(forget) * per), args.max_steps or MAX_MICRO + 1)) > MAX_MICRO:
-        raise LumeError(f"--{'max_steps' if args.max_steps else 'epochs'} {args.max_steps or args.epochs}: "
+    lengths = [min(chunk, len(forget) - c) * per for c in range(0, len(forget), chunk)]  # each chunk's order
+    total = sum(int(args.epochs) * n + math.ceil(args.epochs % 1 * n) for n in lengths)
+    if (wanted := min(total, args.max_steps or total)) > MAX_MICRO:
+        raise LumeError(f"--{'max_steps' if wanted < total else 'epochs'} {args.max_steps or args.epochs}: "
                         f"{wanted:,} micro-steps, more than a run can finish ({MAX_MICRO:,})")
     chunks, cycled, left = [], itertools.cycle(range(len(retain))), args.max_steps or MAX_MICRO
     for c in range(0, len(forget), chunk):
@@ -859,7 +865,8 @@ def unlearn(model, tokenizer, examples, args, device, phases):
     blocks = blocks_trained(args, depth, method)
     loss_fn = functools.partial(micro_batch_loss, inputs=inputs, args=args, device=device)
     with timed(phases, "unlearn"):
-        stats = train_blocks(model, blocks, sum(chunks, []), loss_fn, args.lr, device, recomputes(args, device),
+        stats = train_blocks(model, blocks, list(itertools.chain(*chunks)), loss_fn, args.lr, device,
+                             recomputes(args, device),
                              warmup=args.warmup, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
                              log_every=args.log_every, desc=f"unlearn {algo}", lora=lora_of(args),
                              chunks=[len(c) for c in chunks] if method.sequential else None)
@@ -2152,6 +2159,11 @@ def check_args(args):
         check_depth(args, depth)
     if isinstance(context, int):
         check_context(args, context)
+    if args.lora_rank and isinstance(h := config.get("hidden_size"), int):  # the smallest of q, k, v, up and down
+        heads = config.get("num_attention_heads") or 1
+        most = min(h, h // heads * (config.get("num_key_value_heads") or heads), config.get("intermediate_size") or h)
+        if args.lora_rank > most:
+            raise LumeError(f"--lora_rank {args.lora_rank}: more than the rank of a weight it adapts ({most})")
 
 
 # -----------------------------------------------------------------------------
@@ -2169,7 +2181,7 @@ def check_data(args, lume, val):
         raise LumeError(f"--algo {needs[0]} needs a retain set, and {lume.source} has none for --task {args.task}")
     for algo in [] if args.eval_only else args.algo:
         tried, stand_in = recipe(args, algo, args.seed, 4), [dict(input_ids=[0])]
-        if METHODS[algo].retain and tried.retain_per_forget > len(lume.retain):
+        if METHODS[algo].retain and not METHODS[algo].sequential and tried.retain_per_forget > len(lume.retain):
             raise LumeError(f"--retain_per_forget {tried.retain_per_forget} (--algo {algo}): more than the "
                             f"{len(lume.retain)} retain examples")
         world = int(os.environ.get("WORLD_SIZE", 1))

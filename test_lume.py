@@ -647,8 +647,9 @@ def two_steps_by_hand(shipped, algo):
 @pytest.mark.parametrize("algo", lume.METHODS)
 def test_two_unlearning_steps_by_hand(shipped, algo):
     """Two optimizer steps of each method in METHODS on the shipped target, 4 forget and 8 retain rows (2 per forget
-    row) split over 2 micro-steps, each step seeing them all: the gradient each step uses is that of the method's loss
-    written out by hand for its loss function (loss_by_hand: AILS-NTUA gets GD's, with its recipe; step 2 from where
+    row) split over 2 micro-steps, each step seeing them all (SUGD: one row a step, f0 then r0): the gradient each step
+    uses is that of the method's loss written out by hand for its loss function (loss_by_hand: the batched AILS-NTUA
+    recipe gets GD's, with its recipe; SUGD the team's compute_loss; step 2 from where
     step 1 left the model, against the frozen target as NPO's and KL's reference and RMU's frozen model), the loss
     logged at step 2 is that loss, the parameters trained are the method's, and step 1 lowered the forget rows'
     likelihood. A loss function with no formula there (a new method's) is checked against itself over the whole step
@@ -687,6 +688,8 @@ def test_sugd_loss_is_the_winners_compute_loss(shipped):
         ours = lume.sugd_loss(lume.Pass(logits[:1], labels[:1], mask[:1]),
                               lume.Pass(logits[1:], labels[1:], mask[1:]), args)
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    stand_in = lume.Pass(logits[:1], labels[:1], mask[:1], counts=dict(examples=1), weight=0.0)  # an idle process's
+    assert lume.sugd_loss(stand_in, None, args).item() == 0.0
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=forget, retain=retain), 512)
     inputs = lume.Inputs(lume.METHODS["ails"], *examples, tokenizer.pad_token_id)
     one, _, _ = lume.micro_batch_loss(target, ([0], []), [([0], [])], inputs, args, CPU)
@@ -727,6 +730,12 @@ def test_sugd_runs_the_winners_order_and_optimisers(shipped, monkeypatch):
     assert all(o is opts[0] for o in opts[:12]) and all(o is opts[12] for o in opts[12:]) and opts[0] is not opts[12]
     defaults = optimisers[0][1]
     assert (defaults["betas"], defaults["eps"], defaults["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.0)
+    steps = lambda *flags: [[s[0] for s in c] for c in lume.sugd_chunks(*examples, dataclasses.replace(args, **dict(
+        zip(flags[::2], flags[1::2]))))]
+    assert steps("max_steps", 14) == [[([0], []), ([], [0]), ([], [1]), ([1], []), ([], [2]), ([], [3])] * 2,
+                                      [([2], []), ([], [4])]]  # --max_steps counts every chunk's steps
+    half = steps("epochs", 1.5)  # a pass and half of one: the first ceil(len / 2) of the chunk's order again
+    assert [len(c) for c in half] == [6 + 3, 3 + 2] and half[0][6:] == half[0][:3] and half[1][3:] == half[1][:2]
 
 
 def test_rmu_control_vector_has_length_c(shipped):
@@ -2001,7 +2010,7 @@ def test_the_ledger_by_hand():
     lora = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--lora_rank", "16"]))  # every block
     adapters = 32 * 16 * (3 * (4096 + 4096) + 2 * (4096 + 11008))  # q, k, v: 4096 -> 4096; up and down
     assert lora["unlearn"]["gradients"] == 4 * adapters and lora["unlearn"]["AdamW moments"] == 8 * adapters
-    assert lora["unlearn"]["weights"] == one["unlearn"]["weights"]
+    assert lora["unlearn"]["weights"] == one["unlearn"]["weights"] and lora["unlearn"]["LoRA adapters"] == 4 * adapters
     sugd = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args(["--algo", "ails"]))  # one row a step
     assert sugd["unlearn"]["gradients"] == 4 * 8 * block and sugd["unlearn"]["logits"] == 512 * 50304 * (2 + 12)
     eight = memory_ledger.memory_ledger(memory_ledger.OLMO_7B, lume.parse_args([]), world=8)
@@ -2665,7 +2674,7 @@ def test_a_missing_scoring_package_is_refused_before_any_work(monkeypatch, capsy
     (["--max_steps", str(10**9)], "--max_steps must be <= 1000000"),
     (["--relearn_steps", str(10**12)], "--relearn_steps must be <= 1000000"),
     (["--retain_per_forget", str(10**9)], "--retain_per_forget 1000000000 (--algo gd): more than the 200 retain"),
-    (["--algo", "ails", "--task", "1", "--retain_per_forget", "41"], "--retain_per_forget 41 (--algo ails): more than"),
+    (["--algo", "ails_batched", "--task", "1", "--retain_per_forget", "41"], "--retain_per_forget 41 (--algo ails_batched): more than"),
 ])
 def test_sizes_a_run_cannot_finish_are_refused_before_any_model(monkeypatch, flags, expected):
     monkeypatch.setattr(lume, "load_models", lambda *a: pytest.fail("a model was loaded"))
@@ -2956,13 +2965,17 @@ def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly(shippe
     model = copy.deepcopy(target)
     with torch.no_grad():
         before = lume.forward(model, batch)
-        adapters = lume.add_lora(model, [3], 4, 8.0)
+        adapters = lume.add_lora(model, [3], 4, 8.0, 0)
         assert torch.equal(lume.forward(model, batch), before)
         assert sorted(name for _, name, _ in adapters) == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
         assert [n for n, p in model.named_parameters() if p.requires_grad] == [
             f"model.layers.3.{part}.{name}.{ab}" for part, name in [("self_attn", "q_proj"), ("self_attn", "k_proj"),
                                                                      ("self_attn", "v_proj"), ("mlp", "up_proj"),
                                                                      ("mlp", "down_proj")] for ab in "ab"]
+        torch.manual_seed(123)  # the adapters' draw is their seed's, whatever the global random state
+        again = lume.add_lora(copy.deepcopy(target), [3], 4, 8.0, 0) + lume.add_lora(copy.deepcopy(target), [3], 4, 8.0, 1)
+        assert all(torch.equal(x.a, y.a) for (*_, x), (*_, y) in zip(adapters, again[:5]))
+        assert not any(torch.equal(x.a, y.a) for (*_, x), (*_, y) in zip(adapters, again[5:]))
         for _, _, lora in adapters:
             lora.b.normal_()  # a trained update
         adapted = lume.forward(model, batch)
@@ -2973,6 +2986,14 @@ def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly(shippe
         for name, w in by_hand.items():
             assert torch.equal(dict(model.named_parameters())[
                 f"model.layers.3.{'mlp' if name in ('up_proj', 'down_proj') else 'self_attn'}.{name}.weight"], w)
+    model, kept = copy.deepcopy(target), weights(target)  # a step that fails: no adapter left, no weight changed
+
+    def nan_loss(model, micro, step):
+        return lume.sequence_nll(lume.forward(model, batch), batch["labels"]) * float("nan"), {}, 0
+    with pytest.raises(lume.NonFiniteLoss):
+        lume.train_blocks(model, [3], [["x"]], nan_loss, 1e-3, CPU, lora=(4, 8.0, 0))
+    assert not any(isinstance(m, lume.LoRA) for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(kept, weights(model)))
     examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:8]), 512)
     grads, trained = {}, {}
     for on in (False, True):
@@ -3006,3 +3027,18 @@ def test_a_lora_run_unlearns(tmp_path):
     assert m["settings"]["unlearned"]["lora_rank"] == 8
     assert "lora_rank 8, lora_alpha 16.0" in (out / "metrics.md").read_text()
     assert "trained adapters on every block" in (out / "metrics.md").read_text()
+
+
+def test_sugd_schedule_is_transformers_linear_one():
+    """transformers' get_linear_schedule_with_warmup, as its Trainer sets it (warm-up steps ceil(ratio x steps)): a
+    factor i / w over the warm-up, then (steps - i) / (steps - w); with no warm-up, (steps - i) / steps from the peak."""
+    assert [lume.lr_at(i, 10, 2.0, 0.2, linear=True) for i in range(10)] == pytest.approx(
+        [0.0, 1.0] + [2.0 * (10 - i) / 8 for i in range(2, 10)])
+    assert [lume.lr_at(i, 4, 1.0, 0.0, linear=True) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [lume.lr_at(i, 4, 1.0, 0.1, linear=True) for i in range(4)] == [0.0, 1.0, 2 / 3, 1 / 3]  # ceil(0.4) = 1
+
+
+def test_lora_rank_is_checked_at_start_up():
+    with pytest.raises(lume.LumeError, match=r"--lora_rank 193: more than the rank of a weight it adapts \(192\)"):
+        lume.check_args(lume.parse_args(["--lora_rank", "193"]))
+    lume.check_args(lume.parse_args(["--lora_rank", "192"]))

@@ -61,7 +61,7 @@ for shape, flags in runs:
     measured, train = cost["peak_memory_gib"], next(iter(cost["train"].values()))
     args = lume.parse_args(flags)
     ledger = memory_ledger(shapes[shape], args, gpu=gpu)
-    shown = " ".join(f for f in flags if not f.startswith(("/", "--model_config", "--device", "--out_dir")))
+    shown = " ".join(f for f in flags[4:] if not f.startswith(("/", "--out_dir")))  # after --model_config, --device
     for phase, key in pairs.items():
         if phase not in measured:
             continue

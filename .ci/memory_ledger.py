@@ -53,7 +53,8 @@ def memory_ledger(config, args, world=1, gpu=True):
     per_token = depth * 4 * c.hidden_size + inner if recompute else depth * (4 * c.hidden_size + inner)
 
     def training(rows):
-        state = dict(weights=weights // world, gradients=trained // world, **{"AdamW moments": 2 * trained // world})
+        state = dict(weights=weights // world, **{"LoRA adapters": trained // world if args.lora_rank else 0},
+                     gradients=trained // world, **{"AdamW moments": 2 * trained // world})
         if world > 1:  # FSDP2 gathers a block (and the next) and keeps the root unit (embeddings, output) gathered
             root = weights - fp32(layers.parameters())
             state |= {"gathered units": 2 * fp32(layers[0].parameters()) + root, "plain model (host)": host * weights}

@@ -2101,6 +2101,15 @@ def check_model_folders(args):
             pass
 
 
+def check_lora_rank(args, config):
+    """--lora_rank against the smallest side of the q, k, v, up and down weights a config.json describes."""
+    if args.lora_rank and isinstance(h := config.get("hidden_size"), int):
+        heads = config.get("num_attention_heads") or 1
+        most = min(h, h // heads * (config.get("num_key_value_heads") or heads), config.get("intermediate_size") or h)
+        if args.lora_rank > most:
+            raise LumeError(f"--lora_rank {args.lora_rank}: more than the rank of a weight it adapts ({most})")
+
+
 def check_args(args):
     """Before any work (LumeError): the scoring's packages, every bound, comma list, named file and model folder, and
     what the model's config.json bounds (depth, context); says which defaults a LUME target takes."""
@@ -2159,11 +2168,7 @@ def check_args(args):
         check_depth(args, depth)
     if isinstance(context, int):
         check_context(args, context)
-    if args.lora_rank and isinstance(h := config.get("hidden_size"), int):  # the smallest of q, k, v, up and down
-        heads = config.get("num_attention_heads") or 1
-        most = min(h, h // heads * (config.get("num_key_value_heads") or heads), config.get("intermediate_size") or h)
-        if args.lora_rank > most:
-            raise LumeError(f"--lora_rank {args.lora_rank}: more than the rank of a weight it adapts ({most})")
+    check_lora_rank(args, config)
 
 
 # -----------------------------------------------------------------------------

@@ -137,7 +137,8 @@ class Args:
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
-    quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64)")
+    quant_bits: tuple = arg(("8", "4", "nf4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64; "
+                            "nf4: 4-bit NormalFloat in blocks of 64, as 4-bit loaders)")
     # system
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time> beside lume.py)")
     overwrite: bool = arg(False, "replace the results of an earlier run in --out_dir")
@@ -1451,7 +1452,10 @@ def load_mmlu(source):
 # -----------------------------------------------------------------------------
 # Robustness probes: has the model forgotten, or only stopped saying? Each transforms the prompts or the model
 
-QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style)
+QUANT_GROUP = 64  # at most this many inputs share one scale below 8 bits (GPTQ/AWQ-style); NF4's block
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+       0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)  # QLoRA's 16 levels
 FORMATS = ("Question: {q}\nAnswer:", "Q: {q} A:", "Answer the following question. {q}")  # rephrase, no file
 
 
@@ -1462,6 +1466,18 @@ def fake_quantize(w, bits, group=None):
     q = 2 ** (bits - 1) - 1
     scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / q
     return (torch.round(rows / scale).clamp(-q, q) * scale).reshape(w.shape).to(w.dtype)
+
+
+def fake_nf4(w, block=QUANT_GROUP):
+    """4-bit NormalFloat (Dettmers et al., QLoRA, arXiv 2305.14314), as bitsandbytes quantizes by default: the
+    flattened weight in blocks of 64 (the last zero-padded), each divided by its absmax and rounded to the nearest of
+    the 16 NF4 levels (quantiles of a normal, scaled to [-1, 1], 0 exact), then multiplied back."""
+    flat = w.flatten().float()
+    blocks = F.pad(flat, (0, -len(flat) % block)).view(-1, block)
+    scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    levels = torch.tensor(NF4, device=w.device)
+    nearest = torch.bucketize(blocks / scale, (levels[1:] + levels[:-1]) / 2)  # the level whose interval holds it
+    return (levels[nearest] * scale).flatten()[:len(flat)].view(w.shape).to(w.dtype)
 
 
 def group_size(width):
@@ -1485,12 +1501,14 @@ def restored(params):
 @contextlib.contextmanager
 def quantized(model, bits):
     """The model with its linear weights quantized and dequantized: int8 per output channel, fewer bits in groups
-    of group_size inputs; the output embedding stays (4-bit loaders keep lm_head). Restored on leaving."""
+    of group_size inputs, "nf4" NormalFloat in blocks; the output embedding stays (4-bit loaders keep lm_head).
+    Restored on leaving."""
     head = model.get_output_embeddings()
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     with restored([m.weight for m in linear]), torch.no_grad():
         for m in linear:
-            m.weight.copy_(fake_quantize(m.weight, bits, None if bits >= 8 else group_size(m.weight.shape[1])))
+            m.weight.copy_(fake_nf4(m.weight) if bits == "nf4" else fake_quantize(
+                m.weight, int(bits), None if int(bits) >= 8 else group_size(m.weight.shape[1])))
         yield model
 
 
@@ -1586,8 +1604,9 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
         probes.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
     if "rephrase" in args.probes:
         probes.append(("rephrase", None, rephrased_rows(lume)))
-    for bits in map(int, args.quant_bits if "quantize" in args.probes else []):
-        probes.append((f"quantize {bits}-bit", functools.partial(quantized, bits=bits), lume.forget))
+    for bits in args.quant_bits if "quantize" in args.probes else []:
+        probes.append((f"quantize {bits if bits == 'nf4' else f'{int(bits)}-bit'}",
+                       functools.partial(quantized, bits=bits), lume.forget))
     summaries, records = {}, []
     for probe, transform, rows in probes:
         if transform is not None and only_prompts:
@@ -2031,7 +2050,8 @@ LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
     "probes": (lambda v: v in PROBES or v == "none", f"each one of {', '.join(PROBES)} (or 'none')"),
     "relearn_data": (lambda v: v in ("retain", "mmlu") or Path(v).is_file(),
                      "each one of 'retain', 'mmlu' or a jsonl file of documents"),
-    "quant_bits": (lambda v: v.isdecimal() and 2 <= int(v) <= 8, "comma-separated bit widths from 2 to 8"),
+    "quant_bits": (lambda v: v == "nf4" or v.isdecimal() and 2 <= int(v) <= 8,
+                   "comma-separated bit widths from 2 to 8, or nf4"),
 }
 
 

@@ -1046,7 +1046,7 @@ def shipped_run(micro, tmp_path_factory):
     summaries = lume.main(["--data_dir", str(root / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4",
                            "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
                            "--retrain_model", str(micro[2]), "--relearn_steps", "2", "--relearn_data", "retain",
-                           "--fewshot_k", "2", "--quant_bits", "8,4", "--mmlu_shots", "1", "--save_model",
+                           "--fewshot_k", "2", "--quant_bits", "8,4,nf4", "--mmlu_shots", "1", "--save_model",
                            "--out_dir", str(out)])
     return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
 
@@ -1143,12 +1143,14 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
 
     _, metrics, out, _ = shipped_run
     block, rouge = metrics["robustness"], rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit", "quantize 4-bit"}
+    assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit", "quantize 4-bit",
+                                     "quantize nf4"}
     assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
     assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
     unlearned, tokenizer = lume.load_model(str(out / "model"), CPU)[0], shipped[1]
-    for bits in (8, 4):
-        recs = [r for r in block["records"] if r["probe"] == f"quantize {bits}-bit" and r["model"] == "unlearned"
+    for bits in (8, 4, "nf4"):
+        recs = [r for r in block["records"] if r["probe"] == f"quantize {bits if bits == 'nf4' else f'{bits}-bit'}"
+                and r["model"] == "unlearned"
                 and r["kind"] == "sc"]
         with lume.quantized(unlearned, bits):
             again = lume.generate(unlearned, tokenizer, [r["input"] for r in recs], 24, 16, CPU)[0]
@@ -1178,7 +1180,7 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
                 recovered += [(probe, metric)] if name == "unlearned" and expected is not None else []
     for r in block["records"]:  # --fewshot_k 2: two retain pairs, then the question
         assert r["probe"] != "fewshot k=2" or len(r["input"].split("\n")) == 3
-    assert len(recovered) == 8, recovered  # relearn and quantize: both metrics; fewshot and rephrase: knowledge
+    assert len(recovered) == 10, recovered  # relearn and 3 quantizations: both metrics; fewshot and rephrase: knowledge
     relearn = [r for r in block["records"] if r["probe"] == "relearn retain" and r["model"] == "unlearned"]
     for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):  # what relearning did to the retain set too
         tasks = [[r["score"] for r in relearn if (r["task"], r["split"], r["kind"]) == (t, "retain", kind)]
@@ -3042,3 +3044,33 @@ def test_lora_rank_is_checked_at_start_up():
     with pytest.raises(lume.LumeError, match=r"--lora_rank 193: more than the rank of a weight it adapts \(192\)"):
         lume.check_args(lume.parse_args(["--lora_rank", "193"]))
     lume.check_args(lume.parse_args(["--lora_rank", "192"]))
+
+
+def test_nf4_is_qloras_normalfloat():
+    """The 16 levels are QLoRA's (arXiv 2305.14314, bitsandbytes' table): built as its paper builds them, 8 quantiles
+    of a standard normal at evenly spaced probabilities from 0.9677083 to 0.5 (the last, 0, dropped) for the positive
+    half, 7 for the negative, an exact 0, all divided by the largest. A weight is cut into blocks of 64 of its
+    flattened values (the last padded), each block divided by its largest magnitude and each value rounded to the
+    nearest level; a block's largest value comes back exactly."""
+    normal, offset = torch.distributions.Normal(0.0, 1.0), 0.9677083
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.sort(torch.cat([positive, negative, torch.zeros(1, dtype=torch.float64)]))[0]
+    levels = levels / levels.max()
+    assert len(lume.NF4) == 16 and torch.allclose(torch.tensor(lume.NF4, dtype=torch.float64), levels, atol=1e-6)
+    published = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]
+    assert list(lume.NF4) == published
+    w = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))  # 150 values: blocks of 64, 64 and 22
+    q = lume.fake_nf4(w)
+    flat, out = w.flatten(), q.flatten()
+    for s, e in ((0, 64), (64, 128), (128, 150)):
+        absmax = flat[s:e].abs().max()
+        x, y = flat[s:e] / absmax, out[s:e] / absmax
+        chosen = torch.tensor(published)[(x[:, None] - torch.tensor(published)).abs().argmin(-1)]
+        assert torch.allclose(y, chosen, atol=1e-6)
+        top = flat[s:e].abs().argmax()
+        assert out[s + top] == flat[s + top]
+    assert q.shape == w.shape and not torch.equal(q, w)

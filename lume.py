@@ -955,6 +955,19 @@ def term_means(records):
     return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
 
 
+def extraction_means(records):
+    """Extraction Strength, the mean per task and split over its rows (both kinds), and over the tasks per split:
+    {"Task1/forget/extraction": mean, ..., "forget/extraction": mean of the task means}. Not in the official score."""
+    values = {}
+    for r in (r for r in records if r.get("extraction") is not None):
+        values.setdefault((r["task"], r["split"]), []).append(r["extraction"])
+    out = {f"{t}/{s}/extraction": statistics.mean(v) for (t, s), v in sorted(values.items())}
+    for split in ("forget", "retain"):
+        if means := [v for (t, s), v in values.items() if s == split]:
+            out[f"{split}/extraction"] = statistics.mean(statistics.mean(v) for v in means)
+    return out
+
+
 def task_aggregate(means):
     """Harmonic mean of the per-task, per-split means {"Task1/forget/knowledge": mean, ...}; forget terms enter
     as 1 - x. 0 as soon as any term is 0 (statistics.harmonic_mean)."""
@@ -977,6 +990,7 @@ def summarize(records, mia_docs, mmlu_acc, gate=True):
     """Every summary number from the records, as the scorer does; gate: mmlu_acc is MMLU (the SemEval gate)."""
     out = term_means(records)
     out["task_aggregate"] = task_aggregate(out)
+    out |= extraction_means(records)
     for attack in ("loss", "ref", "zlib", "mink++"):
         scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
         if {m for m, _ in scores} == {True, False}:
@@ -1076,6 +1090,26 @@ def mmlu_accuracy(model, tokenizer, mmlu, shots, batch_size, device):
     return sum(r["correct"] for r in records) / len(records), records
 
 
+def extraction_strength(model, tokenizer, rows, args, device):
+    """Extraction Strength of each row's gold answer (Wang et al., ICLR 2025, as OpenUnlearning computes it):
+    1 - k / |y|, k the shortest prefix of the answer's tokens (answer and EOS, as trained) from which greedy decoding
+    reproduces the rest. One teacher-forced pass gives it: greedy decoding from the prefix reproduces the rest exactly
+    when the model's most likely next token is the gold one at every later position, so k = |y| - (the trailing run
+    of such tokens); none (k would be |y|): OpenUnlearning's loop stops at k = |y| - 1, ES = 1/|y|."""
+    examples = row_examples(tokenizer, rows, args.max_length)
+
+    def strengths(indices):
+        out = []
+        for _, batch, logits in inference(model, [examples[i] for i in indices], args.eval_batch_size,
+                                          tokenizer.pad_token_id, device):
+            logits, labels, labelled = shifted(logits, batch["labels"])
+            hit = ((logits.argmax(-1) == labels) | ~labelled).flip(-1).int().cumprod(-1).flip(-1).bool() & labelled
+            n = labelled.sum(-1)  # (B,) |y|; hit: (B, T-1) the trailing run of gold predictions
+            out += torch.where(n > 0, hit.sum(-1).clamp(min=1) / n.clamp(min=1), 0.0).tolist()
+        return out
+    return split_gather(list(range(len(rows))), strengths)
+
+
 def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
     """A record per row: the greedy continuation of its prompt and its official score. qa_cap (the probes): qa
     continuations stop 16 tokens past the longest gold answer (an exact match needs the answer, then EOS)."""
@@ -1090,10 +1124,11 @@ def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
             *generate(model, tokenizer, prompts, limit, args.gen_batch_size, device))))
         for i, (text, n) in zip(which, done):
             generations[i], new_tokens = text, new_tokens + n
+    strengths = extraction_strength(model, tokenizer, rows, args, device)
     return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
                  gold=r["output"], generation=g,
-                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g))
-            for r, g in zip(rows, generations)], new_tokens
+                 score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g),
+                 extraction=es) for r, g, es in zip(rows, generations, strengths)], new_tokens
 
 
 def evaluate(name, model, tokenizer, lume, mmlu, args, device):
@@ -1588,8 +1623,9 @@ def recovery(probed, unlearned, target):
 
 
 def split_means(summary, split):
-    """Knowledge and regurgitation of one split, each the mean over tasks of the per-task means."""
-    values = {m: [v for k, v in summary.items() if k.endswith(f"/{split}/{m}")] for m in ("knowledge", "regurgitation")}
+    """Knowledge, regurgitation and Extraction Strength of one split, each the mean over tasks of the per-task means."""
+    values = {m: [v for k, v in summary.items() if k.endswith(f"/{split}/{m}")]
+              for m in ("knowledge", "regurgitation", "extraction")}
     return {m: statistics.mean(v) if v else None for m, v in values.items()}
 
 
@@ -1613,7 +1649,7 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
             continue
         with timed(phases, f"probe {probe.split()[0]}"), transform(model) if transform else contextlib.nullcontext():
             recs = [r | {"probe": probe} for r in score_rows(name, model, tokenizer, rows, args, device, True)[0]]
-        summaries[probe], records = term_means(recs), records + recs
+        summaries[probe], records = term_means(recs) | extraction_means(recs), records + recs
     return summaries, records
 
 
@@ -1781,8 +1817,14 @@ def score_columns(tasks):
     """[(summary key, column title)]: the 12 official terms (4 per task) and the scores."""
     return ([(f"{t}/{s}/{m}", f"T{t[-1]} {s[0]}-{m[:3]}") for t in tasks for s in ("forget", "retain")
              for m in ("regurgitation", "knowledge")]
-            + [("task_aggregate", "agg"), ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"), ("mmlu", "MMLU"),
+            + [("forget/extraction", "f-ES"), ("retain/extraction", "r-ES"), ("task_aggregate", "agg"),
+               ("mia_loss_score", "MIA"), ("mia_ref_score", "MIA-LR"), ("mmlu", "MMLU"),
                ("final", "final")])
+
+
+def official(key, split):
+    """A summary key of one of the 12 official terms of this split ("Task1/forget/knowledge")."""
+    return f"/{split}/" in key and key.endswith(("/knowledge", "/regurgitation"))
 
 
 def report(summaries, tasks, mmlu):
@@ -1793,14 +1835,16 @@ def report(summaries, tasks, mmlu):
     gate = f"gate {MMLU_GATE}" if mmlu is not None and mmlu.real else "no gate"
     return (md_table(["model"] + [c for _, c in cols], rows) + "\n\nT<task> f/r = forget/retain, reg = regurgitation"
             f" (ROUGE-L recall), kno = knowledge (exact match); forget terms raw (lower is better), 1 - x in the "
-            f"aggregate; MIA = 1 - 2|AUC - 0.5|; MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
+            f"aggregate; f-ES/r-ES = Extraction Strength on forget/retain rows, mean over tasks (not in the score); "
+            f"MIA = 1 - 2|AUC - 0.5|; MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
 
 
 def robustness_report(summaries, probed):
     """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the recovery,
     for the unlearned, retrain and (prompt probes) target models; the table and, for metrics.json, {probe: {model:
     term means, split means and recoveries}}."""
-    kinds, numbers, target_forget = ("knowledge", "regurgitation"), {}, split_means(summaries["target"], "forget")
+    kinds, numbers, target_forget = ("knowledge", "regurgitation", "extraction"), {}, split_means(summaries["target"],
+                                                                                                  "forget")
     for probe, by_model in probed.items():
         for name, means in by_model.items():
             now, before = split_means(means, "forget"), split_means(summaries[name], "forget")
@@ -1809,6 +1853,7 @@ def robustness_report(summaries, probed):
                 | {f"retain_{m}": v for m, v in split_means(means, "retain").items()}
                 | {f"recovery_{m}": recovery(now[m], before[m], target_forget[m])
                    if now[m] is not None and name != "target" else None for m in kinds})
+    kinds = kinds[:2]  # the table: the official metrics; metrics.json has Extraction Strength's too
     cols = [("unlearned", f"{s}_{m}") for s in ("forget", "retain", "recovery") for m in kinds]
     cols += [("retrain", f"{s}_{m}") for s in ("forget", "recovery") for m in kinds]
     cols += [("target", f"forget_{m}") for m in kinds]
@@ -1835,8 +1880,8 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
     for n, s in summaries.items():
         per_run[n] = (s | {f"{p}/recovery_{m}": by.get(n, {}).get(f"recovery_{m}") for p, by in robustness.items()
                            for m in ("knowledge", "regurgitation")}
-                      | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if "/forget/" in k),
-                             utility=statistics.mean(v for k, v in s.items() if "/retain/" in k or k == "mmlu"
+                      | dict(forget_efficacy=statistics.mean(1 - v for k, v in s.items() if official(k, "forget")),
+                             utility=statistics.mean(v for k, v in s.items() if official(k, "retain") or k == "mmlu"
                                                      and v is not None), unlearn_seconds=seconds.get(n)))
     numbers = {}
     for row, names in rows.items():

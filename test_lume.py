@@ -3074,3 +3074,38 @@ def test_nf4_is_qloras_normalfloat():
         top = flat[s:e].abs().argmax()
         assert out[s + top] == flat[s + top]
     assert q.shape == w.shape and not torch.equal(q, w)
+
+
+def test_extraction_strength_by_hand(shipped, shipped_run):
+    """Every fifth row the unlearned model was scored on: its Extraction Strength is OpenUnlearning's loop over the
+    model's predictions, one row at a time, no padding (1 - k / |y|, k the first suffix of the answer tokens the
+    predictions match; none: k = |y| - 1); on the rows where 0 < k, greedy decoding from the prompt and the first k
+    answer tokens gives back the rest and from k - 1 it does not; the summary's means are the records' means."""
+    _, metrics, out, _ = shipped_run
+    model, tokenizer = lume.freeze(lume.load_model(str(out / "model"), CPU)[0]), shipped[1]
+    recs = [r for r in metrics["records"] if r["model"] == "unlearned"]
+    decoded = 0
+    for r in recs[::5]:
+        ids, labels = labelled(tokenizer, dict(input=r["input"], output=r["gold"]))
+        with torch.no_grad():
+            preds = model(input_ids=ids).logits[0, :-1].argmax(-1)
+        gold, answer = labels[0, 1:], labels[0, 1:] != -100
+        preds, gold = preds[answer], gold[answer]
+        for k in range(len(gold)):
+            if torch.equal(preds[k:], gold[k:]):
+                break
+        assert r["extraction"] == pytest.approx(1 - k / len(gold)), r["id"]
+        if 0 < k and decoded < 3 and torch.equal(preds[k:], gold[k:]):  # the definition: greedy decoding itself
+            start = ids.shape[1] - len(gold)
+            for prefix, same in ((k, True), (k - 1, False)):
+                out_ids = lume.greedy(model, ids[:, :start + prefix], torch.ones_like(ids[:, :start + prefix]),
+                                      len(gold) - prefix, tokenizer.eos_token_id)[0]
+                assert torch.equal(out_ids, gold[prefix:]) == same, (r["id"], prefix)
+            decoded += 1
+    assert decoded == 3
+    summary = metrics["summary"]["unlearned"]
+    for task in lume.TASKS:
+        for split in ("forget", "retain"):
+            values = [r["extraction"] for r in recs if (r["task"], r["split"]) == (task, split)]
+            assert summary[f"{task}/{split}/extraction"] == pytest.approx(sum(values) / len(values))
+    assert summary["forget/extraction"] == pytest.approx(sum(summary[f"{t}/forget/extraction"] for t in lume.TASKS) / 3)

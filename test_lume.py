@@ -2239,7 +2239,7 @@ def test_algo_all_writes_a_block_per_method(micro, tmp_path, monkeypatch):
         n: blocks_by_hand(m, lume.recipe(flags, n, 0, 2), 2) or [0, 1] for n, m in lume.METHODS.items()}
     assert blocks_by_hand(lume.METHODS["rmu"], flags, 2) == [0] and lume.recipe(flags, "ails", 0, 2).train_layers == 1
     short, full = (out / "compare.md").read_text().split("Every column:")
-    for table, columns in ((short, 4 + 2), (full, 4 + 5 + 2 + 1)):  # short: final, agg, MIA, MMLU, eff., utility
+    for table, columns in ((short, 4 + 2), (full, 4 + 2 + 5 + 2 + 1)):  # short: final, agg, MIA, MMLU, eff., utility; full: the terms, f-ES, r-ES, the scores, eff., utility, unlearn s
         lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
         assert [cells[0] for cells in lines[1:]] == ["| " + n for n in ["target"] + names + ["retrain"]]
         assert all(len(cells) == columns + 1 for cells in lines)

@@ -74,7 +74,7 @@ TASKS = ("Task1", "Task2", "Task3")
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 MMLU_GATE = 0.371  # 75% of the 7B target's MMLU before unlearning (SemEval-2025 Task 4)
 RMU_DEPTH = 7 / 32  # RMU's default block: WMDP steers block 7 of Zephyr-7B's 32
-PROBES = ("relearn", "fewshot", "rephrase", "quantize")
+PROBES = ("relearn", "fewshot", "rephrase", "quantize", "rtt")  # the default: all but rtt ('all': every one)
 MAX_MICRO = 1_000_000  # micro-steps (forward and backward passes) a schedule may hold: a day of the embedded target
 
 
@@ -132,7 +132,7 @@ class Args:
     mmlu_shots: int = arg(0, "examples before each MMLU question (open-instruct: 5)", ge=0)
     mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
     # robustness probes (after scoring): does the unlearned model still hold the forget set?
-    probes: tuple = arg(PROBES, "probes to run, comma-separated, or 'none'")
+    probes: tuple = arg(PROBES[:4], "probes to run, comma-separated, 'all' (rtt too) or 'none'")
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0, le=MAX_MICRO)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
@@ -1598,6 +1598,18 @@ def fewshot_rows(lume, k, seed):
     return out
 
 
+def rtt_halves(lume, seed):
+    """RTT (Deeb & Roger, arXiv 2410.08827): each task's forget documents in two halves drawn with `seed` (the same
+    for every method of a run): (the rows of the first, relearned; the rows of the second, scored)."""
+    rng, first = random.Random(seed), set()
+    for task in sorted({r["task"] for r in lume.forget}):
+        docs = sorted({r["doc"] for r in lume.forget if r["task"] == task})
+        rng.shuffle(docs)
+        first |= {(task, d) for d in docs[:len(docs) // 2]}
+    return ([r for r in lume.forget if (r["task"], r["doc"]) in first],
+            [r for r in lume.forget if (r["task"], r["doc"]) not in first])
+
+
 def rephrased_rows(lume):
     """Each forget qa row in other words: its paraphrases (rephrase.jsonl), else FORMATS' rewrites of it."""
     return [r | {"input": v, "variant": j} for r in lume.forget if r["kind"] == "qa"
@@ -1640,6 +1652,11 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
         probes.append((f"fewshot k={args.fewshot_k}", None, fewshot_rows(lume, args.fewshot_k, args.seed)))
     if "rephrase" in args.probes:
         probes.append(("rephrase", None, rephrased_rows(lume)))
+    if "rtt" in args.probes:  # relearn half the forget documents, score the other half (and it alone, the baseline)
+        learned, held_out = rtt_halves(lume, args.seed)
+        probes.append(("rtt held-out", None, held_out))
+        probes.append(("rtt", functools.partial(relearned, tokenizer=tokenizer, examples=row_examples(
+            tokenizer, learned, args.max_length), args=args, device=device, blocks=blocks), held_out))
     for bits in args.quant_bits if "quantize" in args.probes else []:
         probes.append((f"quantize {bits if bits == 'nf4' else f'{int(bits)}-bit'}",
                        functools.partial(quantized, bits=bits), lume.forget))
@@ -1843,11 +1860,13 @@ def robustness_report(summaries, probed):
     """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the recovery,
     for the unlearned, retrain and (prompt probes) target models; the table and, for metrics.json, {probe: {model:
     term means, split means and recoveries}}."""
-    kinds, numbers, target_forget = ("knowledge", "regurgitation", "extraction"), {}, split_means(summaries["target"],
-                                                                                                  "forget")
-    for probe, by_model in probed.items():
+    kinds, numbers = ("knowledge", "regurgitation", "extraction"), {}
+    held_out = probed.get("rtt held-out", {})  # RTT's baselines: each model on the held-out half, unprobed
+    for probe, by_model in ((p, b) for p, b in probed.items() if p != "rtt held-out"):
+        base = held_out if probe == "rtt" else summaries
+        target_forget = split_means(base["target"], "forget")
         for name, means in by_model.items():
-            now, before = split_means(means, "forget"), split_means(summaries[name], "forget")
+            now, before = split_means(means, "forget"), split_means(base[name], "forget")
             numbers.setdefault(probe, {})[name] = (
                 means | {f"forget_{m}": now[m] for m in kinds}
                 | {f"retain_{m}": v for m, v in split_means(means, "retain").items()}
@@ -2092,7 +2111,7 @@ BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.l
 LISTS = {  # comma-list flag: (is an item valid?, what a valid value is)
     "algo": (lambda v: v in METHODS or v == "all", f"each one of {', '.join(METHODS)} (or 'all')"),
     "seeds": (lambda v: v.isdecimal() and int(v) < 2**32, "comma-separated whole numbers below 2^32, e.g. 0,1,2"),
-    "probes": (lambda v: v in PROBES or v == "none", f"each one of {', '.join(PROBES)} (or 'none')"),
+    "probes": (lambda v: v in PROBES + ("all", "none"), f"each one of {', '.join(PROBES)} (or 'all' or 'none')"),
     "relearn_data": (lambda v: v in ("retain", "mmlu") or Path(v).is_file(),
                      "each one of 'retain', 'mmlu' or a jsonl file of documents"),
     "quant_bits": (lambda v: v == "nf4" or v.isdecimal() and 2 <= int(v) <= 8,
@@ -2120,6 +2139,7 @@ def parse_args(argv=None) -> Args:
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help.replace("%", "%%"), **kind)
     typed = vars(parser.parse_args(argv))
     args = Args(**typed)
+    args.probes = PROBES if args.probes == ("all",) else args.probes
     args.given = set(typed)
     args.target_defaults = {}
     if args.model_config or Path(args.model).resolve() != TARGET.resolve():  # data/'s defaults: the embedded target's

@@ -1047,7 +1047,7 @@ def shipped_run(micro, tmp_path_factory):
                            "--lr", "5e-3", "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24",
                            "--retrain_model", str(micro[2]), "--relearn_steps", "2", "--relearn_data", "retain",
                            "--fewshot_k", "2", "--quant_bits", "8,4,nf4", "--mmlu_shots", "1", "--save_model",
-                           "--out_dir", str(out)])
+                           "--probes", "all", "--out_dir", str(out)])
     return summaries, json.loads((out / "metrics.json").read_text()), out, lume.load_lume(root / "data")
 
 
@@ -1141,10 +1141,16 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
     each quantized copy has the bits its name says."""
     from rouge_score import rouge_scorer
 
-    _, metrics, out, _ = shipped_run
+    _, metrics, out, data = shipped_run
     block, rouge = metrics["robustness"], rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     assert set(block["summary"]) == {"relearn retain", "fewshot k=2", "rephrase", "quantize 8-bit", "quantize 4-bit",
-                                     "quantize nf4"}
+                                     "quantize nf4", "rtt"}
+    held_out = {(r["task"], r["id"]) for r in block["records"] if r["probe"] == "rtt held-out"}
+    assert {(r["task"], r["id"]) for r in block["records"] if r["probe"] == "rtt"} == held_out
+    for task in lume.TASKS:  # 4 forget documents a task: 2 held out, whole (every row of a document)
+        docs = {r["doc"] for r in data.forget if (r["task"], r["id"]) in held_out and r["task"] == task}
+        assert len(docs) == 2 and {(r["task"], r["id"]) for r in data.forget if r["doc"] in docs and r["task"] == task
+                                   } <= held_out
     assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
     assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
     unlearned, tokenizer = lume.load_model(str(out / "model"), CPU)[0], shipped[1]
@@ -1175,12 +1181,16 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
                     continue
                 now = mean([metrics["summary"][name][f"{t}/forget/{metric}"] for t in lume.TASKS])
                 top = mean([metrics["summary"]["target"][f"{t}/forget/{metric}"] for t in lume.TASKS])
+                if probe == "rtt":  # its baselines: each model on the held-out half, unprobed
+                    now, top = (mean([mean([r["score"] for r in block["records"] if (r["probe"], r["model"], r["task"],
+                                     r["kind"]) == ("rtt held-out", n, t, kind)]) for t in lume.TASKS])
+                                for n in (name, "target"))
                 expected = None if top - now <= 1e-12 else min(1, max(0, (probed - now) / (top - now)))
                 assert numbers[f"recovery_{metric}"] == (None if expected is None else pytest.approx(expected))
                 recovered += [(probe, metric)] if name == "unlearned" and expected is not None else []
     for r in block["records"]:  # --fewshot_k 2: two retain pairs, then the question
         assert r["probe"] != "fewshot k=2" or len(r["input"].split("\n")) == 3
-    assert len(recovered) == 10, recovered  # relearn and 3 quantizations: both metrics; fewshot and rephrase: knowledge
+    assert len(recovered) == 12, recovered  # relearn, RTT, 3 quantizations: both metrics; fewshot, rephrase: knowledge
     relearn = [r for r in block["records"] if r["probe"] == "relearn retain" and r["model"] == "unlearned"]
     for metric, kind in (("knowledge", "qa"), ("regurgitation", "sc")):  # what relearning did to the retain set too
         tasks = [[r["score"] for r in relearn if (r["task"], r["split"], r["kind"]) == (t, "retain", kind)]
@@ -3109,3 +3119,30 @@ def test_extraction_strength_by_hand(shipped, shipped_run):
             values = [r["extraction"] for r in recs if (r["task"], r["split"]) == (task, split)]
             assert summary[f"{task}/{split}/extraction"] == pytest.approx(sum(values) / len(values))
     assert summary["forget/extraction"] == pytest.approx(sum(summary[f"{t}/forget/extraction"] for t in lume.TASKS) / 3)
+
+
+def test_rtt_relearns_one_half_and_scores_the_other(shipped, monkeypatch):
+    """RTT's halves: each task's forget documents split in two (20 a task: 10 and 10), whole documents, every forget
+    row on one side; the same seed the same halves, another seed others. probe_model relearns the rows of the first
+    half (their examples, as unlearning's) and scores the second, also unprobed, as RTT's baseline."""
+    _, tokenizer, _, data = shipped
+    learned, held = lume.rtt_halves(data, 0)
+    docs = lambda rows, task: {r["doc"] for r in rows if r["task"] == task}
+    for task in lume.TASKS:
+        assert len(docs(learned, task)) == len(docs(held, task)) == 10 and not docs(learned, task) & docs(held, task)
+    assert sorted(r["key"] for r in learned + held) == sorted(r["key"] for r in data.forget)
+    assert lume.rtt_halves(data, 0) == (learned, held) and lume.rtt_halves(data, 1) != (learned, held)
+    seen = []
+
+    @contextlib.contextmanager
+    def relearned(model, tokenizer, examples, args, device, blocks=None):
+        seen.append(examples)
+        yield model
+    monkeypatch.setattr(lume, "relearned", relearned)
+    monkeypatch.setattr(lume, "score_rows", lambda name, model, tok, rows, *a: ([dict(r, model=name, score=0.0)
+                                                                                 for r in rows], 0))
+    args = lume.parse_args(["--probes", "rtt"])
+    _, records = lume.probe_model("unlearned", None, tokenizer, data, None, args, CPU, {})
+    assert seen == [lume.row_examples(tokenizer, learned, args.max_length)]
+    for probe in ("rtt", "rtt held-out"):
+        assert [r["key"] for r in records if r["probe"] == probe] == [r["key"] for r in held]

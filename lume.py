@@ -137,7 +137,7 @@ class Args:
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
-    quant_bits: tuple = arg(("8", "4", "nf4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64; "
+    quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64; "
                             "nf4: 4-bit NormalFloat in blocks of 64, as 4-bit loaders)")
     # system
     out_dir: str = arg("", "results folder (default: runs/task<task>-<algo>-<date>-<time> beside lume.py)")
@@ -1110,9 +1110,11 @@ def extraction_strength(model, tokenizer, rows, args, device):
     return split_gather(list(range(len(rows))), strengths)
 
 
-def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
-    """A record per row: the greedy continuation of its prompt and its official score. qa_cap (the probes): qa
-    continuations stop 16 tokens past the longest gold answer (an exact match needs the answer, then EOS)."""
+def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False, extraction=("forget", "retain")):
+    """A record per row: the greedy continuation of its prompt, its official score, and the Extraction Strength of
+    the rows of the `extraction` splits (a pass as long as the generation: the probes ask it of the forget rows under
+    a changed model only). qa_cap (the probes): qa continuations stop 16 tokens past the longest gold answer (an exact
+    match needs the answer, then EOS)."""
     groups = [(("sc", "qa"), args.max_new_tokens)]
     if qa_cap:
         longest = max((len(tokenizer(r["output"])["input_ids"]) for r in rows if r["kind"] == "qa"), default=0)
@@ -1124,7 +1126,10 @@ def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False):
             *generate(model, tokenizer, prompts, limit, args.gen_batch_size, device))))
         for i, (text, n) in zip(which, done):
             generations[i], new_tokens = text, new_tokens + n
-    strengths = extraction_strength(model, tokenizer, rows, args, device)
+    which = [i for i, r in enumerate(rows) if r["split"] in extraction]
+    strengths = [None] * len(rows)
+    for i, es in zip(which, extraction_strength(model, tokenizer, [rows[i] for i in which], args, device)):
+        strengths[i] = es
     return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
                  gold=r["output"], generation=g,
                  score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g),
@@ -1665,7 +1670,8 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
         if transform is not None and only_prompts:
             continue
         with timed(phases, f"probe {probe.split()[0]}"), transform(model) if transform else contextlib.nullcontext():
-            recs = [r | {"probe": probe} for r in score_rows(name, model, tokenizer, rows, args, device, True)[0]]
+            recs = [r | {"probe": probe} for r in score_rows(name, model, tokenizer, rows, args, device, True, (
+                "forget",) if transform or probe == "rtt held-out" else ())[0]]
         summaries[probe], records = term_means(recs) | extraction_means(recs), records + recs
     return summaries, records
 
@@ -1870,8 +1876,8 @@ def robustness_report(summaries, probed):
             numbers.setdefault(probe, {})[name] = (
                 means | {f"forget_{m}": now[m] for m in kinds}
                 | {f"retain_{m}": v for m, v in split_means(means, "retain").items()}
-                | {f"recovery_{m}": recovery(now[m], before[m], target_forget[m])
-                   if now[m] is not None and name != "target" else None for m in kinds})
+                | {f"recovery_{m}": recovery(now[m], before[m], target_forget[m]) if name != "target" and None not in
+                   (now[m], before[m], target_forget[m]) else None for m in kinds})
     kinds = kinds[:2]  # the table: the official metrics; metrics.json has Extraction Strength's too
     cols = [("unlearned", f"{s}_{m}") for s in ("forget", "retain", "recovery") for m in kinds]
     cols += [("retrain", f"{s}_{m}") for s in ("forget", "recovery") for m in kinds]

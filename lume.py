@@ -74,7 +74,7 @@ TASKS = ("Task1", "Task2", "Task3")
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 MMLU_GATE = 0.371  # 75% of the 7B target's MMLU before unlearning (SemEval-2025 Task 4)
 RMU_DEPTH = 7 / 32  # RMU's default block: WMDP steers block 7 of Zephyr-7B's 32
-PROBES = ("relearn", "fewshot", "rephrase", "quantize", "rtt")  # the default: all but rtt ('all': every one)
+PROBES = ("relearn", "fewshot", "rephrase", "quantize", "rtt", "trust")  # the default: the first 4 ('all': every one)
 MAX_MICRO = 1_000_000  # micro-steps (forward and backward passes) a schedule may hold: a day of the embedded target
 
 
@@ -132,7 +132,7 @@ class Args:
     mmlu_shots: int = arg(0, "examples before each MMLU question (open-instruct: 5)", ge=0)
     mink_k: float = arg(0.2, "Min-K%++: fraction of lowest-scoring tokens", gt=0, le=1)
     # robustness probes (after scoring): does the unlearned model still hold the forget set?
-    probes: tuple = arg(PROBES[:4], "probes to run, comma-separated, 'all' (rtt too) or 'none'")
+    probes: tuple = arg(PROBES[:4], "probes to run, comma-separated, 'all' (rtt and trust too) or 'none'")
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0, le=MAX_MICRO)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
@@ -986,16 +986,23 @@ def mia_score(auc_value):
     return 1 - 2 * abs(auc_value - 0.5)
 
 
+def mia_aucs(mia_docs):
+    """{"mia_loss_auc": AUC, ...}: each attack's AUC over the documents, members as positives (those measured)."""
+    out = {}
+    for attack in ("loss", "ref", "zlib", "mink++"):
+        scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
+        if {m for m, _ in scores} == {True, False}:
+            out[f"mia_{attack}_auc"] = auc([s for m, s in scores if m], [s for m, s in scores if not m])
+    return out
+
+
 def summarize(records, mia_docs, mmlu_acc, gate=True):
     """Every summary number from the records, as the scorer does; gate: mmlu_acc is MMLU (the SemEval gate)."""
     out = term_means(records)
     out["task_aggregate"] = task_aggregate(out)
     out |= extraction_means(records)
-    for attack in ("loss", "ref", "zlib", "mink++"):
-        scores = [(d["member"], d[attack]) for d in mia_docs if d.get(attack) is not None]
-        if {m for m, _ in scores} == {True, False}:
-            a = auc([s for m, s in scores if m], [s for m, s in scores if not m])
-            out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, mia_score(a)
+    for key, a in mia_aucs(mia_docs).items():
+        out[key], out[key.replace("_auc", "_score")] = a, mia_score(a)
     out["mmlu"] = mmlu_acc
     out["mmlu_below_gate"] = None if mmlu_acc is None or not gate else mmlu_acc < MMLU_GATE
     measured = [x for x in (out["task_aggregate"], mmlu_acc, out.get("mia_loss_score")) if x is not None]
@@ -1136,14 +1143,24 @@ def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False, extract
                  extraction=es) for r, g, es in zip(rows, generations, strengths)], new_tokens
 
 
+def mia_documents(lume, members=None):
+    """The MIA's documents, each marked member or not: every member, or those of `members` {(task, id)}."""
+    return ([d | {"member": True} for d in lume.members if members is None or (d["task"], d["id"]) in members]
+            + [d | {"member": False} for d in lume.nonmembers])
+
+
+def mia_of(name, model, tokenizer, docs, args, device):
+    """The MIA statistics of each document under `model`, each process its share, the model's name on each."""
+    return [d | {"model": name} for d in split_gather(docs, lambda share: mia_statistics(
+        model, tokenizer, share, args, device))]
+
+
 def evaluate(name, model, tokenizer, lume, mmlu, args, device):
     """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
     t0 = time.perf_counter()
     records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
     gen_s = time.perf_counter() - t0
-    docs = [d | {"member": True} for d in lume.members] + [d | {"member": False} for d in lume.nonmembers]
-    mia_docs = [d | {"model": name} for d in split_gather(
-        docs, lambda share: mia_statistics(model, tokenizer, share, args, device))]
+    mia_docs = mia_of(name, model, tokenizer, mia_documents(lume), args, device)
     mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
         model, tokenizer, dataclasses.replace(mmlu, test=share, dev=mmlu.dev or mmlu.test), args.mmlu_shots,
         args.eval_batch_size, device)[1])
@@ -1647,8 +1664,10 @@ def split_means(summary, split):
 
 
 def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks=None, only_prompts=False):
-    """Every probe on one model (only those that change the prompts, if only_prompts; relearning trains `blocks`):
-    {probe: the term means of its records}, and the records (those of scoring, plus the probe's name)."""
+    """Every probe on one model (only those that change the prompts, if only_prompts: the target, which takes relearn
+    and quantize too for the trust table; relearning trains `blocks`): {probe: the term means of its records and, for
+    the trust table, the MIA AUCs under a changed model}, the records (those of scoring, plus the probe's name) and
+    the MIA statistics (RTT's: the held-out half's members only)."""
     probes, both = [], lume.forget + lume.retain  # (name, the model changed in a with block or None, rows to score)
     for kind, examples in relearn_sets(tokenizer, lume, mmlu, args).items() if "relearn" in args.probes else []:
         probes.append((f"relearn {kind}", functools.partial(relearned, tokenizer=tokenizer, examples=examples,
@@ -1665,15 +1684,20 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
     for bits in args.quant_bits if "quantize" in args.probes else []:
         probes.append((f"quantize {bits if bits == 'nf4' else f'{int(bits)}-bit'}",
                        functools.partial(quantized, bits=bits), lume.forget))
-    summaries, records = {}, []
+    summaries, records, mias, trust = {}, [], [], "trust" in args.probes
     for probe, transform, rows in probes:
-        if transform is not None and only_prompts:
+        if transform is not None and only_prompts and (not trust or probe == "rtt"):
             continue
+        changed = transform is not None or probe == "rtt held-out"
         with timed(phases, f"probe {probe.split()[0]}"), transform(model) if transform else contextlib.nullcontext():
             recs = [r | {"probe": probe} for r in score_rows(name, model, tokenizer, rows, args, device, True, (
-                "forget",) if transform or probe == "rtt held-out" else ())[0]]
-        summaries[probe], records = term_means(recs) | extraction_means(recs), records + recs
-    return summaries, records
+                "forget",) if changed else ())[0]]
+            mia = [d | {"probe": probe} for d in mia_of(name, model, tokenizer, mia_documents(
+                lume, {(r["task"], r["doc"]) for r in rows} if probe.startswith("rtt") else None), args, device)
+                ] if trust and changed else []
+        summaries[probe] = term_means(recs) | extraction_means(recs) | mia_aucs(mia)
+        records, mias = records + recs, mias + mia
+    return summaries, records, mias
 
 
 # -----------------------------------------------------------------------------
@@ -1890,6 +1914,66 @@ def robustness_report(summaries, probed):
             "the probe gives back"), numbers
 
 
+TRUST = (("regurgitation", "regurgitation"), ("knowledge", "knowledge"), ("extraction", "Extraction Strength"),
+         ("mia_loss_auc", "MIA LOSS AUC"), ("mia_ref_auc", "MIA-LR AUC"), ("mia_zlib_auc", "zlib AUC"),
+         ("mia_mink++_auc", "Min-K%++ AUC"))  # the forget metrics the trust table judges, each higher = more kept
+
+
+def forget_metric(means, metric):
+    """One model's value of a TRUST metric: a forget term's mean over tasks, or an MIA AUC (None if unmeasured)."""
+    if means is None:
+        return None
+    return split_means(means, "forget")[metric] if "_auc" not in metric else means.get(metric)
+
+
+def trust_report(summaries, probed):
+    """Which forget metrics hold (OpenUnlearning's meta-evaluation, arXiv 2506.12618). Faithfulness: the AUC with
+    which a metric ranks the models that hold the forget set (the target, alone and under each relearn and quantize
+    probe) above those that never saw it (the retrain model, under the same). Robustness under each attack on the
+    unlearned models, the mean over them: a relearning (relearn, rtt) min(1, d_gold / d) of the metric's rise d (1
+    if it does not rise; rtt's before is the held-out half's), quantization min(1, before / after); robustness their
+    harmonic mean, overall the harmonic mean of faithfulness and robustness. The table and {metric: numbers}."""
+    attacks = [p for p in probed if p.startswith(("relearn", "quantize")) or p == "rtt"]
+    unlearned = [n for n in summaries if n not in ("target", "retrain")]
+    numbers = {}
+    for metric, _ in TRUST:
+        sides = {side: {probe: forget_metric(by.get(side), metric) for probe, by in [("none", summaries)] + [
+            (p, probed[p]) for p in attacks if p != "rtt"]} for side in ("target", "retrain")}
+        holds, never = ([v for v in sides[s].values() if v is not None] for s in ("target", "retrain"))
+        row = dict(faithfulness=auc(holds, never) if holds and never else None, holds=sides["target"],
+                   never=sides["retrain"])
+        for probe in attacks:
+            base = probed.get("rtt held-out", {}) if probe == "rtt" else summaries
+            gold = [forget_metric(m.get("retrain"), metric) for m in (base, probed[probe])]
+            per_run = {}
+            for n in unlearned:
+                before, after = (forget_metric(m.get(n), metric) for m in (base, probed[probe]))
+                if None in (before, after) or (None in gold and not probe.startswith("quantize")):
+                    continue
+                if probe.startswith("quantize"):
+                    per_run[n] = 1.0 if after <= before else before / after
+                else:
+                    rise = after - before
+                    per_run[n] = 1.0 if rise <= 0 else min(1.0, max(0.0, (gold[1] - gold[0]) / rise))
+            row[probe] = dict(robustness=statistics.mean(per_run.values()) if per_run else None, runs=per_run,
+                              gold_before=gold[0], gold_after=gold[1])
+        found = [row[p]["robustness"] for p in attacks if row[p]["robustness"] is not None]
+        row["robustness"] = statistics.harmonic_mean(found) if found else None
+        row["overall"] = (statistics.harmonic_mean([row["faithfulness"], row["robustness"]])
+                          if None not in (row["faithfulness"], row["robustness"]) else None)
+        numbers[metric] = row
+    first = numbers[TRUST[0][0]]
+    rows = [[title] + [fmt(numbers[m][k]) for k in ("faithfulness", "robustness", "overall")]
+            + [fmt(numbers[m][p]["robustness"]) for p in attacks] for m, title in TRUST]
+    return (md_table(["forget metric", "faithfulness", "robustness", "overall"] + attacks, rows) + (
+        f"\n\nfaithfulness = AUC ranking {sum(v is not None for v in first['holds'].values())} models holding the "
+        f"forget set (target: {', '.join(first['holds'])}) above {sum(v is not None for v in first['never'].values())} "
+        "that "
+        f"never saw it (retrain: the same); each attack's robustness: the mean over the {len(unlearned)} unlearned "
+        "model(s), relearning min(1, gold's rise / the model's), quantization min(1, before / after); robustness, "
+        "overall: harmonic means (OpenUnlearning's meta-evaluation; README.md)")), numbers
+
+
 def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
     """A row per method, mean ± sd over its seeds, a short table then every column; the text and {method: {column:
     {mean, sd, values}, runs: names}}."""
@@ -2009,11 +2093,15 @@ def settings_table(settings):
 def write_results(res, complete):
     """args.json, metrics.json, metrics.md and (several runs) compare.md, then the plot; returns what to print."""
     args, summary, comparing, out = res.args, res.summary, len(res.runs) > 1, res.out
-    tables, robustness, numbers, methods, tuned = report(summary, task_names(args.task), res.mmlu), None, {}, None, ""
+    tables, robustness, numbers, methods, tuned, trust = (report(summary, task_names(args.task), res.mmlu), None, {},
+                                                          None, "", None)
     if res.probed and "target" in summary:
         table, numbers = robustness_report(summary, res.probed)
         tables += "" if comparing else f"\n\n{table}"  # a comparison: its recovery columns are in compare.md
-        robustness = dict(summary=numbers, records=res.probe_records)
+        robustness = dict(summary=numbers, records=res.probe_records, mia=res.probe_mia)
+    if "trust" in args.probes and {"target", "retrain"} <= set(summary):
+        table, trust = trust_report(summary, res.probed)
+        tables += f"\n\n{table}"
     if res.tuning:  # --tune: what each method ran with
         rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
                  " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in res.tuning.items()]
@@ -2024,7 +2112,7 @@ def write_results(res, complete):
     if comparing:
         seconds = {n: s["seconds"] for n, s in res.train.items()}
         comparison, methods = compare_report(summary, res.runs, numbers, seconds, task_names(args.task), res.mmlu)
-        comparison += tuned  # the --tune table in compare.md too
+        comparison += tuned + (f"\n\n{table}" if trust else "")  # the --tune and trust tables in compare.md too
         write_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")
@@ -2034,7 +2122,7 @@ def write_results(res, complete):
         complete=complete, summary=summary, methods=methods, settings=res.settings, environment=environment(res.device),
         cost=res.cost(), data=res.lume.source, mia_source=res.lume.mia_source,
         mmlu_source=res.mmlu.source if res.mmlu else None, records=res.records, mia=res.mia, mmlu=res.mmlu_records,
-        robustness=robustness, tuning=res.tuning or None))
+        robustness=robustness, trust=trust, tuning=res.tuning or None))
     return comparison if comparing else tables
 
 
@@ -2246,6 +2334,9 @@ def check_args(args):
             raise LumeError(f"--model_config {args.model_config}: neither 'olmo-1b' nor a config.json file (an object)")
         check_shape(config, f"--model_config {args.model_config}")
     check_model_folders(args)
+    if "trust" in args.probes and not (args.retrain_model and {"relearn", "quantize"} & set(args.probes)):
+        raise LumeError("--probes trust judges the metrics on the target against --retrain_model, each also under "
+                        "relearn or quantize: give a --retrain_model and one of those probes")
     for kind in args.relearn_data if "relearn" in args.probes else ():
         if kind not in ("retain", "mmlu") and not read_mia_file(kind):
             raise LumeError(f"--relearn_data {kind}: holds no documents")
@@ -2405,7 +2496,7 @@ class Results:
         self.args, self.lume, self.mmlu, self.device, self.out, self.runs = args, lume, mmlu, device, out, runs
         self.tokenizer, self.n_params, self.t0 = None, 0, time.perf_counter()
         self.phases, self.train, self.settings, self.tuning, self.summary, self.probed = {}, {}, {}, {}, {}, {}
-        self.records, self.mia, self.mmlu_records, self.probe_records = [], [], [], []
+        self.records, self.mia, self.mmlu_records, self.probe_records, self.probe_mia = [], [], [], [], []
 
     def cost(self):
         return dict(phases_seconds=self.phases, total_seconds=time.perf_counter() - self.t0, parameters=self.n_params,
@@ -2425,11 +2516,11 @@ class Results:
             if len(self.summary) == 1:  # our first results
                 clear_earlier(self.out, args)
             write_results(self, complete=False)
-        means, records = probe_model(name, model, self.tokenizer, self.lume, self.mmlu, args, device, self.phases,
-                                     blocks, only_prompts)
+        means, records, mia = probe_model(name, model, self.tokenizer, self.lume, self.mmlu, args, device,
+                                          self.phases, blocks, only_prompts)
         for probe, numbers in means.items():
             self.probed.setdefault(probe, {})[name] = numbers
-        self.probe_records += records
+        self.probe_records, self.probe_mia = self.probe_records + records, self.probe_mia + mia
 
 
 def unlearn_each(model, res, val, depth, examples):

@@ -1152,7 +1152,8 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
         assert len(docs) == 2 and {(r["task"], r["id"]) for r in data.forget if r["doc"] in docs and r["task"] == task
                                    } <= held_out
     assert set(block["summary"]["rephrase"]) == {"target", "unlearned", "retrain"}
-    assert set(block["summary"]["quantize 4-bit"]) == {"unlearned", "retrain"}  # the target only under prompts
+    assert set(block["summary"]["quantize 4-bit"]) == {"target", "unlearned", "retrain"}  # the target: for trust
+    assert set(block["summary"]["rtt"]) == {"unlearned", "retrain"}  # never the target, which learned all of it
     unlearned, tokenizer = lume.load_model(str(out / "model"), CPU)[0], shipped[1]
     for bits in (8, 4, "nf4"):
         recs = [r for r in block["records"] if r["probe"] == f"quantize {bits if bits == 'nf4' else f'{bits}-bit'}"
@@ -1198,6 +1199,61 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
         expected = mean([mean(scores) for scores in tasks])
         assert block["summary"]["relearn retain"]["unlearned"][f"retain_{metric}"] == pytest.approx(expected)
     assert "| quantize 8-bit |" in (out / "metrics.md").read_text()
+
+
+def test_the_trust_table_recomputed_from_the_records(shipped_run):
+    """Every number of the metric trust table from metrics.json's records: each model's forget metric (the mean over
+    tasks of the per-task means; an MIA attack's AUC counted pair by pair), the faithfulness AUC of the target and its
+    relearned and quantized copies against the retrain model's, and each attack's robustness on the unlearned model:
+    min(1, the gold's rise / its rise) for relearning, min(1, before / after) for quantization."""
+    _, metrics, out, _ = shipped_run
+    block, trust = metrics["robustness"], metrics["trust"]
+    mean = lambda xs: sum(xs) / len(xs)
+
+    def value(model, probe, metric):
+        recs = [r for r in (metrics["records"] if probe is None else block["records"])
+                if r["model"] == model and r.get("probe") == probe and r["split"] == "forget"]
+        if metric.startswith("mia_"):
+            docs = [d for d in (metrics["mia"] if probe is None else block["mia"])
+                    if d["model"] == model and d.get("probe") == probe]
+            attack = metric[4:-4]
+            if not docs or docs[0][attack] is None:
+                return None
+            pairs = [(m[attack] > n[attack]) + 0.5 * (m[attack] == n[attack]) for m in docs if m["member"]
+                     for n in docs if not n["member"]]
+            return mean(pairs)
+        keep = {"regurgitation": ("sc",), "knowledge": ("qa",), "extraction": ("sc", "qa")}[metric]
+        field = "extraction" if metric == "extraction" else "score"
+        return mean([mean([r[field] for r in recs if r["task"] == t and r["kind"] in keep]) for t in lume.TASKS])
+
+    changing = ["relearn retain", "quantize 8-bit", "quantize 4-bit", "quantize nf4"]
+    assert {d["member"] for d in block["mia"] if d["probe"] == "rtt"} == {True, False}
+    held_out = {(r["task"], r["doc"]) for r in lume.load_lume(out.parent / "data").forget
+                if (r["task"], r["id"]) in {(x["task"], x["id"]) for x in block["records"] if x["probe"] == "rtt"}}
+    assert {(d["task"], d["id"]) for d in block["mia"] if d["probe"] == "rtt" and d["member"]} == held_out
+    assert list(trust) == ["regurgitation", "knowledge", "extraction", "mia_loss_auc", "mia_ref_auc", "mia_zlib_auc",
+                           "mia_mink++_auc"]
+    for metric, row in trust.items():
+        holds = [value("target", p, metric) for p in [None] + changing]
+        never = [value("retrain", p, metric) for p in [None] + changing]
+        assert list(row["holds"].values()) == pytest.approx(holds) and list(row["never"].values()) == pytest.approx(never)
+        assert row["faithfulness"] == pytest.approx(mean([(h > n) + 0.5 * (h == n) for h in holds for n in never]))
+        found = []
+        for probe in changing + ["rtt"]:
+            before_probe = "rtt held-out" if probe == "rtt" else None
+            before, after = value("unlearned", before_probe, metric), value("unlearned", probe, metric)
+            if probe.startswith("quantize"):
+                expected = 1.0 if after <= before else before / after
+            else:
+                gold = value("retrain", probe, metric) - value("retrain", before_probe, metric)
+                expected = 1.0 if after - before <= 0 else min(1.0, max(0.0, gold / (after - before)))
+            assert row[probe]["robustness"] == pytest.approx(expected), (metric, probe)
+            found.append(expected)
+        robust = 0.0 if 0 in found else len(found) / sum(1 / x for x in found)
+        assert row["robustness"] == pytest.approx(robust)
+        assert row["overall"] == pytest.approx(0.0 if 0 in (robust, row["faithfulness"]) else
+                                               2 / (1 / robust + 1 / row["faithfulness"]))
+    assert "| Min-K%++ AUC |" in (out / "metrics.md").read_text()
 
 
 def test_eval_only_scores_without_unlearning(micro, tmp_path):

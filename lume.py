@@ -439,6 +439,7 @@ METHODS = {  # every method has as many grid settings, so that --tune gives each
     "ails_batched": Method(gd_loss, grid=AILS_GRID, retain=True, recipe=AILS),
 }
 TUNING_LR = (1, 4)  # --tune: each method tries --lr and 4 x --lr with each setting of its grid
+TUNE_PAST_EDGE = 3  # then, while its best lr is the lowest or highest tried, lr / 4 or x 4 (at most this many more)
 
 
 # -----------------------------------------------------------------------------
@@ -1706,25 +1707,24 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
 def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
     """{method: its grid with each setting's final score on the validation split, the chosen setting}: every
     setting of --lr x TUNING_LR and of the method's grid, seed --seed, unlearns the validation forget set from the
-    target and is scored on the validation split (no probes); the best final is chosen, the first of a tie."""
+    target and is scored on the validation split (no probes); the best final is chosen, the first of a tie; while the
+    best lr is the lowest or the highest tried, the best setting is tried again past it (TUNE_PAST_EDGE)."""
     depth, examples, out = len(model.get_decoder().layers), unlearning_examples(tokenizer, val, args.max_length), {}
     for algo in args.algo:
         grid = [{k: v(depth) if callable(v) else v for k, v in (dict(lr=args.lr * f) | knob).items()}
                 for f in TUNING_LR for knob in METHODS[algo].grid]
         for setting in grid:
-            model.load_state_dict(target_weights)
-            tried = recipe(args, algo, args.seed, depth, setting)
-            try:
-                with timed(phases, "tune"):
-                    unlearn(model, tokenizer, examples, tried, device, {})
-                    setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried,
-                                                           device)[0]["final"]
-            except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
-                setting["validation_final"] = None
-                print(f"--tune {algo}: {e}")
-            print(f"--tune {algo}: {setting}")
-        best = max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
-                   default=grid[0])  # max keeps the first of equals
+            tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, algo, depth, examples, setting)
+        best = best_of(grid)
+        for _ in range(TUNE_PAST_EDGE):  # the best lr at an edge of those tried: one more past it, until inside
+            lrs = [g["lr"] for g in grid]
+            if best["validation_final"] is None or min(lrs) < best["lr"] < max(lrs):
+                break
+            lr = best["lr"] * TUNING_LR[-1] / TUNING_LR[0] if best["lr"] == max(lrs) else \
+                best["lr"] * TUNING_LR[0] / TUNING_LR[-1]
+            grid.append({k: v for k, v in best.items() if k != "validation_final"} | dict(lr=lr))
+            tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, algo, depth, examples, grid[-1])
+            best = best_of(grid)
         if best["validation_final"] is None:
             print(f"--tune {algo}: every setting diverged; the results run with the first")
         out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
@@ -1733,6 +1733,26 @@ def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
         MEMORY.pop(phase, None)
     model.load_state_dict(target_weights)
     return out
+
+
+def best_of(grid):
+    """The setting with the best validation final, the first of equals (the first of all if every one diverged)."""
+    return max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
+               default=grid[0])
+
+
+def tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, algo, depth, examples, setting):
+    """One setting: the target unlearned on the validation forget set, its final score there in the setting."""
+    model.load_state_dict(target_weights)
+    tried = recipe(args, algo, args.seed, depth, setting)
+    try:
+        with timed(phases, "tune"):
+            unlearn(model, tokenizer, examples, tried, device, {})
+            setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device)[0]["final"]
+    except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
+        setting["validation_final"] = None
+        print(f"--tune {algo}: {e}")
+    print(f"--tune {algo}: {setting}")
 
 
 # -----------------------------------------------------------------------------
@@ -2100,19 +2120,23 @@ def write_results(res, complete):
         tables += "" if comparing else f"\n\n{table}"  # a comparison: its recovery columns are in compare.md
         robustness = dict(summary=numbers, records=res.probe_records, mia=res.probe_mia)
     if "trust" in args.probes and {"target", "retrain"} <= set(summary):
-        table, trust = trust_report(summary, res.probed)
-        tables += f"\n\n{table}"
+        trust_table, trust = trust_report(summary, res.probed)
+        tables += f"\n\n{trust_table}"
     if res.tuning:  # --tune: what each method ran with
         rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
-                 " ".join(fmt(g["validation_final"]) for g in t["grid"])] for algo, t in res.tuning.items()]
-        tuned = "\n\n" + md_table(["method", "chosen by --tune", "validation final", "each setting's"], rows) + (
-            f"\n\n--tune: every method tried --lr x {TUNING_LR} with each setting of its grid (METHODS), seed "
-            f"{args.seed}, scored on the validation split; the results ran with the chosen one")
+                 "; ".join(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in g.items()
+                                    if k != "validation_final") + f": {fmt(g['validation_final'])}" for g in t["grid"])]
+                for algo, t in res.tuning.items()]
+        tuned = "\n\n" + md_table(["method", "chosen by --tune", "validation final", "every setting tried"], rows) + (
+            f"\n\n--tune: every method tried --lr x {TUNING_LR} with each setting of its grid (METHODS), then, while "
+            f"its best lr was the lowest or highest tried, that setting with lr / {TUNING_LR[-1]} or x {TUNING_LR[-1]} "
+            f"(at most {TUNE_PAST_EDGE} more); seed {args.seed}, scored on the validation split; the results ran with "
+            "the chosen one")
     tables += tuned + (f"\n\n{settings_table(res.settings)}" if res.settings else "")
     if comparing:
         seconds = {n: s["seconds"] for n, s in res.train.items()}
         comparison, methods = compare_report(summary, res.runs, numbers, seconds, task_names(args.task), res.mmlu)
-        comparison += tuned + (f"\n\n{table}" if trust else "")  # the --tune and trust tables in compare.md too
+        comparison += tuned + (f"\n\n{trust_table}" if trust else "")  # the --tune and trust tables in compare.md too
         write_atomic(out / "compare.md", comparison + "\n")
         if complete:
             tradeoff_plot(methods, out / "tradeoff.png")

@@ -2663,21 +2663,51 @@ def test_every_method_is_tuned_over_as_many_settings_of_real_flags(algo):
             lume.check_depth(args, 4)
 
 
-def test_tune_chooses_the_best_validation_final_and_the_first_of_a_tie(monkeypatch):
-    finals, tried = iter([0.2, 0.9, 0.9, 0.1]), []
+@pytest.mark.parametrize("finals, extra, chosen", [
+    # the best at the lowest lr: lr / 4 is better, lr / 16 is not: the choice is inside
+    ([0.2, 0.9, 0.9, 0.1, 0.95, 0.5], [(1.25e-4, 4.0), (3.125e-5, 4.0)], (1.25e-4, 4.0)),
+    # the best at the highest lr, each step up better: three more, then the hard limit
+    ([0.2, 0.3, 0.4, 0.9, 0.91, 0.92, 0.93], [(8e-3, 4.0), (3.2e-2, 4.0), (1.28e-1, 4.0)], (1.28e-1, 4.0)),
+    # one step up diverges (None): the choice stays, inside the settings tried
+    ([0.2, 0.3, 0.4, 0.9, None], [(8e-3, 4.0)], (2e-3, 4.0))])
+def test_tune_chooses_the_best_validation_final_inside_the_lrs_tried(monkeypatch, finals, extra, chosen):
+    """The best validation final of the grid, the first of a tie; while its lr is an edge of those tried, the same
+    setting with lr / 4 or x 4, at most TUNE_PAST_EDGE more."""
+    finals, tried = iter(finals), []
     monkeypatch.setattr(lume, "unlearn", lambda model, tok, ex, args, *a: tried.append((args.lr, args.alpha)))
+
+    def evaluate(*a):
+        final = next(finals)
+        if final is None:
+            raise lume.NonFiniteLoss("diverged")
+        return ({"final": final},)
+    monkeypatch.setattr(lume, "evaluate", evaluate)
+    model, tokenizer = lume.load_model(str(DATA / "target"), CPU)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    out = lume.tune(model, tokenizer, lume.load_lume(DATA / "validation"), None, lume.parse_args(["--algo", "gd"]),
+                    CPU, {}, weights)
+    assert [x for t in tried for x in t] == pytest.approx([x for t in [(5e-4, 1.0), (5e-4, 4.0), (2e-3, 1.0),
+                                                                      (2e-3, 4.0)] + extra for x in t])
+    assert next(finals, "none left") == "none left"
+    assert (out["gd"]["chosen"]["lr"], out["gd"]["chosen"]["alpha"]) == pytest.approx(chosen)
+    assert len(out["gd"]["grid"]) == 4 + len(extra)
+
+
+def test_tune_keeps_the_first_of_a_tie(monkeypatch):
+    finals = iter([0.2, 0.9, 0.9, 0.1, 0.5])
+    monkeypatch.setattr(lume, "unlearn", lambda *a: None)
     monkeypatch.setattr(lume, "evaluate", lambda *a: ({"final": next(finals)},))
     model, tokenizer = lume.load_model(str(DATA / "target"), CPU)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     out = lume.tune(model, tokenizer, lume.load_lume(DATA / "validation"), None, lume.parse_args(["--algo", "gd"]),
                     CPU, {}, weights)
-    assert tried == [(5e-4, 1.0), (5e-4, 4.0), (2e-3, 1.0), (2e-3, 4.0)]
     assert out["gd"]["chosen"] == dict(lr=5e-4, alpha=4.0) and out["gd"]["validation_final"] == 0.9
-    assert [g["validation_final"] for g in out["gd"]["grid"]] == [0.2, 0.9, 0.9, 0.1]
+    assert [g["validation_final"] for g in out["gd"]["grid"]] == [0.2, 0.9, 0.9, 0.1, 0.5]
 
 
 def test_tune_never_scores_a_validation_row_in_the_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lume, "TUNING_LR", (2,))  # one setting, none of it a default: lr 1e-3, alpha 3
+    monkeypatch.setattr(lume, "TUNE_PAST_EDGE", 0)
     monkeypatch.setitem(lume.METHODS, "gd", dataclasses.replace(lume.METHODS["gd"], grid=(dict(alpha=3.0),)))
     calls, unlearn = [], lume.unlearn
     monkeypatch.setattr(lume, "unlearn", lambda model, tok, examples, args, *a: calls.append(

@@ -1138,8 +1138,8 @@ def score_rows(name, model, tokenizer, rows, args, device, qa_cap=False, extract
     strengths = [None] * len(rows)
     for i, es in zip(which, extraction_strength(model, tokenizer, [rows[i] for i in which], args, device)):
         strengths[i] = es
-    return [dict(model=name, id=r["id"], task=r["task"], split=r["split"], kind=r["kind"], input=r["input"],
-                 gold=r["output"], generation=g,
+    return [dict(model=name, id=r["id"], doc=r["doc"], task=r["task"], split=r["split"], kind=r["kind"],
+                 input=r["input"], gold=r["output"], generation=g,
                  score=rouge_l_recall(r["output"], g) if r["kind"] == "sc" else exact_match(r["output"], g),
                  extraction=es) for r, g, es in zip(rows, generations, strengths)], new_tokens
 
@@ -1869,10 +1869,137 @@ def save_atomic(model, tokenizer, path):
 
 
 # -----------------------------------------------------------------------------
+# Intervals: one run's, a bootstrap over its documents and questions; several seeds', a t-interval over them
+
+BOOTSTRAP = 1000  # resamples behind one run's 95% intervals
+INTERVALS = (f"95% intervals. One run: the 2.5th and 97.5th percentiles over {BOOTSTRAP} resamples of its units, "
+             "the same for every model and probe (per task and split its documents, every row of a drawn one; the MIA "
+             "members and non-members; the MMLU questions): what another draw of the benchmark's documents and "
+             "questions could give, not another training run. Several seeds: mean +- t(0.975, n - 1) sd / sqrt(n) "
+             "over the seeds, each seed training and relearning anew.")
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622)  # Student t 0.975, df 1-9
+
+
+def t975(df):
+    """Student's t quantile 0.975 (the table, then the Cornish-Fisher expansion: within 2e-4 from 10 degrees)."""
+    z = 1.959964
+    return T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (
+        96 * df ** 2) + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3)
+
+
+def seeds_interval(values):
+    """The 95% t-interval of the mean of several seeds' values, [lo, hi]; None for fewer than two."""
+    if len(values) < 2 or None in values:
+        return None
+    m, h = statistics.mean(values), t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return [m - h, m + h]
+
+
+def draws(records, mia_docs, questions, seed, n=BOOTSTRAP):
+    """n resamples of one run's units, the same for every model and probe: per task and split its documents (every
+    row of a drawn document, as often as drawn), the MIA members and non-members apart, the MMLU questions (by
+    position). {unit group: (names, (n, len(names)) counts)}."""
+    rng, groups = np.random.default_rng(seed), {}
+    for r in records:
+        groups.setdefault((r["task"], r["split"]), set()).add(r["doc"])
+    for d in mia_docs:
+        groups.setdefault(("mia", d["member"]), set()).add((d["task"], d["id"]))
+    groups[("mmlu",)] = set(range(questions))
+    return {g: (sorted(names), rng.multinomial(len(names), [1 / len(names)] * len(names), size=n))
+            for g, names in groups.items() if names}
+
+
+def resampled_terms(records, drawn):
+    """Under each resample: {"Task1/forget/knowledge": (n,) mean, ...; "Task1/forget/extraction": ...}: per task,
+    split and metric the mean over the drawn documents' rows (term_means and extraction_means, resampled)."""
+    sums, where = {}, {}
+    for r in records:
+        names, _ = drawn[(r["task"], r["split"])]
+        index = where.get((r["task"], r["split"])) or where.setdefault((r["task"], r["split"]), {
+            n: i for i, n in enumerate(names)})
+        for metric, value in (("regurgitation" if r["kind"] == "sc" else "knowledge", r["score"]),
+                              ("extraction", r.get("extraction"))):
+            if value is not None:
+                s, c = sums.setdefault((r["task"], r["split"], metric), (np.zeros(len(names)), np.zeros(len(names))))
+                s[index[r["doc"]]] += value
+                c[index[r["doc"]]] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):  # no drawn document holds a row: nan, left out
+        return {f"{t}/{sp}/{m}": drawn[(t, sp)][1] @ s / (drawn[(t, sp)][1] @ c) for (t, sp, m), (s, c) in sums.items()}
+
+
+def resampled_summary(records, mia_docs, mmlu_records, drawn):
+    """Every headline number of one model under each resample, as summarize computes it: {key: (n,) values}."""
+    out = resampled_terms(records, drawn)
+    official_terms = np.stack([1 - v if "/forget/" in k else v for k, v in sorted(out.items())
+                               if k.endswith(("/knowledge", "/regurgitation"))])
+    with np.errstate(divide="ignore"):
+        out["task_aggregate"] = np.where((official_terms == 0).any(0), 0.0,
+                                         len(official_terms) / (1 / official_terms).sum(0))
+    for split in ("forget", "retain"):
+        if tasks := [v for k, v in out.items() if k.endswith(f"/{split}/extraction")]:
+            out[f"{split}/extraction"] = np.mean(tasks, 0)
+    for attack in ("loss", "ref", "zlib", "mink++"):
+        sides = [{(d["task"], d["id"]): d[attack] for d in mia_docs if d["member"] == m and d.get(attack) is not None}
+                 for m in (True, False)]
+        if all(sides):
+            (mn, mc), (nn, nc) = drawn[("mia", True)], drawn[("mia", False)]
+            ms, ns = (np.array([side.get(k, np.nan) for k in names]) for side, names in zip(sides, (mn, nn)))
+            wins = (ms[:, None] > ns[None, :]) + 0.5 * (ms[:, None] == ns[None, :])  # (members, non-members)
+            a = ((mc @ wins) * nc).sum(1) / (mc.sum(1) * nc.sum(1))
+            out[f"mia_{attack}_auc"], out[f"mia_{attack}_score"] = a, 1 - 2 * np.abs(a - 0.5)
+    if mmlu_records:
+        out["mmlu"] = drawn[("mmlu",)][1] @ np.array([float(r["correct"]) for r in mmlu_records]) / len(mmlu_records)
+    parts = [out[k] for k in ("task_aggregate", "mmlu", "mia_loss_score") if k in out]
+    out["final"] = np.mean(parts, 0)
+    terms = {k: v for k, v in out.items() if official(k, "forget") or official(k, "retain")}
+    out["forget_efficacy"] = np.mean([1 - v for k, v in terms.items() if "/forget/" in k], 0)
+    out["utility"] = np.mean([v for k, v in terms.items() if "/retain/" in k] + [out["mmlu"]] * ("mmlu" in out), 0)
+    return out
+
+
+def interval(values):
+    """The 2.5th and 97.5th percentiles of a bootstrap's values (those defined), [lo, hi]; None if none is."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
+
+
+def run_intervals(res):
+    """One run's 95% bootstrap intervals: {model: {summary key: [lo, hi]}} and {probe: {model: {recovery_<metric>:
+    [lo, hi]}}}, each recovery from the same resamples of the probed, unprobed and target records."""
+    drawn = draws(res.records, res.mia, sum(r["model"] == "target" for r in res.mmlu_records), res.args.seed)
+    by = {name: resampled_summary([r for r in res.records if r["model"] == name],
+                                  [d for d in res.mia if d["model"] == name],
+                                  [r for r in res.mmlu_records if r["model"] == name], drawn) for name in res.summary}
+    probed = {}
+    for r in res.probe_records:
+        probed.setdefault(r["probe"], {}).setdefault(r["model"], []).append(r)
+    means = {p: {n: resampled_terms(recs, drawn) for n, recs in models.items()} for p, models in probed.items()}
+
+    def forget(terms, metric):  # the mean over tasks of the forget means, (n,)
+        values = [v for k, v in terms.items() if k.endswith(f"/forget/{metric}")]
+        return np.mean(values, 0) if values else None
+    recoveries = {}
+    for probe, models in means.items():
+        base = means.get("rtt held-out", {}) if probe == "rtt" else by
+        for name, terms in models.items():
+            if probe == "rtt held-out" or name == "target" or name not in base or "target" not in base:
+                continue
+            for metric in ("knowledge", "regurgitation", "extraction"):
+                now, before, top = (forget(t, metric) for t in (terms, base[name], base["target"]))
+                if any(x is None for x in (now, before, top)):
+                    continue
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rec = np.where(top - before > 1e-12, np.clip((now - before) / (top - before), 0, 1), np.nan)
+                recoveries.setdefault(probe, {}).setdefault(name, {})[f"recovery_{metric}"] = interval(rec)
+    return {n: {k: interval(v) for k, v in s.items()} for n, s in by.items()}, recoveries
+
+
+# -----------------------------------------------------------------------------
 # The report: metrics.json, metrics.md, compare.md and the plot (every column is explained in README.md)
 
-def fmt(value, sd=None):
-    return "-" if value is None else f"{value:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+def fmt(value):
+    return "-" if value is None else f"{value:.3f}"
 
 
 def md_table(header, rows):
@@ -1894,19 +2021,28 @@ def official(key, split):
     return f"/{split}/" in key and key.endswith(("/knowledge", "/regurgitation"))
 
 
-def report(summaries, tasks, mmlu):
-    """A row per model: the terms of each task, the aggregate, the MIA scores, MMLU and the final score."""
-    cols = score_columns(tasks)
+def report(summaries, tasks, mmlu, intervals=None):
+    """A row per model: the terms of each task, the aggregate, the MIA scores, MMLU and the final score; then
+    each one's 95% interval (a bootstrap over documents and questions)."""
+    cols, intervals = score_columns(tasks), intervals or {}
     rows = [[name + (" (MMLU below gate)" if s.get("mmlu_below_gate") else "")] + [fmt(s.get(k)) for k, _ in cols]
             for name, s in summaries.items()]
+    spans = [[name] + [span(intervals[name].get(k)) for k, _ in cols] for name in summaries if name in intervals]
     gate = f"gate {MMLU_GATE}" if mmlu is not None and mmlu.real else "no gate"
     return (md_table(["model"] + [c for _, c in cols], rows) + "\n\nT<task> f/r = forget/retain, reg = regurgitation"
             f" (ROUGE-L recall), kno = knowledge (exact match); forget terms raw (lower is better), 1 - x in the "
             f"aggregate; f-ES/r-ES = Extraction Strength on forget/retain rows, mean over tasks (not in the score); "
-            f"MIA = 1 - 2|AUC - 0.5|; MMLU = {mmlu.source if mmlu else 'none'}, {gate}")
+            f"MIA = 1 - 2|AUC - 0.5|; MMLU = {mmlu.source if mmlu else 'none'}, {gate}") + (
+        f"\n\n{md_table(['95% interval'] + [c for _, c in cols], spans)}\n\n{INTERVALS.split(' Several')[0]}"
+        if spans else "")
 
 
-def robustness_report(summaries, probed):
+def span(iv):
+    """An interval as "lo-hi", "-" if none."""
+    return "-" if iv is None else f"{iv[0]:.3f}-{iv[1]:.3f}"
+
+
+def robustness_report(summaries, probed, recovered=None):
     """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the recovery,
     for the unlearned, retrain and (prompt probes) target models; the table and, for metrics.json, {probe: {model:
     term means, split means and recoveries}}."""
@@ -1927,11 +2063,14 @@ def robustness_report(summaries, probed):
     cols += [("retrain", f"{s}_{m}") for s in ("forget", "recovery") for m in kinds]
     cols += [("target", f"forget_{m}") for m in kinds]
     short = {"forget": "f", "retain": "r", "recovery": "rec"}
-    rows = [[probe] + [fmt(by_model.get(m, {}).get(k)) for m, k in cols] for probe, by_model in numbers.items()]
+    recovered = recovered or {}
+    rows = [[probe] + [fmt(by_model.get(m, {}).get(k)) + (f" [{span(iv)}]" if k.startswith("recovery") and (
+        iv := recovered.get(probe, {}).get(m, {}).get(k)) else "") for m, k in cols]
+        for probe, by_model in numbers.items()]
     header = ["probe"] + [f"{m} {short[k.split('_')[0]]}-{k.split('_')[1][:3]}" for m, k in cols]
     return (md_table(header, rows) + "\n\nf/r = forget/retain terms, means over tasks; rec = recovery = (probed - "
             "model) / (target - model), clipped to [0, 1]: the share of what the model lost on the forget set that "
-            "the probe gives back"), numbers
+            "the probe gives back, [its 95% bootstrap interval over documents]"), numbers
 
 
 TRUST = (("regurgitation", "regurgitation"), ("knowledge", "knowledge"), ("extraction", "Extraction Strength"),
@@ -1994,9 +2133,16 @@ def trust_report(summaries, probed):
         "overall: harmonic means (OpenUnlearning's meta-evaluation; README.md)")), numbers
 
 
-def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
-    """A row per method, mean ± sd over its seeds, a short table then every column; the text and {method: {column:
-    {mean, sd, values}, runs: names}}."""
+def compare_report(summaries, runs, robustness, seconds, tasks, mmlu, intervals=None, recovered=None):
+    """A row per method, the mean over its seeds and its 95% interval (over the seeds; one run's: its bootstrap), a
+    short table then every column; the text and {method: {column: {mean, sd, values, interval}, runs: names}}."""
+    intervals, recovered = intervals or {}, recovered or {}
+
+    def one_run(name, k):  # a single run's bootstrap interval of column k
+        if "/recovery_" in k:
+            probe, metric = k.rsplit("/", 1)
+            return recovered.get(probe, {}).get(name, {}).get(metric)
+        return intervals.get(name, {}).get(k)
     probes = [(f"{p}/recovery_{m}", f"{p} rec-{m[:3]}") for p in robustness for m in ("knowledge", "regurgitation")]
     extra = [("forget_efficacy", "forget eff."), ("utility", "utility")]
     cols = score_columns(tasks) + extra + probes + [("unlearn_seconds", "unlearn s")]
@@ -2019,14 +2165,16 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu):
             values = [per_run[n].get(k) for n in names]
             known = bool(values) and None not in values
             numbers[row][k] = dict(mean=statistics.mean(values) if known else None,
-                                   sd=statistics.stdev(values) if known and len(values) > 1 else None, values=values)
+                                   sd=statistics.stdev(values) if known and len(values) > 1 else None, values=values,
+                                   interval=seeds_interval(values) if len(names) > 1 else one_run(names[0], k)
+                                   if names else None)
         numbers[row]["runs"] = names
     tables = [md_table(["method"] + [c for _, c in columns], [
         [row + (f" ({len(rows[row])} seeds)" if len(rows[row]) > 1 else "")]
-        + [fmt(by[k]["mean"], by[k]["sd"]) for k, _ in columns] for row, by in numbers.items() if rows[row]])
-        for columns in (short, cols)]
-    return (f"{tables[0]}\n\nEvery column:\n\n{tables[1]}\n\nmean ± sample sd over seeds (n - 1); forget eff. = mean "
-            "of 1 - x over the forget terms, utility = mean of the retain terms and MMLU; rec = the share of the "
+        + [fmt(by[k]["mean"]) + (f" [{span(by[k]['interval'])}]" if by[k]["interval"] else "") for k, _ in columns]
+        for row, by in numbers.items() if rows[row]]) for columns in (short, cols)]
+    return (f"{tables[0]}\n\nEvery column:\n\n{tables[1]}\n\nmean [95% interval]: {INTERVALS}\n\nforget eff. = "
+            "mean of 1 - x over the forget terms, utility = mean of the retain terms and MMLU; rec = the share of the "
             "removed forget knowledge or regurgitation a probe gives back; unlearn s = seconds of unlearning; MMLU "
             f"= {mmlu.source if mmlu else 'none'}"), numbers
 
@@ -2113,10 +2261,11 @@ def settings_table(settings):
 def write_results(res, complete):
     """args.json, metrics.json, metrics.md and (several runs) compare.md, then the plot; returns what to print."""
     args, summary, comparing, out = res.args, res.summary, len(res.runs) > 1, res.out
-    tables, robustness, numbers, methods, tuned, trust = (report(summary, task_names(args.task), res.mmlu), None, {},
-                                                          None, "", None)
+    intervals, recovered = run_intervals(res) if res.records else ({}, {})
+    tables, robustness, numbers, methods, tuned, trust = (report(summary, task_names(args.task), res.mmlu, intervals),
+                                                          None, {}, None, "", None)
     if res.probed and "target" in summary:
-        table, numbers = robustness_report(summary, res.probed)
+        table, numbers = robustness_report(summary, res.probed, recovered)
         tables += "" if comparing else f"\n\n{table}"  # a comparison: its recovery columns are in compare.md
         robustness = dict(summary=numbers, records=res.probe_records, mia=res.probe_mia)
     if "trust" in args.probes and {"target", "retrain"} <= set(summary):
@@ -2135,7 +2284,8 @@ def write_results(res, complete):
     tables += tuned + (f"\n\n{settings_table(res.settings)}" if res.settings else "")
     if comparing:
         seconds = {n: s["seconds"] for n, s in res.train.items()}
-        comparison, methods = compare_report(summary, res.runs, numbers, seconds, task_names(args.task), res.mmlu)
+        comparison, methods = compare_report(summary, res.runs, numbers, seconds, task_names(args.task), res.mmlu,
+                                             intervals, recovered)
         comparison += tuned + (f"\n\n{trust_table}" if trust else "")  # the --tune and trust tables in compare.md too
         write_atomic(out / "compare.md", comparison + "\n")
         if complete:
@@ -2146,7 +2296,8 @@ def write_results(res, complete):
         complete=complete, summary=summary, methods=methods, settings=res.settings, environment=environment(res.device),
         cost=res.cost(), data=res.lume.source, mia_source=res.lume.mia_source,
         mmlu_source=res.mmlu.source if res.mmlu else None, records=res.records, mia=res.mia, mmlu=res.mmlu_records,
-        robustness=robustness, trust=trust, tuning=res.tuning or None))
+        robustness=robustness, trust=trust, tuning=res.tuning or None, intervals=dict(
+            covers=INTERVALS, models=intervals, recoveries=recovered) if intervals else None))
     return comparison if comparing else tables
 
 

@@ -16,6 +16,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1088,7 +1089,7 @@ def test_a_scored_run_over_the_three_tasks_recomputed(shipped, shipped_run):
             wins = sum((m > o) + 0.5 * (m == o) for m in members for o in others) / (len(members) * len(others))
             assert summary[f"mia_{attack}_auc"] == pytest.approx(wins)
             assert summary[f"mia_{attack}_score"] == pytest.approx(1 - 2 * abs(wins - 0.5))
-        questions = [q for q in metrics["mmlu"] if q["model"] == name]
+        questions = [q | {"i": i} for i, q in enumerate(q for q in metrics["mmlu"] if q["model"] == name)]
         assert len(questions) == 69  # the utility set's test split
         assert summary["mmlu"] == pytest.approx(sum(q["predicted"] == q["answer"] for q in questions) / 69)
         assert summary["final"] == pytest.approx((aggregate + summary["mmlu"] + summary["mia_loss_score"]) / 3)
@@ -1254,6 +1255,65 @@ def test_the_trust_table_recomputed_from_the_records(shipped_run):
         assert row["overall"] == pytest.approx(0.0 if 0 in (robust, row["faithfulness"]) else
                                                2 / (1 / robust + 1 / row["faithfulness"]))
     assert "| Min-K%++ AUC |" in (out / "metrics.md").read_text()
+
+
+def test_a_runs_intervals_are_the_official_scores_of_resampled_benchmarks(shipped_run):
+    """Each resample rebuilt as a benchmark (every row of a drawn document as often as drawn, the drawn MIA documents
+    and MMLU questions) and scored by summarize and recovery as a run is: the 2.5th and 97.5th percentiles of those
+    scores are the intervals of metrics.json."""
+    _, metrics, out, _ = shipped_run
+    block, iv = metrics["robustness"], metrics["intervals"]
+    drawn = lume.draws(metrics["records"], metrics["mia"], sum(q["model"] == "target" for q in metrics["mmlu"]), 0)
+    assert iv["models"] and lume.BOOTSTRAP == 1000 and all(c.shape == (1000, len(n)) for n, c in drawn.values())
+    assert {g for g in drawn if g[0] in lume.TASKS} == {(t, s) for t in lume.TASKS for s in ("forget", "retain")}
+
+    def expand(rows, group, b):
+        out = []
+        for r in rows:
+            names, counts = drawn[group(r)]
+            key = r["doc"] if group(r)[0] in lume.TASKS else (r["task"], r["id"]) if group(r)[0] == "mia" else r["i"]
+            out += [r] * int(counts[b][names.index(key)])
+        return out
+    row_group = lambda r: (r["task"], r["split"])
+    mean = lambda xs: sum(xs) / len(xs)
+    for name in ("target", "unlearned", "retrain"):
+        recs = [r for r in metrics["records"] if r["model"] == name]
+        docs = [d for d in metrics["mia"] if d["model"] == name]
+        questions = [q | {"i": i} for i, q in enumerate(q for q in metrics["mmlu"] if q["model"] == name)]
+        scores = {k: [] for k in ("final", "task_aggregate", "mia_loss_score", "mmlu", "Task2/forget/knowledge")}
+        for b in range(1000):
+            q = expand(questions, lambda r: ("mmlu",), b)
+            s = lume.summarize(expand(recs, row_group, b), expand(docs, lambda d: ("mia", d["member"]), b),
+                               mean([x["correct"] for x in q]))
+            for k in scores:
+                scores[k].append(s[k])
+        for k, values in scores.items():
+            assert iv["models"][name][k] == pytest.approx(list(np.percentile(values, [2.5, 97.5]))), (name, k)
+    probe = "relearn retain"
+    recs = {n: [r for r in (block["records"] if n == "probed" else metrics["records"])
+                if r["model"] == ("unlearned" if n != "target" else n) and r.get("probe") == (
+                    probe if n == "probed" else None) and r["split"] == "forget" and r["kind"] == "qa"]
+            for n in ("probed", "unlearned", "target")}
+    found = []
+    for b in range(1000):
+        means = {n: [mean([r["score"] for r in expand(rows, row_group, b) if r["task"] == t] or [float("nan")])
+                     for t in lume.TASKS] for n, rows in recs.items()}
+        if any(math.isnan(x) for v in means.values() for x in v):
+            continue
+        rec = lume.recovery(*(mean(means[n]) for n in ("probed", "unlearned", "target")))
+        found += [] if rec is None else [rec]
+    assert iv["recoveries"][probe]["unlearned"]["recovery_knowledge"] == pytest.approx(
+        list(np.percentile(found, [2.5, 97.5])))
+    assert "95% interval" in (out / "metrics.md").read_text()
+
+
+def test_the_t_interval_over_seeds():
+    """Student's t quantiles (0.975) from the table and the expansion against published values; an interval by hand."""
+    for df, t in ((1, 12.7062), (2, 4.3027), (9, 2.2622), (10, 2.2281), (20, 2.0860), (30, 2.0423), (120, 1.9799)):
+        assert lume.t975(df) == pytest.approx(t, abs=2e-4)
+    assert lume.seeds_interval([0.1, 0.2, 0.3]) == pytest.approx([0.2 - 4.303 * 0.1 / 3 ** 0.5,
+                                                                  0.2 + 4.303 * 0.1 / 3 ** 0.5], abs=1e-4)
+    assert lume.seeds_interval([0.5]) is None
 
 
 def test_eval_only_scores_without_unlearning(micro, tmp_path):

@@ -1704,6 +1704,26 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
 # -----------------------------------------------------------------------------
 # Tuning: each method's grid on the validation split, the best setting kept (--tune)
 
+def best_of(grid):
+    """The setting with the best validation final, the first of equals (the first of all if every one diverged)."""
+    return max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
+               default=grid[0])
+
+
+def tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, algo, depth, examples, setting):
+    """One setting: the target unlearned on the validation forget set, its final score there in the setting."""
+    model.load_state_dict(target_weights)
+    tried = recipe(args, algo, args.seed, depth, setting)
+    try:
+        with timed(phases, "tune"):
+            unlearn(model, tokenizer, examples, tried, device, {})
+            setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device)[0]["final"]
+    except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
+        setting["validation_final"] = None
+        print(f"--tune {algo}: {e}")
+    print(f"--tune {algo}: {setting}")
+
+
 def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
     """{method: its grid with each setting's final score on the validation split, the chosen setting}: every
     setting of --lr x TUNING_LR and of the method's grid, seed --seed, unlearns the validation forget set from the
@@ -1733,26 +1753,6 @@ def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
         MEMORY.pop(phase, None)
     model.load_state_dict(target_weights)
     return out
-
-
-def best_of(grid):
-    """The setting with the best validation final, the first of equals (the first of all if every one diverged)."""
-    return max((g for g in grid if g["validation_final"] is not None), key=lambda g: g["validation_final"],
-               default=grid[0])
-
-
-def tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, algo, depth, examples, setting):
-    """One setting: the target unlearned on the validation forget set, its final score there in the setting."""
-    model.load_state_dict(target_weights)
-    tried = recipe(args, algo, args.seed, depth, setting)
-    try:
-        with timed(phases, "tune"):
-            unlearn(model, tokenizer, examples, tried, device, {})
-            setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device)[0]["final"]
-    except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
-        setting["validation_final"] = None
-        print(f"--tune {algo}: {e}")
-    print(f"--tune {algo}: {setting}")
 
 
 # -----------------------------------------------------------------------------
@@ -1951,9 +1951,10 @@ def resampled_summary(records, mia_docs, mmlu_records, drawn):
         out["mmlu"] = drawn[("mmlu",)][1] @ np.array([float(r["correct"]) for r in mmlu_records]) / len(mmlu_records)
     parts = [out[k] for k in ("task_aggregate", "mmlu", "mia_loss_score") if k in out]
     out["final"] = np.mean(parts, 0)
-    terms = {k: v for k, v in out.items() if official(k, "forget") or official(k, "retain")}
+    terms = {k: v for k, v in out.items() if k.endswith(("/knowledge", "/regurgitation"))}
     out["forget_efficacy"] = np.mean([1 - v for k, v in terms.items() if "/forget/" in k], 0)
-    out["utility"] = np.mean([v for k, v in terms.items() if "/retain/" in k] + [out["mmlu"]] * ("mmlu" in out), 0)
+    out["utility"] = np.mean([v for k, v in terms.items() if "/retain/" in k] + [out[k] for k in ("mmlu",) if k in out],
+                             0)
     return out
 
 
@@ -2002,6 +2003,11 @@ def fmt(value):
     return "-" if value is None else f"{value:.3f}"
 
 
+def span(iv):
+    """An interval as "[lo, hi]", "-" if none."""
+    return "-" if iv is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
 def md_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -2037,11 +2043,6 @@ def report(summaries, tasks, mmlu, intervals=None):
         if spans else "")
 
 
-def span(iv):
-    """An interval as "lo-hi", "-" if none."""
-    return "-" if iv is None else f"{iv[0]:.3f}-{iv[1]:.3f}"
-
-
 def robustness_report(summaries, probed, recovered=None):
     """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the recovery,
     for the unlearned, retrain and (prompt probes) target models; the table and, for metrics.json, {probe: {model:
@@ -2064,7 +2065,7 @@ def robustness_report(summaries, probed, recovered=None):
     cols += [("target", f"forget_{m}") for m in kinds]
     short = {"forget": "f", "retain": "r", "recovery": "rec"}
     recovered = recovered or {}
-    rows = [[probe] + [fmt(by_model.get(m, {}).get(k)) + (f" [{span(iv)}]" if k.startswith("recovery") and (
+    rows = [[probe] + [fmt(by_model.get(m, {}).get(k)) + (f" {span(iv)}" if k.startswith("recovery") and (
         iv := recovered.get(probe, {}).get(m, {}).get(k)) else "") for m, k in cols]
         for probe, by_model in numbers.items()]
     header = ["probe"] + [f"{m} {short[k.split('_')[0]]}-{k.split('_')[1][:3]}" for m, k in cols]
@@ -2171,7 +2172,7 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu, intervals=
         numbers[row]["runs"] = names
     tables = [md_table(["method"] + [c for _, c in columns], [
         [row + (f" ({len(rows[row])} seeds)" if len(rows[row]) > 1 else "")]
-        + [fmt(by[k]["mean"]) + (f" [{span(by[k]['interval'])}]" if by[k]["interval"] else "") for k, _ in columns]
+        + [fmt(by[k]["mean"]) + (f" {span(by[k]['interval'])}" if by[k]["interval"] else "") for k, _ in columns]
         for row, by in numbers.items() if rows[row]]) for columns in (short, cols)]
     return (f"{tables[0]}\n\nEvery column:\n\n{tables[1]}\n\nmean [95% interval]: {INTERVALS}\n\nforget eff. = "
             "mean of 1 - x over the forget terms, utility = mean of the retain terms and MMLU; rec = the share of the "

@@ -2388,14 +2388,16 @@ def test_mean_and_sd_over_seeds_are_numpys(micro, tmp_path):
         assert metrics["methods"][algo]["runs"] == [f"{algo} seed {s}" for s in range(3)]
         for key in ("Task3/forget/regurgitation", "task_aggregate", "mia_loss_score", "final"):
             values = [r[key] for r in runs]
-            mean, sd, kept = metrics["methods"][algo][key].values()
+            mean, sd, kept, (lo, hi) = metrics["methods"][algo][key].values()
             assert kept == values
             assert mean == pytest.approx(np.mean(values)) and sd == pytest.approx(np.std(values, ddof=1))
+            half = 4.3027 * np.std(values, ddof=1) / np.sqrt(3)  # Student's t(0.975, 2 degrees of freedom)
+            assert (lo, hi) == pytest.approx((np.mean(values) - half, np.mean(values) + half), abs=1e-5)
     # the seeds differ: batch order (and, for the next step, the model moves differently)
     assert len({metrics["summary"][f"gd seed {s}"]["mia_loss_auc"] for s in range(3)}) > 1
     row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| gd (3 seeds)"))
-    mean, sd = metrics["methods"]["gd"]["final"]["mean"], metrics["methods"]["gd"]["final"]["sd"]
-    assert f"{mean:.3f} ± {sd:.3f}" in row
+    final = metrics["methods"]["gd"]["final"]
+    assert f"{final['mean']:.3f} [{final['interval'][0]:.3f}, {final['interval'][1]:.3f}]" in row
 
 
 # -----------------------------------------------------------------------------
@@ -3288,7 +3290,7 @@ def test_rtt_relearns_one_half_and_scores_the_other(shipped, monkeypatch):
     monkeypatch.setattr(lume, "score_rows", lambda name, model, tok, rows, *a: ([dict(r, model=name, score=0.0)
                                                                                  for r in rows], 0))
     args = lume.parse_args(["--probes", "rtt"])
-    _, records = lume.probe_model("unlearned", None, tokenizer, data, None, args, CPU, {})
+    _, records, _ = lume.probe_model("unlearned", None, tokenizer, data, None, args, CPU, {})
     assert seen == [lume.row_examples(tokenizer, learned, args.max_length)]
     for probe in ("rtt", "rtt held-out"):
         assert [r["key"] for r in records if r["probe"] == probe] == [r["key"] for r in held]

@@ -136,6 +136,8 @@ class Args:
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0, le=MAX_MICRO)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
+    relearn_seeds: int = arg(1, "relearn and rtt: relearn this many times (seeds --seed, --seed + 1, ...); the "
+                             "interval then covers them", gt=0, le=100)
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
     quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64; "
                             "nf4: 4-bit NormalFloat in blocks of 64, as 4-bit loaders)")
@@ -1640,13 +1642,14 @@ def rephrased_rows(lume):
 
 
 @contextlib.contextmanager
-def relearned(model, tokenizer, examples, args, device, blocks=None):
-    """The model fine-tuned --relearn_steps steps with plain NLL on `examples`, training what unlearning trained
-    (`blocks`, None: every parameter) as unlearning does (checkpointing, processes). Restored on leaving."""
+def relearned(model, tokenizer, examples, args, device, blocks=None, seed=None):
+    """The model fine-tuned --relearn_steps steps with plain NLL on `examples` (batches drawn with `seed`, default
+    --seed), training what unlearning trained (`blocks`, None: every parameter) as unlearning does (checkpointing,
+    processes). Restored on leaving."""
     layers = model.get_decoder().layers
     with restored(list(model.parameters() if blocks is None else (p for i in blocks for p in layers[i].parameters()))):
         fit(model, tokenizer, examples, args.relearn_steps, args.relearn_lr, args.batch_size * rank_world()[1],
-            args.seed, device, "relearn", log_every=args.relearn_steps, blocks=blocks,
+            args.seed if seed is None else seed, device, "relearn", log_every=args.relearn_steps, blocks=blocks,
             recompute=recomputes(args, device), lora=lora_of(args))
         yield model
 
@@ -1689,15 +1692,22 @@ def probe_model(name, model, tokenizer, lume, mmlu, args, device, phases, blocks
     for probe, transform, rows in probes:
         if transform is not None and only_prompts and (not trust or probe == "rtt"):
             continue
-        changed = transform is not None or probe == "rtt held-out"
-        with timed(phases, f"probe {probe.split()[0]}"), transform(model) if transform else contextlib.nullcontext():
-            recs = [r | {"probe": probe} for r in score_rows(name, model, tokenizer, rows, args, device, True, (
-                "forget",) if changed else ())[0]]
-            mia = [d | {"probe": probe} for d in mia_of(name, model, tokenizer, mia_documents(
-                lume, {(r["task"], r["doc"]) for r in rows} if probe.startswith("rtt") else None), args, device)
-                ] if trust and changed else []
-        summaries[probe] = term_means(recs) | extraction_means(recs) | mia_aucs(mia)
-        records, mias = records + recs, mias + mia
+        changed, recs, aucs = transform is not None or probe == "rtt held-out", [], []
+        relearns = isinstance(transform, functools.partial) and transform.func is relearned
+        for seed in range(args.seed, args.seed + args.relearn_seeds) if relearns else [None]:  # each relearning
+            again = functools.partial(transform, seed=seed) if relearns else transform
+            mark = {"probe": probe} | ({"relearn_seed": seed} if relearns else {})
+            with timed(phases, f"probe {probe.split()[0]}"), again(model) if again else contextlib.nullcontext():
+                recs += [r | mark for r in score_rows(name, model, tokenizer, rows, args, device, True, (
+                    "forget",) if changed else ())[0]]
+                mia = [d | mark for d in mia_of(name, model, tokenizer, mia_documents(
+                    lume, {(r["task"], r["doc"]) for r in rows} if probe.startswith("rtt") else None), args, device)
+                    ] if trust and changed else []
+            aucs, mias = aucs + [mia_aucs(mia)], mias + mia
+        # several relearnings: the means over all their rows (the mean of their means), each AUC the mean of theirs
+        summaries[probe] = term_means(recs) | extraction_means(recs) | {
+            k: statistics.mean(a[k] for a in aucs) for k in aucs[0] if all(k in a for a in aucs)}
+        records += recs
     return summaries, records, mias
 
 
@@ -1874,9 +1884,10 @@ def save_atomic(model, tokenizer, path):
 BOOTSTRAP = 1000  # resamples behind one run's 95% intervals
 INTERVALS = (f"95% intervals. One run: the 2.5th and 97.5th percentiles over {BOOTSTRAP} resamples of its units, "
              "the same for every model and probe (per task and split its documents, every row of a drawn one; the MIA "
-             "members and non-members; the MMLU questions): what another draw of the benchmark's documents and "
-             "questions could give, not another training run. Several seeds: mean +- t(0.975, n - 1) sd / sqrt(n) "
-             "over the seeds, each seed training and relearning anew.")
+             "members and non-members; the MMLU questions; with --relearn_seeds, the relearnings): what another draw "
+             "of the benchmark's documents and questions (and relearning's batches) could give, not another "
+             "unlearning run. Several seeds: mean +- t(0.975, n - 1) sd / sqrt(n) over the seeds, each seed "
+             "unlearning and relearning anew.")
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622)  # Student t 0.975, df 1-9
 
 
@@ -1895,24 +1906,29 @@ def seeds_interval(values):
     return [m - h, m + h]
 
 
-def draws(records, mia_docs, questions, seed, n=BOOTSTRAP):
+def draws(records, mia_docs, questions, seed, relearn_seeds=1, n=BOOTSTRAP):
     """n resamples of one run's units, the same for every model and probe: per task and split its documents (every
     row of a drawn document, as often as drawn), the MIA members and non-members apart, the MMLU questions (by
-    position). {unit group: (names, (n, len(names)) counts)}."""
+    position), the relearnings of a relearning probe (by position). {unit group: (names, (n, len(names)) counts)}."""
     rng, groups = np.random.default_rng(seed), {}
     for r in records:
         groups.setdefault((r["task"], r["split"]), set()).add(r["doc"])
     for d in mia_docs:
         groups.setdefault(("mia", d["member"]), set()).add((d["task"], d["id"]))
     groups[("mmlu",)] = set(range(questions))
+    groups[("relearn seeds",)] = set(range(relearn_seeds))
     return {g: (sorted(names), rng.multinomial(len(names), [1 / len(names)] * len(names), size=n))
             for g, names in groups.items() if names}
 
 
 def resampled_terms(records, drawn):
     """Under each resample: {"Task1/forget/knowledge": (n,) mean, ...; "Task1/forget/extraction": ...}: per task,
-    split and metric the mean over the drawn documents' rows (term_means and extraction_means, resampled)."""
+    split and metric the mean over the drawn documents' rows (term_means and extraction_means, resampled), and over
+    the drawn relearnings where the records hold several."""
     sums, where = {}, {}
+    seeds = {s: i for i, s in enumerate(sorted({r.get("relearn_seed", -1) for r in records}))}
+    weights = drawn[("relearn seeds",)][1]  # (n, relearnings): each resample's draw of them
+    weights = weights if len(seeds) > 1 else np.ones((len(weights), 1))
     for r in records:
         names, _ = drawn[(r["task"], r["split"])]
         index = where.get((r["task"], r["split"])) or where.setdefault((r["task"], r["split"]), {
@@ -1920,11 +1936,13 @@ def resampled_terms(records, drawn):
         for metric, value in (("regurgitation" if r["kind"] == "sc" else "knowledge", r["score"]),
                               ("extraction", r.get("extraction"))):
             if value is not None:
-                s, c = sums.setdefault((r["task"], r["split"], metric), (np.zeros(len(names)), np.zeros(len(names))))
-                s[index[r["doc"]]] += value
-                c[index[r["doc"]]] += 1
+                s, c = sums.setdefault((r["task"], r["split"], metric), (np.zeros((len(names), len(seeds))),
+                                                                         np.zeros((len(names), len(seeds)))))
+                s[index[r["doc"]], seeds[r.get("relearn_seed", -1)]] += value
+                c[index[r["doc"]], seeds[r.get("relearn_seed", -1)]] += 1
     with np.errstate(invalid="ignore", divide="ignore"):  # no drawn document holds a row: nan, left out
-        return {f"{t}/{sp}/{m}": drawn[(t, sp)][1] @ s / (drawn[(t, sp)][1] @ c) for (t, sp, m), (s, c) in sums.items()}
+        return {f"{t}/{sp}/{m}": np.einsum("bd,dk,bk->b", drawn[(t, sp)][1], s, weights)
+                / np.einsum("bd,dk,bk->b", drawn[(t, sp)][1], c, weights) for (t, sp, m), (s, c) in sums.items()}
 
 
 def resampled_summary(records, mia_docs, mmlu_records, drawn):
@@ -1968,7 +1986,8 @@ def interval(values):
 def run_intervals(res):
     """One run's 95% bootstrap intervals: {model: {summary key: [lo, hi]}} and {probe: {model: {recovery_<metric>:
     [lo, hi]}}}, each recovery from the same resamples of the probed, unprobed and target records."""
-    drawn = draws(res.records, res.mia, sum(r["model"] == "target" for r in res.mmlu_records), res.args.seed)
+    drawn = draws(res.records, res.mia, sum(r["model"] == "target" for r in res.mmlu_records), res.args.seed,
+                  res.args.relearn_seeds)
     by = {name: resampled_summary([r for r in res.records if r["model"] == name],
                                   [d for d in res.mia if d["model"] == name],
                                   [r for r in res.mmlu_records if r["model"] == name], drawn) for name in res.summary}

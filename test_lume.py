@@ -1307,6 +1307,48 @@ def test_a_runs_intervals_are_the_official_scores_of_resampled_benchmarks(shippe
     assert "95% interval" in (out / "metrics.md").read_text()
 
 
+def test_several_relearnings_their_mean_and_an_interval_over_them(micro, tmp_path, monkeypatch):
+    """--relearn_seeds 3: the relearn probe relearns with seeds 0, 1, 2 (its batches), each scored; its numbers are
+    the means over the three; the recovery's interval resamples the relearnings with the documents, as the resampled
+    benchmark rescored by summarize and recovery gives."""
+    data_slice(tmp_path / "data", 4)
+    fits, fit = [], lume.fit
+    monkeypatch.setattr(lume, "fit", lambda *a, **k: fits.append(a[6]) or fit(*a, **k))
+    out = tmp_path / "run"
+    lume.main(["--data_dir", str(tmp_path / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4", "--lr", "5e-3",
+               "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24", "--relearn_steps", "2",
+               "--relearn_data", "retain", "--relearn_seeds", "3", "--probes", "relearn", "--mmlu", "none",
+               "--out_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    block = metrics["robustness"]
+    assert fits == [0, 1, 2, 0, 1, 2]  # the unlearned model's three relearnings, then the retrain model's
+    recs = [r for r in block["records"] if r["model"] == "unlearned"]
+    assert sorted({r["relearn_seed"] for r in recs}) == [0, 1, 2]
+    mean = lambda xs: sum(xs) / len(xs)
+    per_seed = [mean([mean([r["score"] for r in recs if (r["relearn_seed"], r["task"], r["split"], r["kind"]) ==
+                            (s, t, "forget", "qa")]) for t in lume.TASKS]) for s in range(3)]
+    assert block["summary"]["relearn retain"]["unlearned"]["forget_knowledge"] == pytest.approx(mean(per_seed))
+    drawn = lume.draws(metrics["records"], metrics["mia"], 0, 0, 3)
+    base = {n: [r for r in metrics["records"] if r["model"] == n and r["split"] == "forget" and r["kind"] == "qa"]
+            for n in ("unlearned", "target")}
+    probed = [r for r in recs if r["split"] == "forget" and r["kind"] == "qa"]
+    found = []
+    for b in range(1000):
+        weight = lambda r, s=0: (drawn[(r["task"], "forget")][1][b][drawn[(r["task"], "forget")][0].index(r["doc"])]
+                                 * (drawn[("relearn seeds",)][1][b][s] if s is not None else 1))
+        means = []
+        for rows, seeded in ((probed, True), (base["unlearned"], False), (base["target"], False)):
+            tasks = []
+            for t in lume.TASKS:
+                w = [(weight(r, r["relearn_seed"] if seeded else None), r["score"]) for r in rows if r["task"] == t]
+                tasks.append(sum(a * x for a, x in w) / sum(a for a, _ in w) if sum(a for a, _ in w) else math.nan)
+            means.append(mean(tasks))
+        rec = None if any(math.isnan(x) for x in means) else lume.recovery(*means)
+        found += [] if rec is None else [rec]
+    assert metrics["intervals"]["recoveries"]["relearn retain"]["unlearned"]["recovery_knowledge"] == pytest.approx(
+        list(np.percentile(found, [2.5, 97.5])))
+
+
 def test_the_t_interval_over_seeds():
     """Student's t quantiles (0.975) from the table and the expansion against published values; an interval by hand."""
     for df, t in ((1, 12.7062), (2, 4.3027), (9, 2.2622), (10, 2.2281), (20, 2.0860), (30, 2.0423), (120, 1.9799)):
@@ -3283,7 +3325,7 @@ def test_rtt_relearns_one_half_and_scores_the_other(shipped, monkeypatch):
     seen = []
 
     @contextlib.contextmanager
-    def relearned(model, tokenizer, examples, args, device, blocks=None):
+    def relearned(model, tokenizer, examples, args, device, blocks=None, seed=None):
         seen.append(examples)
         yield model
     monkeypatch.setattr(lume, "relearned", relearned)

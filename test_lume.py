@@ -1316,8 +1316,9 @@ def test_several_relearnings_their_mean_and_an_interval_over_them(micro, tmp_pat
     monkeypatch.setattr(lume, "fit", lambda *a, **k: fits.append(a[6]) or fit(*a, **k))
     out = tmp_path / "run"
     lume.main(["--data_dir", str(tmp_path / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4", "--lr", "5e-3",
-               "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24", "--relearn_steps", "2",
-               "--relearn_data", "retain", "--relearn_seeds", "3", "--probes", "relearn", "--mmlu", "none",
+               "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24", "--relearn_steps", "3",
+               "--relearn_lr", "5e-3", "--relearn_data", "retain", "--relearn_seeds", "3", "--probes", "relearn",
+               "--mmlu", "none",
                "--out_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     block = metrics["robustness"]
@@ -1326,12 +1327,13 @@ def test_several_relearnings_their_mean_and_an_interval_over_them(micro, tmp_pat
     assert sorted({r["relearn_seed"] for r in recs}) == [0, 1, 2]
     mean = lambda xs: sum(xs) / len(xs)
     per_seed = [mean([mean([r["score"] for r in recs if (r["relearn_seed"], r["task"], r["split"], r["kind"]) ==
-                            (s, t, "forget", "qa")]) for t in lume.TASKS]) for s in range(3)]
-    assert block["summary"]["relearn retain"]["unlearned"]["forget_knowledge"] == pytest.approx(mean(per_seed))
+                            (s, t, "forget", "sc")]) for t in lume.TASKS]) for s in range(3)]
+    assert block["summary"]["relearn retain"]["unlearned"]["forget_regurgitation"] == pytest.approx(mean(per_seed))
+    assert len(set(per_seed)) > 1  # the relearnings differ, so resampling them matters below
     drawn = lume.draws(metrics["records"], metrics["mia"], 0, 0, 3)
-    base = {n: [r for r in metrics["records"] if r["model"] == n and r["split"] == "forget" and r["kind"] == "qa"]
+    base = {n: [r for r in metrics["records"] if r["model"] == n and r["split"] == "forget" and r["kind"] == "sc"]
             for n in ("unlearned", "target")}
-    probed = [r for r in recs if r["split"] == "forget" and r["kind"] == "qa"]
+    probed = [r for r in recs if r["split"] == "forget" and r["kind"] == "sc"]
     found = []
     for b in range(1000):
         weight = lambda r, s=0: (drawn[(r["task"], "forget")][1][b][drawn[(r["task"], "forget")][0].index(r["doc"])]
@@ -1345,8 +1347,8 @@ def test_several_relearnings_their_mean_and_an_interval_over_them(micro, tmp_pat
             means.append(mean(tasks))
         rec = None if any(math.isnan(x) for x in means) else lume.recovery(*means)
         found += [] if rec is None else [rec]
-    assert metrics["intervals"]["recoveries"]["relearn retain"]["unlearned"]["recovery_knowledge"] == pytest.approx(
-        list(np.percentile(found, [2.5, 97.5])))
+    assert metrics["intervals"]["recoveries"]["relearn retain"]["unlearned"]["recovery_regurgitation"] == \
+        pytest.approx(list(np.percentile(found, [2.5, 97.5])))
 
 
 def test_the_t_interval_over_seeds():

@@ -2064,8 +2064,8 @@ def report(summaries, tasks, mmlu, intervals=None):
 
 def robustness_report(summaries, probed, recovered=None):
     """A row per probe: the forget terms under the probe (the unlearned model's retain terms too) and the recovery,
-    for the unlearned, retrain and (prompt probes) target models; the table and, for metrics.json, {probe: {model:
-    term means, split means and recoveries}}."""
+    for the unlearned, retrain and target models (the target: prompt probes, and relearn and quantize for the trust
+    table; no recovery); the table and, for metrics.json, {probe: {model: term means, split means and recoveries}}."""
     kinds, numbers = ("knowledge", "regurgitation", "extraction"), {}
     held_out = probed.get("rtt held-out", {})  # RTT's baselines: each model on the held-out half, unprobed
     for probe, by_model in ((p, b) for p, b in probed.items() if p != "rtt held-out"):

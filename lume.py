@@ -28,6 +28,7 @@ Shapes: B batch, T tokens, V vocabulary, H hidden units, N answer tokens in a ba
 """
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -622,7 +623,8 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
         if i in [0] + ends:  # a chunk begins (one chunk: the run)
             start, end = i, next(e for e in ends if e > i)
             opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999) if chunks else (0.9, 0.95),
-                                    weight_decay=weight_decay, fused=device.type == "cuda")  # one kernel, not a dozen
+                                    weight_decay=weight_decay, fused=device.type == "cuda",  # one kernel, not a dozen
+                                    foreach=device.type != "cuda")  # a CPU: one call for all the tensors
         for group in opt.param_groups:
             group["lr"] = lr_at(i - start, end - start, lr, warmup, linear=chunks is not None)
         for micro in step:
@@ -633,7 +635,7 @@ def train(model, steps, loss_fn, lr, device, warmup=0.1, grad_clip=1.0, weight_d
                                     "rate, or a smaller --beta for NPO)")
             loss.backward()
             logs, tokens = {k: logs.get(k, 0.0) + v for k, v in micro_logs.items()}, tokens + n
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # of the whole model's gradient
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)  # of the whole model's gradient
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
         if not torch.isfinite(norm):  # one NaN would poison every weight: stop before the update
             raise NonFiniteLoss(f"{desc}: the gradient norm is {norm.item()} at step {i + 1}; the weights were not "
@@ -1158,10 +1160,12 @@ def mia_of(name, model, tokenizer, docs, args, device):
         model, tokenizer, share, args, device))]
 
 
-def evaluate(name, model, tokenizer, lume, mmlu, args, device):
-    """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary."""
+def evaluate(name, model, tokenizer, lume, mmlu, args, device, extraction=("forget", "retain")):
+    """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary (Extraction Strength of
+    the `extraction` splits' rows)."""
     t0 = time.perf_counter()
-    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device)
+    records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device,
+                                     extraction=extraction)
     gen_s = time.perf_counter() - t0
     mia_docs = mia_of(name, model, tokenizer, mia_documents(lume), args, device)
     mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
@@ -1727,7 +1731,8 @@ def tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, 
     try:
         with timed(phases, "tune"):
             unlearn(model, tokenizer, examples, tried, device, {})
-            setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device)[0]["final"]
+            setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device,
+                                                   extraction=())[0]["final"]  # (not in the final score)
     except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
         setting["validation_final"] = None
         print(f"--tune {algo}: {e}")
@@ -1887,7 +1892,8 @@ INTERVALS = (f"95% intervals. One run: the 2.5th and 97.5th percentiles over {BO
              "members and non-members; the MMLU questions; with --relearn_seeds, the relearnings): what another draw "
              "of the benchmark's documents and questions (and relearning's batches) could give, not another "
              "unlearning run. Several seeds: mean +- t(0.975, n - 1) sd / sqrt(n) over the seeds, each seed "
-             "unlearning and relearning anew.")
+             "unlearning and relearning anew; a method whose run draws nothing at random (SUGD) runs once, its row "
+             "one run's.")
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622)  # Student t 0.975, df 1-9
 
 
@@ -2167,7 +2173,7 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu, intervals=
     extra = [("forget_efficacy", "forget eff."), ("utility", "utility")]
     cols = score_columns(tasks) + extra + probes + [("unlearn_seconds", "unlearn s")]
     short = [c for c in cols if c[1] in ("final", "agg", "MIA", "MMLU")] + extra + [c for c in probes if "kno" in c[1]]
-    rows = {"target": ["target"] if "target" in summaries else []}
+    rows, planned = {"target": ["target"] if "target" in summaries else []}, collections.Counter(a for _, a, _ in runs)
     for name, algo, _ in runs:  # those scored so far
         rows.setdefault(algo, []).extend([name] if name in summaries else [])
     rows["retrain"] = ["retrain"] if "retrain" in summaries else []
@@ -2190,7 +2196,8 @@ def compare_report(summaries, runs, robustness, seconds, tasks, mmlu, intervals=
                                    if names else None)
         numbers[row]["runs"] = names
     tables = [md_table(["method"] + [c for _, c in columns], [
-        [row + (f" ({len(rows[row])} seeds)" if len(rows[row]) > 1 else "")]
+        [row + (f" ({len(rows[row])} seeds)" if len(rows[row]) > 1 else " (1 run: no random draw)" if planned.get(
+            row) == 1 < max(planned.values()) else "")]
         + [fmt(by[k]["mean"]) + (f" {span(by[k]['interval'])}" if by[k]["interval"] else "") for k, _ in columns]
         for row, by in numbers.items() if rows[row]]) for columns in (short, cols)]
     return (f"{tables[0]}\n\nEvery column:\n\n{tables[1]}\n\nmean [95% interval]: {INTERVALS}\n\nforget eff. = "
@@ -2230,12 +2237,22 @@ def tradeoff_plot(numbers, path):
 # -----------------------------------------------------------------------------
 # The record: what each run used, what computed it, what it cost; the files written whole
 
-def runs_of(args):
-    """[(row name, method, seed)]: one run per method and seed asked for."""
+def runs_of(args, dropout=False):
+    """[(row name, method, seed)]: one run per method and seed asked for, but one in all (the first seed) for a method
+    whose run draws nothing at random, which every seed would repeat: SUGD (its rows in file order), unless LoRA's
+    adapters are drawn or the model has dropout."""
     seeds = [int(s) for s in args.seeds] or [args.seed]
-    if len(args.algo) == 1 and len(seeds) == 1:
-        return [("unlearned", args.algo[0], seeds[0])]
-    return [(a if len(seeds) == 1 else f"{a} seed {s}", a, s) for a in args.algo for s in seeds]
+    fixed = {a for a in args.algo if METHODS[a].sequential and not args.lora_rank and not dropout}
+    runs = [(a, s) for a in args.algo for s in (seeds[:1] if a in fixed else seeds)]
+    if len(runs) == 1:
+        return [("unlearned", *runs[0])]
+    return [(a if len(seeds) == 1 or a in fixed else f"{a} seed {s}", a, s) for a, s in runs]
+
+
+def has_dropout(model):
+    """Whether training draws dropout masks: a Dropout module or an attention dropout above 0."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 or getattr(m, "attention_dropout", 0) > 0
+               for m in model.modules())
 
 
 def cost_line(cost):
@@ -2755,6 +2772,14 @@ def run(args, lume, mmlu, device, out, val=None):
     if examples is not None and args.max_length != cut:  # a Hub model's context, known only now, cut it
         examples = unlearning_examples(res.tokenizer, lume, args.max_length)
     res.n_params = sum(p.numel() for p in model.parameters())
+    if res.runs and has_dropout(model):  # SUGD's steps draw dropout masks too: a run per seed
+        res.runs = runs_of(args, dropout=True)
+        if args.save_model and len(res.runs) > 1:
+            raise LumeError(f"--save_model keeps one run's model, and {shown(args.model)} has dropout, so each of "
+                            f"--seeds {','.join(map(str, args.seeds))} is a run of its own: pass one seed")
+    if once := [a for a in args.algo if len(args.seeds) > 1 and [b for _, b, _ in res.runs].count(a) == 1]:
+        print(f"note: {', '.join(once)} draws nothing at random (its rows in file order; no LoRA, no dropout): one "
+              f"run, seed {args.seeds[0]}, stands for every one of --seeds {','.join(map(str, args.seeds))}")
     print(f"model: {args.model_config or shown(args.model)} ({res.n_params / 1e6:.1f}M parameters)")
     print(f"MMLU: {mmlu.source if mmlu else 'none (--mmlu none)'}")
     if not args.retrain_model:

@@ -2424,9 +2424,15 @@ def test_mean_and_sd_over_seeds_are_numpys(micro, tmp_path):
     import numpy as np
     _, _, folder = micro
     out = tmp_path / "seeds"
-    lume.main(["--model", str(folder), "--task", "3", "--algo", "gd,npo", "--seeds", "0,1,2", "--max_steps", "2",
+    lume.main(["--model", str(folder), "--task", "3", "--algo", "gd,npo,ails", "--seeds", "0,1,2", "--max_steps", "2",
                "--lr", "1e-2", "--max_new_tokens", "4", "--mmlu", "none", "--probes", "none", "--out_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
+    # SUGD draws nothing at random: one run stands for the three seeds, its interval that run's bootstrap
+    assert metrics["methods"]["ails"]["runs"] == ["ails"] and set(metrics["cost"]["train"]) == {
+        f"{a} seed {s}" for a in ("gd", "npo") for s in range(3)} | {"ails"}
+    row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| ails"))
+    lo, hi = metrics["intervals"]["models"]["ails"]["final"]
+    assert row.startswith("| ails (1 run: no random draw) | ") and f"[{lo:.3f}, {hi:.3f}]" in row
     for algo in ("gd", "npo"):
         runs = [metrics["summary"][f"{algo} seed {s}"] for s in range(3)]
         assert metrics["methods"][algo]["runs"] == [f"{algo} seed {s}" for s in range(3)]
@@ -2442,6 +2448,40 @@ def test_mean_and_sd_over_seeds_are_numpys(micro, tmp_path):
     row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| gd (3 seeds)"))
     final = metrics["methods"]["gd"]["final"]
     assert f"{final['mean']:.3f} [{final['interval'][0]:.3f}, {final['interval'][1]:.3f}]" in row
+
+
+def test_a_method_that_draws_nothing_at_random_runs_once_for_every_seed(shipped, micro, tmp_path):
+    """SUGD's run is the same whatever the seed (its rows in file order, no dropout): a comparison runs it once. With
+    LoRA (adapters drawn from the seed) or a model with dropout, once per seed, as every other method."""
+    target, tokenizer, _, data = shipped
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:2],
+                                                                       retain=data.retain[:4]), 512)
+    flags = lume.parse_args(["--algo", "ails,gd", "--seeds", "0,1,2", "--chunk_size", "2", "--max_steps", "4",
+                             "--batch_size", "1"])
+    after = {}
+    for algo, seed in (("ails", 0), ("ails", 5), ("gd", 0), ("gd", 5)):
+        model = copy.deepcopy(target)
+        lume.unlearn(model, tokenizer, examples, lume.recipe(flags, algo, seed, 4), CPU, {})
+        after[algo, seed] = weights(model)
+    assert all(torch.equal(a, b) for a, b in zip(after["ails", 0], after["ails", 5]))
+    assert not all(torch.equal(a, b) for a, b in zip(after["gd", 0], after["gd", 5]))  # its batches are drawn
+    assert lume.runs_of(flags) == [("ails", "ails", 0)] + [(f"gd seed {s}", "gd", s) for s in range(3)]
+    assert lume.runs_of(lume.parse_args(["--algo", "ails", "--seeds", "3,4"])) == [("unlearned", "ails", 3)]
+    for again in (lume.runs_of(flags, dropout=True),
+                  lume.runs_of(lume.parse_args(["--algo", "ails,gd", "--seeds", "0,1,2", "--lora_rank", "2"]))):
+        assert again == [(f"{a} seed {s}", a, s) for a in ("ails", "gd") for s in range(3)]
+    assert not lume.has_dropout(target) and not lume.has_dropout(micro[0])
+    assert lume.has_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    config = dict(micro[0].config.to_dict(), attention_dropout=0.1)
+    dropping = lume.build_model({k: config[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "tie_word_embeddings", "pad_token_id", "eos_token_id", "attention_dropout")}, CPU)
+    assert lume.has_dropout(dropping)
+    lume.save_atomic(dropping, tokenizer, tmp_path / "dropout")  # a run finds it out once the model is loaded
+    out = tmp_path / "out"
+    lume.main(["--model", str(tmp_path / "dropout"), "--task", "3", "--algo", "ails,gd", "--seeds", "0,1",
+               "--max_steps", "1", "--max_new_tokens", "2", "--mmlu", "none", "--probes", "none", "--out_dir", str(out)])
+    assert json.loads((out / "metrics.json").read_text())["methods"]["ails"]["runs"] == ["ails seed 0", "ails seed 1"]
 
 
 # -----------------------------------------------------------------------------
@@ -2782,7 +2822,7 @@ def test_tune_chooses_the_best_validation_final_inside_the_lrs_tried(monkeypatch
     finals, tried = iter(finals), []
     monkeypatch.setattr(lume, "unlearn", lambda model, tok, ex, args, *a: tried.append((args.lr, args.alpha)))
 
-    def evaluate(*a):
+    def evaluate(*a, **k):
         final = next(finals)
         if final is None:
             raise lume.NonFiniteLoss("diverged")
@@ -2802,7 +2842,7 @@ def test_tune_chooses_the_best_validation_final_inside_the_lrs_tried(monkeypatch
 def test_tune_keeps_the_first_of_a_tie(monkeypatch):
     finals = iter([0.2, 0.9, 0.9, 0.1, 0.5])
     monkeypatch.setattr(lume, "unlearn", lambda *a: None)
-    monkeypatch.setattr(lume, "evaluate", lambda *a: ({"final": next(finals)},))
+    monkeypatch.setattr(lume, "evaluate", lambda *a, **k: ({"final": next(finals)},))
     model, tokenizer = lume.load_model(str(DATA / "target"), CPU)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     out = lume.tune(model, tokenizer, lume.load_lume(DATA / "validation"), None, lume.parse_args(["--algo", "gd"]),

@@ -1746,6 +1746,7 @@ def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
     best lr is the lowest or the highest tried, the best setting is tried again past it (TUNE_PAST_EDGE)."""
     depth, examples, out = len(model.get_decoder().layers), unlearning_examples(tokenizer, val, args.max_length), {}
     for algo in args.algo:
+        began = time.perf_counter()
         grid = [{k: v(depth) if callable(v) else v for k, v in (dict(lr=args.lr * f) | knob).items()}
                 for f in TUNING_LR for knob in METHODS[algo].grid]
         for setting in grid:
@@ -1763,7 +1764,7 @@ def tune(model, tokenizer, val, mmlu, args, device, phases, target_weights):
         if best["validation_final"] is None:
             print(f"--tune {algo}: every setting diverged; the results run with the first")
         out[algo] = dict(chosen={k: v for k, v in best.items() if k != "validation_final"},
-                         validation_final=best["validation_final"], grid=grid)
+                         validation_final=best["validation_final"], grid=grid, seconds=time.perf_counter() - began)
     for phase in ("reference pass", "unlearn"):  # tuning's peaks are in "tune": these are the results' own
         MEMORY.pop(phase, None)
     model.load_state_dict(target_weights)
@@ -2310,10 +2311,12 @@ def write_results(res, complete):
         tables += f"\n\n{trust_table}"
     if res.tuning:  # --tune: what each method ran with
         rows = [[algo, ", ".join(f"{k} {v}" for k, v in t["chosen"].items()), fmt(t["validation_final"]),
+                 f"{t['seconds']:.0f}",
                  "; ".join(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in g.items()
                                     if k != "validation_final") + f": {fmt(g['validation_final'])}" for g in t["grid"])]
                 for algo, t in res.tuning.items()]
-        tuned = "\n\n" + md_table(["method", "chosen by --tune", "validation final", "every setting tried"], rows) + (
+        header = ["method", "chosen by --tune", "validation final", "seconds", "every setting tried"]
+        tuned = "\n\n" + md_table(header, rows) + (
             f"\n\n--tune: every method tried --lr x {TUNING_LR} with each setting of its grid (METHODS), then, while "
             f"its best lr was the lowest or highest tried, that setting with lr / {TUNING_LR[-1]} or x {TUNING_LR[-1]} "
             f"(at most {TUNE_PAST_EDGE} more); seed {args.seed}, scored on the validation split; the results ran with "

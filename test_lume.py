@@ -739,6 +739,44 @@ def test_sugd_runs_the_winners_order_and_optimisers(shipped, monkeypatch):
     assert [len(c) for c in half] == [6 + 3, 3 + 2] and half[0][6:] == half[0][:3] and half[1][3:] == half[1][:2]
 
 
+def test_the_frozen_blocks_run_once_and_change_nothing(shipped, monkeypatch):
+    """Training the later blocks, the blocks before run once per example (frozen_prefix), not at every step: SUGD (one
+    row a step) ends with the same weights bit for bit; padded batches (the batched recipe, GD on the last 2 blocks) take
+    the same first gradient to float rounding. The model comes back whole; where the shortcut would not give the
+    model's own logits, the run is the plain one."""
+    target, tokenizer, _, data = shipped
+    examples = lume.unlearning_examples(tokenizer, dataclasses.replace(data, forget=data.forget[:4],
+                                                                       retain=data.retain[:8]), 512)
+
+    def run(algo, *flags, plain=False, shortcut=True):
+        args = lume.recipe(lume.parse_args(["--algo", algo, "--max_steps", "3", "--batch_size", "2", "--grad_accum",
+                                            "1", "--chunk_size", "2", "--lr", "1e-3", *flags]), algo, 0, 4)
+        model, calls, grads = copy.deepcopy(target), [], {}
+        hook = model.get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(1))
+        for name, p in model.requires_grad_(True).named_parameters():  # the gradient of the first step
+            p.register_post_accumulate_grad_hook(lambda p, name=name: [grads.setdefault(name, p.grad.clone())] and None)
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(lume, "frozen_prefix", lambda *a: contextlib.nullcontext())
+            if not shortcut:
+                m.setattr(torch, "allclose", lambda *a, **k: False)
+            lume.unlearn(model, tokenizer, examples, args, CPU, {})
+        hook.remove()
+        decoder = model.get_decoder()
+        assert not decoder._forward_pre_hooks and not any(isinstance(b, lume.Skip) for b in decoder.layers)
+        assert list(model.state_dict()) == list(target.state_dict())
+        return weights(model), len(calls), torch.cat([grads[n].flatten() for n in sorted(grads)])
+    (fast, calls, _), (slow, plain_calls, _) = run("ails"), run("ails", plain=True)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow)) and calls == len(examples[0] + examples[1]) + 1
+    assert plain_calls == 3  # one row a step
+    for algo, flags in (("ails_batched", ()), ("gd", ("--train_layers", "2"))):
+        (_, _, fast), (slow, plain_calls, grad) = run(algo, *flags), run(algo, *flags, plain=True)
+        assert torch.allclose(fast, grad, rtol=1e-4, atol=1e-7) and grad.abs().max() > 1e-3, algo
+        (same, calls, _) = run(algo, *flags, shortcut=False)
+        assert all(torch.equal(a, b) for a, b in zip(same, slow)) and calls == plain_calls + len(
+            examples[0] + examples[1]) + 1
+
+
 def test_rmu_control_vector_has_length_c(shipped):
     """RMU's first-step loss is its forget term, mean ||h - c u||^2 / H = (A - 2 c B + c^2) / H for a unit u (the retain
     term is 0 before the model moves): at c and 2c, c^2 = (H (L(2c) - 2 L(c)) + A) / 2, A = mean ||h||^2 by hand."""
@@ -2741,7 +2779,10 @@ def test_the_memory_ledger_holds_what_a_run_holds(tmp_path, extra):
     seen = {(p, k): n for p, k, n in json.loads((tmp_path / "seen.json").read_text())}
     args = lume.parse_args(flags)
     args.algo = ("kl",)
-    ledger = memory_ledger.memory_ledger(json.loads((DATA / "target" / "config.json").read_text()), args, gpu=False)
+    examples = lume.unlearning_examples(lume.load_model(str(DATA / "target"), CPU, weights=False)[1],
+                                        lume.load_lume(DATA, "1"), args.max_length)  # the last block: the states
+    ledger = memory_ledger.memory_ledger(json.loads((DATA / "target" / "config.json").read_text()), args, gpu=False,
+                                         tokens=sum(len(e["input_ids"]) for e in examples[0] + examples[1]))
     held = {phase: sum(n for k, n in items.items() if k not in memory_ledger.TRANSIENT) for phase, items in ledger.items()}
     expected = {("load", "likelihood"): held["load"], ("score target", "likelihood"): held["score: likelihood"],
                 ("unlearn", "step"): held["unlearn"], ("score unlearned", "likelihood"): held["score: likelihood"],

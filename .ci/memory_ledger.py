@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lume import (LORA_TARGETS, METHODS, OLMO_1B, blocks_trained, build_model, md_table, parse_args,  # noqa: E402
-                  recipe, recomputes, runs_of)
+from lume import (LORA_TARGETS, METHODS, OLMO_1B, PREFIX_GIB, blocks_trained, build_model, md_table,  # noqa: E402
+                  parse_args, recipe, recomputes, runs_of)
 
 OLMO_7B = OLMO_1B | dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                          tie_word_embeddings=False)
@@ -20,11 +20,12 @@ OLMO_7B = OLMO_1B | dict(hidden_size=4096, num_hidden_layers=32, num_attention_h
 TRANSIENT = ("activations (estimate)", "logits", "KV cache")  # freed within a step or a batch; the rest is held
 
 
-def memory_ledger(config, args, world=1, gpu=True):
+def memory_ledger(config, args, world=1, gpu=True, tokens=0):
     """{phase: {item: bytes}} that one of `world` processes holds on its device, for a model of `config` (the
-    fields of config.json) and args' first method. Weights, gradients and AdamW's two moments (with --lora_rank:
-    of the adapters alone) are fp32, sharded over several processes. On a GPU (bf16 autocast) an activation takes
-    2 bytes and what waits in host memory is left out; on the CPU (one memory) it counts. Sequences are
+    fields of config.json) and args' first method; `tokens`: those of the unlearning examples, whose states
+    entering the first trained block a CPU run keeps (frozen_prefix). Weights, gradients and AdamW's two moments
+    (with --lora_rank: of the adapters alone) are fp32, sharded over several processes. On a GPU (bf16 autocast) an
+    activation takes 2 bytes and what waits in host memory is left out; on the CPU (one memory) it counts. Sequences are
     --max_length tokens long; the activations are an estimate (per token and trained block: its input kept for
     checkpointing, 8H + 4I internals; no block below the lowest trained one keeps any), the rest exact. The
     retrain model's phases are the target's, the unlearned model waiting in host memory."""
@@ -68,7 +69,9 @@ def memory_ledger(config, args, world=1, gpu=True):
         "score: likelihood": dict(weights=weights, logits=args.eval_batch_size * T * c.vocab_size * (act + 18)),
         "unlearn": training(1 if method.sequential else args.batch_size * sides)  # SUGD: one row a step
         | ({"reference model": weights} if method.ref_logits else {})
-        | ({"target (host)": host * copy_} if runs else {}),
+        | ({"target (host)": host * copy_} if runs else {})
+        | ({"frozen blocks' outputs": 4 * tokens * c.hidden_size} if not gpu and world == 1 and min(blocks or [0])
+           and 4 * tokens * c.hidden_size <= PREFIX_GIB * 2**30 else {}),
         "probe relearn": training(args.batch_size) | {"saved blocks (host)": host * saved},
         "probe quantize": {"weights": weights, "saved weights (host)": host * fp32(
             m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)},

@@ -76,6 +76,7 @@ IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 MMLU_GATE = 0.371  # 75% of the 7B target's MMLU before unlearning (SemEval-2025 Task 4)
 RMU_DEPTH = 7 / 32  # RMU's default block: WMDP steers block 7 of Zephyr-7B's 32
 PROBES = ("relearn", "fewshot", "rephrase", "quantize", "rtt", "trust")  # the default: the first 4 ('all': every one)
+RELEARNINGS = 3  # relearn and rtt: relearnings of a run of one seed (several seeds relearn anew each: one a seed)
 MAX_MICRO = 1_000_000  # micro-steps (forward and backward passes) a schedule may hold: a day of the embedded target
 
 
@@ -137,8 +138,9 @@ class Args:
     relearn_steps: int = arg(20, "relearn: fine-tuning steps on data without forget items", gt=0, le=MAX_MICRO)
     relearn_lr: float = arg(5e-4, "relearn: peak learning rate, cosine to 10% (another model: 1e-5)", gt=0)
     relearn_data: tuple = arg(("retain", "mmlu"), "relearn: 'retain', 'mmlu', and/or a jsonl of documents")
-    relearn_seeds: int = arg(1, "relearn and rtt: relearn this many times (seeds --seed, --seed + 1, ...); the "
-                             "interval then covers them", gt=0, le=100)
+    relearn_seeds: int = arg(0, "relearn and rtt: relearn this many times (seeds --seed, --seed + 1, ...), the "
+                             f"interval covering them (default: {RELEARNINGS}; 1 with several --seeds, each relearning "
+                             "anew)", ge=0, le=100)
     fewshot_k: int = arg(5, "few-shot: retain question-answer pairs before each question", gt=0)
     quant_bits: tuple = arg(("8", "4"), "quantize: bits, comma-separated (8: per channel; 2-7: groups of <= 64; "
                             "nf4: 4-bit NormalFloat in blocks of 64, as 4-bit loaders)")
@@ -1939,7 +1941,7 @@ def save_atomic(model, tokenizer, path):
 BOOTSTRAP = 1000  # resamples behind one run's 95% intervals
 INTERVALS = (f"95% intervals. One run: the 2.5th and 97.5th percentiles over {BOOTSTRAP} resamples of its units, "
              "the same for every model and probe (per task and split its documents, every row of a drawn one; the MIA "
-             "members and non-members; the MMLU questions; with --relearn_seeds, the relearnings): what another draw "
+             "members and non-members; the MMLU questions; the relearn and rtt probes' relearnings): what another draw "
              "of the benchmark's documents and questions (and relearning's batches) could give, not another "
              "unlearning run. Several seeds: mean +- t(0.975, n - 1) sd / sqrt(n) over the seeds, each seed "
              "unlearning and relearning anew; a method whose run draws nothing at random (SUGD) runs once, its row "
@@ -2498,6 +2500,7 @@ def parse_args(argv=None) -> Args:
     typed = vars(parser.parse_args(argv))
     args = Args(**typed)
     args.probes = PROBES if args.probes == ("all",) else args.probes
+    args.relearn_seeds = args.relearn_seeds or (1 if len(args.seeds) > 1 else RELEARNINGS)
     args.given = set(typed)
     args.target_defaults = {}
     if args.model_config or Path(args.model).resolve() != TARGET.resolve():  # data/'s defaults: the embedded target's

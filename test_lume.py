@@ -1243,7 +1243,8 @@ def test_the_probes_of_a_run_that_removed_something(shipped, shipped_run):
 def test_the_trust_table_recomputed_from_the_records(shipped_run):
     """Every number of the metric trust table from metrics.json's records: each model's forget metric (the mean over
     tasks of the per-task means; an MIA attack's AUC counted pair by pair), the faithfulness AUC of the target and its
-    relearned and quantized copies against the retrain model's, and each attack's robustness on the unlearned model:
+    relearned (3 times: the mean of the relearnings' AUCs) and quantized copies against the retrain model's, and
+    each attack's robustness on the unlearned model:
     min(1, the gold's rise / its rise) for relearning, min(1, before / after) for quantization."""
     _, metrics, out, _ = shipped_run
     block, trust = metrics["robustness"], metrics["trust"]
@@ -1258,9 +1259,12 @@ def test_the_trust_table_recomputed_from_the_records(shipped_run):
             attack = metric[4:-4]
             if not docs or docs[0][attack] is None:
                 return None
-            pairs = [(m[attack] > n[attack]) + 0.5 * (m[attack] == n[attack]) for m in docs if m["member"]
-                     for n in docs if not n["member"]]
-            return mean(pairs)
+            aucs = []  # several relearnings (--relearn_seeds): the mean of their AUCs
+            for seed in sorted({d.get("relearn_seed", -1) for d in docs}):
+                mine = [d for d in docs if d.get("relearn_seed", -1) == seed]
+                aucs.append(mean([(m[attack] > n[attack]) + 0.5 * (m[attack] == n[attack]) for m in mine
+                                  if m["member"] for n in mine if not n["member"]]))
+            return mean(aucs)
         keep = {"regurgitation": ("sc",), "knowledge": ("qa",), "extraction": ("sc", "qa")}[metric]
         field = "extraction" if metric == "extraction" else "score"
         return mean([mean([r[field] for r in recs if r["task"] == t and r["kind"] in keep]) for t in lume.TASKS])
@@ -1346,16 +1350,19 @@ def test_a_runs_intervals_are_the_official_scores_of_resampled_benchmarks(shippe
 
 
 def test_several_relearnings_their_mean_and_an_interval_over_them(micro, tmp_path, monkeypatch):
-    """--relearn_seeds 3: the relearn probe relearns with seeds 0, 1, 2 (its batches), each scored; its numbers are
-    the means over the three; the recovery's interval resamples the relearnings with the documents, as the resampled
-    benchmark rescored by summarize and recovery gives."""
+    """By default a run of one seed relearns 3 times (--relearn_seeds): the relearn probe relearns with seeds 0, 1, 2
+    (its batches), each scored; its numbers are the means over the three; the recovery's interval resamples the
+    relearnings with the documents, as the resampled benchmark rescored by summarize and recovery gives. Several
+    --seeds relearn once each (each seed relearns anew)."""
+    assert [lume.parse_args(flags).relearn_seeds for flags in (
+        [], ["--seeds", "0,1"], ["--seeds", "4"], ["--seeds", "0,1", "--relearn_seeds", "2"])] == [3, 1, 3, 2]
     data_slice(tmp_path / "data", 4)
     fits, fit = [], lume.fit
     monkeypatch.setattr(lume, "fit", lambda *a, **k: fits.append(a[6]) or fit(*a, **k))
     out = tmp_path / "run"
     lume.main(["--data_dir", str(tmp_path / "data"), "--task", "all", "--algo", "gd", "--max_steps", "4", "--lr", "5e-3",
                "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "24", "--relearn_steps", "3",
-               "--relearn_lr", "5e-3", "--relearn_data", "retain", "--relearn_seeds", "3", "--probes", "relearn",
+               "--relearn_lr", "5e-3", "--relearn_data", "retain", "--probes", "relearn",
                "--mmlu", "none",
                "--out_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -2620,8 +2627,8 @@ def test_mmlu_reads_the_last_real_position_through_the_output_layer():
 
 
 def test_relearning_trains_what_unlearning_trained(micro, tmp_path, monkeypatch):
-    """--train_layers 1: every optimiser step, unlearning's and both relearn probes' (the unlearned model's and the
-    retrain model's), updates the last block's parameters only."""
+    """--train_layers 1: every optimiser step, unlearning's and the relearn probes' (the unlearned model's and the
+    retrain model's, 3 relearnings each), updates the last block's parameters only."""
     _, _, folder = micro
     model = lume.load_model(str(folder), CPU)[0]
     last = sum(1 for _ in model.get_decoder().layers[-1].parameters())
@@ -2631,8 +2638,8 @@ def test_relearning_trains_what_unlearning_trained(micro, tmp_path, monkeypatch)
         lume.main(["--model", str(folder), "--retrain_model", str(folder), "--task", "1", "--algo", "gd",
                    "--train_layers", "1", "--max_steps", "2", "--probes", "relearn", "--relearn_data", "retain",
                    "--relearn_steps", "2", "--max_new_tokens", "2", "--mmlu", "none", "--out_dir", str(tmp_path)])
-    assert len(steps) == 2 + 2 * 2 and {len(s["grad"]) for s in steps} == {last}
-    assert blocks == [[1]] * 3
+    assert len(steps) == 2 + 2 * 3 * 2 and {len(s["grad"]) for s in steps} == {last}  # relearnt 3 times each
+    assert blocks == [[1]] * 7
 
 
 def test_gradient_checkpointing_gives_the_numbers_of_none(micro, monkeypatch):
@@ -3416,6 +3423,6 @@ def test_rtt_relearns_one_half_and_scores_the_other(shipped, monkeypatch):
                                                                                  for r in rows], 0))
     args = lume.parse_args(["--probes", "rtt"])
     _, records, _ = lume.probe_model("unlearned", None, tokenizer, data, None, args, CPU, {})
-    assert seen == [lume.row_examples(tokenizer, learned, args.max_length)]
-    for probe in ("rtt", "rtt held-out"):
-        assert [r["key"] for r in records if r["probe"] == probe] == [r["key"] for r in held]
+    assert seen == [lume.row_examples(tokenizer, learned, args.max_length)] * 3  # relearnt 3 times (--relearn_seeds)
+    assert [r["key"] for r in records if r["probe"] == "rtt held-out"] == [r["key"] for r in held]
+    assert [r["key"] for r in records if r["probe"] == "rtt"] == [r["key"] for r in held] * 3

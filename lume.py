@@ -2302,9 +2302,9 @@ def runs_of(args, dropout=False):
 
 
 def has_dropout(model):
-    """Whether training draws dropout masks: a Dropout module or an attention dropout above 0."""
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 or getattr(m, "attention_dropout", 0) > 0
-               for m in model.modules())
+    """Whether training draws dropout masks: a Dropout module or an attention's dropout probability above 0."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 or isinstance(getattr(m, "attention_dropout", None), float)
+               and m.attention_dropout > 0 for m in model.modules())
 
 
 def cost_line(cost):

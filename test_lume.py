@@ -2517,6 +2517,9 @@ def test_a_method_that_draws_nothing_at_random_runs_once_for_every_seed(shipped,
         assert again == [(f"{a} seed {s}", a, s) for a in ("ails", "gd") for s in range(3)]
     assert not lume.has_dropout(target) and not lume.has_dropout(micro[0])
     assert lume.has_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    held = torch.nn.Module()  # an attention holding its dropout as a module (GPT-NeoX's), at 0
+    held.attention_dropout = torch.nn.Dropout(0.0)
+    assert not lume.has_dropout(held)
     config = dict(micro[0].config.to_dict(), attention_dropout=0.1)
     dropping = lume.build_model({k: config[k] for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -848,6 +848,8 @@ def check_depth(args, depth):
         raise LumeError(f"--rmu_layer {rmu_layer(args, depth)}: the model has blocks 0 to {depth - 2} below its last")
 
 
+# A CPU speed-up, the same numbers to float rounding (a first read may skip to unlearn): frozen blocks run once
+
 class Skip(torch.nn.Module):
     """A block's place while its output comes from frozen_prefix's store: its input, unchanged."""
 

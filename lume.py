@@ -936,13 +936,48 @@ def unlearn(model, tokenizer, examples, args, device, phases):
 # Generation: batched greedy decoding with a KV cache, as the official scorer decodes
 
 @torch.inference_mode()
+@functools.cache
+def roomy_layer():
+    """HF's DynamicLayer (one block's KV cache) with room: the prompt's keys and values and `room` more tokens' in one
+    buffer, each token's written in place and attended through a view of those so far. DynamicLayer concatenates,
+    copying the whole cache at every token: most of a small model's generation time on a CPU. The same sums."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def __init__(self, room):
+            super().__init__()
+            self.room, self.n = room, 0
+
+        def update(self, keys, values, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(keys, values)
+                self.kv = [x.new_empty(*x.shape[:2], x.shape[2] + self.room, x.shape[3]) for x in (keys, values)]
+            q = keys.shape[-2]
+            for buf, x in zip(self.kv, (keys, values)):
+                buf[:, :, self.n:self.n + q] = x
+            self.n += q
+            self.keys, self.values = (buf[:, :, :self.n] for buf in self.kv)
+            return self.keys, self.values
+
+        def reorder_cache(self, rows):  # the live rows: their tokens so far copied, not the room
+            for buf in self.kv:
+                buf[:len(rows), :, :self.n] = buf[rows, :, :self.n]
+            self.kv = [buf[:len(rows)] for buf in self.kv]
+            self.keys, self.values = (buf[:, :, :self.n] for buf in self.kv)
+    return RoomyLayer
+
+
 def greedy(model, ids, mask, max_new_tokens, eos_id):
     """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves the
     batch (and the cache) at its EOS, where HF's generate computes it until the batch's longest row ends."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
     out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
     rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = DynamicCache(config=model.config)  # each full-attention block's with room (sliding windows' as they are)
+    cache.layers = [roomy_layer()(max_new_tokens) if type(x) is DynamicLayer else x for x in cache.layers]
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     if not torch.isfinite(res.logits).all():  # a GPU attention kernel may give NaN on rows of padding alone
         raise NonFiniteLoss("generation: the left-padded prompts gave non-finite logits (try --gen_batch_size 1)")
     for t in range(max_new_tokens):
@@ -1213,12 +1248,12 @@ def mia_of(name, model, tokenizer, docs, args, device):
         model, tokenizer, share, args, device))]
 
 
-def evaluate(name, model, tokenizer, lume, mmlu, args, device, extraction=("forget", "retain")):
+def evaluate(name, model, tokenizer, lume, mmlu, args, device, extraction=("forget", "retain"), qa_cap=False):
     """Score one model: per-prompt records, per-document MIA statistics, MMLU, the summary (Extraction Strength of
-    the `extraction` splits' rows)."""
+    the `extraction` splits' rows; qa_cap as score_rows)."""
     t0 = time.perf_counter()
     records, new_tokens = score_rows(name, model, tokenizer, lume.forget + lume.retain, args, device,
-                                     extraction=extraction)
+                                     qa_cap=qa_cap, extraction=extraction)
     gen_s = time.perf_counter() - t0
     mia_docs = mia_of(name, model, tokenizer, mia_documents(lume), args, device)
     mmlu_records = [] if mmlu is None else split_gather(mmlu.test, lambda share: mmlu_accuracy(
@@ -1784,8 +1819,9 @@ def tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, 
     try:
         with timed(phases, "tune"):
             unlearn(model, tokenizer, examples, tried, device, {})
+            # Extraction Strength is not in the final; a qa continuation past qa_cap cannot be an exact match
             setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device,
-                                                   extraction=())[0]["final"]  # (not in the final score)
+                                                   extraction=(), qa_cap=True)[0]["final"]
     except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen
         setting["validation_final"] = None
         print(f"--tune {algo}: {e}")

@@ -1551,6 +1551,49 @@ def test_greedy_stops_a_row_at_its_eos(micro):
     assert stopped[0].tolist()[4:] == [eos] * 6
 
 
+def test_generation_cache_with_room_computes_as_hf_concatenating_cache(shipped, monkeypatch):
+    """greedy's cache writes each token's keys and values in place: every logit bit for bit what HF's DynamicLayer
+    (which concatenates) gives, with the shipped target's rows leaving the batch at their EOS at different steps."""
+    from transformers.cache_utils import DynamicLayer
+
+    model, tokenizer, _, data = shipped
+    prompts = [r["input"] for r in (data.forget + data.retain)[::9][:16]]  # sc and qa rows: long and short answers
+    batch = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]}, padding_side="left",
+                          return_tensors="pt")
+    seen = []
+    hook = model.register_forward_hook(lambda module, inputs, out: seen.append(out.logits.clone()))
+
+    def run():
+        seen.clear()
+        return lume.greedy(model, batch["input_ids"], batch["attention_mask"], 30, tokenizer.eos_token_id), list(seen)
+    roomy = run()
+    monkeypatch.setattr(lume, "roomy_layer", lambda: lambda room: DynamicLayer())
+    plain = run()
+    hook.remove()
+    stops = {row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else 30 for row in roomy[0].tolist()}
+    assert len(stops) > 4 and max(stops) > 20  # rows left the batch at several steps
+    assert torch.equal(roomy[0], plain[0]) and len(roomy[1]) == len(plain[1]) == max(stops) + 1
+    assert all(torch.equal(a, b) for a, b in zip(roomy[1], plain[1]))
+
+
+def test_tuning_caps_qa_continuations_without_changing_a_score(micro, shipped):
+    """Tuning generates a qa row's continuation only to 16 tokens past the longest gold answer: an exact match needs
+    the answer then EOS. On the shipped target (which answers from memory) and the micro model (which rambles), every
+    score equals the uncapped one; the micro model's capped continuations are its uncapped ones cut short."""
+    args = lume.parse_args(["--max_new_tokens", "64"])
+    rows = [r for r in shipped[3].forget + shipped[3].retain if r["kind"] == "qa"][::7]
+    longest = max(len(shipped[1](r["output"])["input_ids"]) for r in rows)
+    assert 8 < longest < 64 - 16
+    for model, tokenizer in (shipped[:2], micro[:2]):
+        full = lume.score_rows("x", model, tokenizer, rows, args, CPU, extraction=())[0]
+        capped = lume.score_rows("x", model, tokenizer, rows, args, CPU, qa_cap=True, extraction=())[0]
+        assert [r["score"] for r in capped] == [r["score"] for r in full]
+        if model is shipped[0]:
+            assert sum(r["score"] for r in full) >= 0.9 * len(rows)
+    assert any(len(c["generation"]) < len(f["generation"]) for c, f in zip(capped, full))
+    assert all(f["generation"].startswith(c["generation"]) for c, f in zip(capped, full))
+
+
 # -----------------------------------------------------------------------------
 # every bad argument refused before any work, in one line naming the flag
 

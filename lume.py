@@ -935,12 +935,12 @@ def unlearn(model, tokenizer, examples, args, device, phases):
 # -----------------------------------------------------------------------------
 # Generation: batched greedy decoding with a KV cache, as the official scorer decodes
 
-@torch.inference_mode()
 @functools.cache
 def roomy_layer():
-    """HF's DynamicLayer (one block's KV cache) with room: the prompt's keys and values and `room` more tokens' in one
-    buffer, each token's written in place and attended through a view of those so far. DynamicLayer concatenates,
-    copying the whole cache at every token: most of a small model's generation time on a CPU. The same sums."""
+    """HF's DynamicLayer (one block's KV cache) with room to grow: one buffer holds the prompt's keys and values and
+    `room` tokens' more; each new token's are written in place, and attention reads a view of those so far.
+    DynamicLayer concatenates, copying the whole cache at every token: most of a small model's generation time on a
+    CPU. The same sums, bit for bit."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
@@ -967,6 +967,7 @@ def roomy_layer():
     return RoomyLayer
 
 
+@torch.inference_mode()
 def greedy(model, ids, mask, max_new_tokens, eos_id):
     """Greedy decoding with a KV cache of a left-padded batch: (B, max_new_tokens), EOS-filled. A row leaves the
     batch (and the cache) at its EOS, where HF's generate computes it until the batch's longest row ends."""
@@ -974,7 +975,7 @@ def greedy(model, ids, mask, max_new_tokens, eos_id):
     out = torch.full((len(ids), max_new_tokens), eos_id, device=ids.device)
     rows = torch.arange(len(ids), device=ids.device)  # the prompt each live row belongs to
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
-    cache = DynamicCache(config=model.config)  # each full-attention block's with room (sliding windows' as they are)
+    cache = DynamicCache(config=model.config)  # every full-attention block's with room (a sliding window's as HF's)
     cache.layers = [roomy_layer()(max_new_tokens) if type(x) is DynamicLayer else x for x in cache.layers]
     res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)

@@ -1820,7 +1820,8 @@ def tune_one(model, tokenizer, val, mmlu, args, device, phases, target_weights, 
     try:
         with timed(phases, "tune"):
             unlearn(model, tokenizer, examples, tried, device, {})
-            # Extraction Strength is not in the final; a qa continuation past qa_cap cannot be an exact match
+            # Extraction Strength is not in the final; an exact match is the answer then EOS, so a qa continuation
+            # still running at qa_cap scores a miss, cut or not (barring 16 or more blank tokens around the answer)
             setting["validation_final"] = evaluate("validation", model, tokenizer, val, mmlu, tried, device,
                                                    extraction=(), qa_cap=True)[0]["final"]
     except NonFiniteLoss as e:  # this setting diverged: it cannot be chosen

@@ -937,10 +937,10 @@ def unlearn(model, tokenizer, examples, args, device, phases):
 
 @functools.cache
 def roomy_layer():
-    """HF's DynamicLayer (one block's KV cache) with room to grow: one buffer holds the prompt's keys and values and
-    `room` tokens' more; each new token's are written in place, and attention reads a view of those so far.
-    DynamicLayer concatenates, copying the whole cache at every token: most of a small model's generation time on a
-    CPU. The same sums, bit for bit."""
+    """A CPU speed-up, the same sums bit for bit (a first read may skip to greedy). HF's DynamicLayer (one block's KV
+    cache) with room to grow: one buffer holds the prompt's keys and values and `room` tokens' more; each new token's
+    are written in place, and attention reads a view of those so far. DynamicLayer concatenates, copying the whole
+    cache at every token: most of a small model's generation time on a CPU."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):

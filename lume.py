@@ -31,6 +31,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -258,10 +259,11 @@ def sequence_nll(logits, labels, reduce="batch"):
     """Negative log-likelihood of the labelled tokens (labels != IGNORE), next-token shifted. reduce: "batch", the
     mean over the batch's labelled tokens (= HF's `.loss`) -> (); "mean" or "sum" per sequence -> (B,); "none" per
     token, 0 where unlabelled -> (B, T-1)."""
-    logits, next_labels, labelled = shifted(logits, labels)
+    # position t predicts token t+1, the last one nothing: every position's logits as they are (no (B, T-1, V) copy)
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE,
-                          reduction="none").view(next_labels.shape)  # (B, T-1), 0 where IGNORE
-    n = labelled.sum(-1)  # (B,) labelled tokens per sequence
+                          reduction="none").view(next_labels.shape)[:, :-1].contiguous()  # (B, T-1), 0 where IGNORE
+    n = (next_labels[:, :-1] != IGNORE).sum(-1)  # (B,) labelled tokens per sequence
     if reduce == "batch":
         return nll.sum() / n.sum().clamp(min=1)
     return {"sum": nll.sum(-1), "mean": nll.sum(-1) / n.clamp(min=1), "none": nll}[reduce]
@@ -2479,9 +2481,22 @@ def stopped(signum, frame):
     stop_here()
 
 
+def keep_freed_memory():
+    """A CPU speed-up, the same numbers. glibc gives each freed block of over 128 KiB back to the system, and the next
+    tensor that size faults its pages in anew, zeroed (millions of page faults a run, a tenth of its time on a small
+    model): blocks up to 32 MiB come from the heap instead, which keeps up to 1 GiB free before trimming."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): left as it is
+        return
+    for option, value in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
+        libc.mallopt(option, value)  # M_TOP_PAD (the heap grows this much more at a time)
+
+
 def start_processes(args):
     """(rank, world, device). Under torchrun (WORLD_SIZE set): one process per device, cuda:<LOCAL_RANK> with
     NCCL, or the CPU with gloo; only rank 0 prints. Otherwise (0, 1, --device) and no process group."""
+    keep_freed_memory()
     device = resolve_device(args.device)
     if "WORLD_SIZE" in os.environ:  # --device cuda or cuda:N: each process the GPU of its LOCAL_RANK
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device.type == "cuda" else "cpu")

@@ -262,8 +262,9 @@ def sequence_nll(logits, labels, reduce="batch"):
     # position t predicts token t+1, the last one nothing: every position's logits as they are (no (B, T-1, V) copy)
     next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE,
-                          reduction="none").view(next_labels.shape)[:, :-1].contiguous()  # (B, T-1), 0 where IGNORE
-    n = (next_labels[:, :-1] != IGNORE).sum(-1)  # (B,) labelled tokens per sequence
+                          reduction="none").view(next_labels.shape)  # (B, T), 0 where IGNORE
+    nll = nll[:, :-1].contiguous()  # (B, T-1); contiguous, so that a sum adds in a plain tensor's order
+    n = (labels[:, 1:] != IGNORE).sum(-1)  # (B,) labelled tokens per sequence
     if reduce == "batch":
         return nll.sum() / n.sum().clamp(min=1)
     return {"sum": nll.sum(-1), "mean": nll.sum(-1) / n.clamp(min=1), "none": nll}[reduce]

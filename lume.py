@@ -70,6 +70,7 @@ import torch.nn.functional as F
 # Configuration: every flag, declared once (The flag checks, in Part II, refuse bad values before any work)
 
 HERE = Path(__file__).resolve().parent
+SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # the code that runs (edits after: not)
 DATA = HERE / "data"  # the embedded mini-LUME and the models that memorised it (data/make_data.py)
 TARGET, RETAIN_ONLY = DATA / "target", DATA / "retain-only"
 TASKS = ("Task1", "Task2", "Task3")
@@ -2367,10 +2368,11 @@ def cost_line(cost):
 
 
 def environment(device):
-    """What computed the numbers: this file's sha256, the library versions, the device, the CPU's kernels."""
+    """What computed the numbers: this file's sha256 as it was read, the library versions, the device, the CPU's
+    kernels."""
     import platform
     import transformers
-    return dict(lume_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), python=platform.python_version(),
+    return dict(lume_sha256=SOURCE_SHA256, python=platform.python_version(),
                 torch=torch.__version__, transformers=transformers.__version__, device=str(device),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, processes=rank_world()[1],
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
@@ -2484,8 +2486,8 @@ def stopped(signum, frame):
 
 def keep_freed_memory():
     """A CPU speed-up, the same numbers. glibc gives each freed block of over 128 KiB back to the system, and the next
-    tensor that size faults its pages in anew, zeroed (millions of page faults a run, a tenth of its time on a small
-    model): blocks up to 32 MiB come from the heap instead, which keeps up to 1 GiB free before trimming."""
+    tensor that size faults its pages in anew, zeroed (tens of millions of page faults in a long run on a small model,
+    about 5% of its time): blocks up to 32 MiB come from the heap instead, which keeps up to 1 GiB free."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): left as it is

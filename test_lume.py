@@ -2460,6 +2460,20 @@ def test_a_runs_settings_and_environment_are_what_it_used(micro, tmp_path):
     assert (env["device"], env["gpu"], env["processes"]) == ("cpu", None, 1)
 
 
+def test_the_record_hashes_the_code_that_ran_not_an_edit_made_during_the_run(tmp_path):
+    """lume.py edited while a run goes on: the run's environment keeps the sha256 of the file it was loaded from."""
+    import importlib.util
+    copy = tmp_path / "lume.py"
+    copy.write_bytes(Path(lume.__file__).read_bytes())
+    spec = importlib.util.spec_from_file_location("lume_copy", copy)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    copy.write_text(copy.read_text() + "# an edit after the start\n")
+    env = loaded.environment(torch.device("cpu"))
+    assert env["lume_sha256"] == hashlib.sha256(Path(lume.__file__).read_bytes()).hexdigest()
+    assert env["lume_sha256"] != hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
 def test_train_layers_leaves_frozen_parameters_bit_for_bit(micro, tmp_path):
     """--train_layers 1 on the 2-block micro model, checked on the model saved by --save_model."""
     original, _, folder = micro

@@ -2489,11 +2489,12 @@ def keep_freed_memory():
     tensor that size faults its pages in anew, zeroed (tens of millions of page faults in a long run on a small model,
     about 5% of its time): blocks up to 32 MiB come from the heap instead, which keeps up to 1 GiB free."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): left as it is
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): left as it is
         return
-    for option, value in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
-        libc.mallopt(option, value)  # M_TOP_PAD (the heap grows this much more at a time)
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's most) from the heap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GiB of it kept free
+    mallopt(-2, 256 << 20)  # M_TOP_PAD: the heap grows by this much more at a time
 
 
 def start_processes(args):

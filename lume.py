@@ -70,7 +70,7 @@ import torch.nn.functional as F
 # Configuration: every flag, declared once (The flag checks, in Part II, refuse bad values before any work)
 
 HERE = Path(__file__).resolve().parent
-SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # the code that runs (edits after: not)
+SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # as loaded: a later edit is not the record
 DATA = HERE / "data"  # the embedded mini-LUME and the models that memorised it (data/make_data.py)
 TARGET, RETAIN_ONLY = DATA / "target", DATA / "retain-only"
 TASKS = ("Task1", "Task2", "Task3")
@@ -2485,9 +2485,10 @@ def stopped(signum, frame):
 
 
 def keep_freed_memory():
-    """A CPU speed-up, the same numbers. glibc gives each freed block of over 128 KiB back to the system, and the next
-    tensor that size faults its pages in anew, zeroed (tens of millions of page faults in a long run on a small model,
-    about 5% of its time): blocks up to 32 MiB come from the heap instead, which keeps up to 1 GiB free."""
+    """A CPU speed-up, the same numbers (a first read may skip it). glibc gives each freed block of over 128 KiB back
+    to the system, and the next tensor that size faults its pages in anew, zeroed (tens of millions of page faults in a
+    long run on a small model, about 5% of its time): blocks up to 32 MiB come from the heap instead, which keeps up to
+    1 GiB free."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl): left as it is
